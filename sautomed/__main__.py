@@ -1,0 +1,3 @@
+from sautomed.cli import console
+
+console()

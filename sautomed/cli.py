@@ -1,0 +1,232 @@
+"""`sautomed` command line: fit / validate / test on LightningCLI, predict and the tools beside them.
+
+    sautomed fit --config configs/btcv.yaml
+    sautomed test --config configs/btcv.yaml --ckpt_path runs/btcv/best.ckpt
+    sautomed predict --ckpt_path best.ckpt --input scans/ --output labels/
+    sautomed check-data --layout nnunet --root DATA
+    sautomed phantoms --out DIR --cases N --seed S
+    sautomed bench --config configs/btcv.yaml --model vit_b --image-size 512
+
+A user error exits non-zero with one line on stderr and no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.cli import LightningCLI
+
+from sautomed.data.datamodule import SegmentationDataModule
+from sautomed.data.io import VolumeError
+from sautomed.data.layouts import DatasetError
+from sautomed.module import CheckpointMismatchError, SAutoMedModule
+from sautomed.run_folder import (
+    AtomicCheckpointIO,
+    RunFolderConfig,
+    UserError,
+    resolve_ckpt_path,
+    run_callbacks,
+)
+
+TOP_HELP = """usage: sautomed <command> [options]
+
+Segment-Anything-based fully automatic 3D medical image segmentation (3D-SAutoMed).
+
+commands:
+  fit          train a model (LightningCLI): sautomed fit --config configs/btcv.yaml
+  validate     evaluate the fold's validation cases: --config ... --ckpt_path CKPT
+  test         evaluate every case of --data.root (or --data.test_root): --config ... --ckpt_path CKPT
+  predict      segment NIfTI / NRRD / MHA files or DICOM series: --ckpt_path CKPT --input IN --output OUT
+  check-data   check a dataset before training: --config CFG | --layout L --root DIR
+  phantoms     write a synthetic labelled dataset (nnU-Net layout): --out DIR --cases N --seed S
+  bench        speed and memory benchmark: --config CFG [--model vit_b] [--image-size 512]
+
+Run `sautomed <command> --help` for a command's options.
+"""
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test")
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    UserError,
+    VolumeError,
+    DatasetError,
+    CheckpointMismatchError,
+    FileNotFoundError,
+    FileExistsError,
+    PermissionError,
+)
+
+
+class SautomedCLI(LightningCLI):
+    """LightningCLI with the run folder conventions: checkpoints, config and metrics in default_root_dir."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {k: v for k, v in LightningCLI.subcommands().items() if k in LIGHTNING_COMMANDS}
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
+        root = config.get("default_root_dir") or "."
+        if self.subcommand == "fit":
+            callbacks = [*callbacks, *run_callbacks(root)]
+        plugins = config.get("plugins") or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        if not any(hasattr(p, "save_checkpoint") for p in plugins):
+            plugins = [*plugins, AtomicCheckpointIO()]
+        config["plugins"] = plugins
+        return super()._instantiate_trainer(config, callbacks)
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        root = self.trainer.default_root_dir
+        kwargs["ckpt_path"] = resolve_ckpt_path(kwargs.get("ckpt_path"), root, subcommand)
+        if subcommand in ("validate", "test") and kwargs["ckpt_path"] is None:
+            logging.getLogger("sautomed").warning(
+                "%s without --ckpt_path evaluates the model as configured (untrained weights)", subcommand
+            )
+        return kwargs
+
+
+def _lightning(argv: Sequence[str]) -> int:
+    SautomedCLI(
+        SAutoMedModule,
+        SegmentationDataModule,
+        args=list(argv),
+        save_config_callback=RunFolderConfig,
+        seed_everything_default=0,
+        trainer_defaults={
+            "use_distributed_sampler": False,  # the data module shards itself, without padding duplicates
+            "num_sanity_val_steps": 0,
+            "default_root_dir": "runs/default",
+        },
+        parser_kwargs={"fit": {"default_config_files": []}},
+    )
+    return 0
+
+
+def _tool_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog=f"sautomed {prog}", description=description)
+
+
+def cmd_phantoms(argv: Sequence[str]) -> int:
+    from sautomed.data.phantom import make_phantoms
+
+    p = _tool_parser("phantoms", "Write a synthetic labelled dataset in nnU-Net layout.")
+    p.add_argument("--out", required=True, type=Path, help="output folder (dataset.json, imagesTr, labelsTr)")
+    p.add_argument("--cases", type=int, default=8, help="number of cases")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same bytes)")
+    a = p.parse_args(argv)
+    if a.cases < 1:
+        raise UserError("--cases must be at least 1")
+    out = make_phantoms(a.out, a.cases, a.seed)
+    print(f"wrote {a.cases} phantom cases to {out}")
+    return 0
+
+
+def _layout_from_config(path: Path) -> tuple[str, str, str | None]:
+    import yaml
+
+    if not path.is_file():
+        raise UserError(f"{path}: config not found")
+    cfg = yaml.safe_load(path.read_text()) or {}
+    data = (cfg.get("data") or {}).get("init_args", cfg.get("data") or {})
+    if "root" not in data:
+        raise UserError(f"{path}: the config has no data.root")
+    return data.get("layout", "nnunet"), data["root"], data.get("label_map")
+
+
+def cmd_check_data(argv: Sequence[str]) -> int:
+    from sautomed.data.check import check_dataset, format_report
+    from sautomed.data.layouts import LAYOUTS, get_layout
+
+    p = _tool_parser("check-data", "Check every case of a dataset; exit 0 when clean, 1 otherwise.")
+    p.add_argument("--config", type=Path, help="a sautomed config: its data.layout / data.root are checked")
+    p.add_argument("--layout", choices=LAYOUTS, help="dataset layout")
+    p.add_argument("--root", type=Path, help="dataset root folder")
+    p.add_argument("--label-map", type=Path, default=None, help="label map JSON (btcv layout)")
+    a = p.parse_args(argv)
+    if a.config:
+        layout, root, label_map = _layout_from_config(a.config)
+        layout = a.layout or layout
+        root = a.root or root
+        label_map = a.label_map or label_map
+    elif a.layout and a.root:
+        layout, root, label_map = a.layout, a.root, a.label_map
+    else:
+        raise UserError("check-data needs --config CFG, or --layout L and --root DIR")
+    report = check_dataset(get_layout(layout, root, label_map))
+    print(format_report(report))
+    return 0 if report.ok else 1
+
+
+def cmd_predict(argv: Sequence[str]) -> int:
+    from sautomed.predict import predict_main
+
+    return predict_main(argv)
+
+
+def cmd_bench(argv: Sequence[str]) -> int:
+    from sautomed.bench import bench_main
+
+    return bench_main(argv)
+
+
+TOOLS: dict[str, Callable[[Sequence[str]], int]] = {
+    "predict": cmd_predict,
+    "check-data": cmd_check_data,
+    "phantoms": cmd_phantoms,
+    "bench": cmd_bench,
+}
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    if isinstance(exc, KeyError):
+        text = f"missing key {text}"
+    return " ".join(text.split())
+
+
+def main(args: Sequence[str] | None = None) -> int:
+    """Entry point of the `sautomed` console script; returns the exit code."""
+    argv = list(sys.argv[1:] if args is None else args)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message="LightningCLI.s args parameter")
+    try:
+        if not argv or argv[0] in ("-h", "--help", "help"):
+            print(TOP_HELP)
+            return 0 if argv else 2
+        cmd, rest = argv[0], argv[1:]
+        if cmd in TOOLS:
+            return TOOLS[cmd](rest)
+        if cmd in LIGHTNING_COMMANDS:
+            return _lightning(argv)
+        raise UserError(
+            f"unknown command {cmd!r}; commands: fit, validate, test, predict, check-data, phantoms, bench"
+        )
+    except SystemExit as exc:  # argparse / jsonargparse: usage already printed
+        code = exc.code
+        return code if isinstance(code, int) else (0 if code is None else 2)
+    except USER_ERRORS + (
+        ValueError,
+    ) as exc:  # ValueError: configuration and data problems found by our code
+        if os.environ.get("SAUTOMED_DEBUG"):
+            raise
+        print(f"sautomed: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("sautomed: interrupted", file=sys.stderr)
+        return 130
+
+
+def console() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    console()

@@ -1,0 +1,59 @@
+"""In-plane augmentation of a training window, identical for every slice of the window.
+
+Small rotation and scaling, intensity gamma, contrast and noise (design.md section 2). Never a left-right
+flip: classes that name a side (right and left kidney) would swap.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Augmentation ranges; `enabled=False` turns all of it off."""
+
+    enabled: bool = True
+    rotate_deg: float = 15.0
+    scale: tuple[float, float] = (0.85, 1.15)
+    gamma: tuple[float, float] = (0.7, 1.5)
+    contrast: tuple[float, float] = (0.75, 1.25)
+    noise_std: float = 0.03
+    probability: float = 0.8
+
+
+def augment_window(
+    images: torch.Tensor, label: torch.Tensor, rng: np.random.Generator, cfg: Augmentation
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Augment one window: images (L, S, S) in [0, 1], label (S, S) long; same transform for all slices."""
+    if not cfg.enabled or rng.random() >= cfg.probability:
+        return images, label
+    angle = math.radians(rng.uniform(-cfg.rotate_deg, cfg.rotate_deg))
+    scale = rng.uniform(*cfg.scale)
+    cos, sin = math.cos(angle) / scale, math.sin(angle) / scale
+    theta = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0]], dtype=torch.float32)[None]  # (1, 2, 3)
+    size = (1, 1, *images.shape[-2:])
+    grid = F.affine_grid(theta, list(size), align_corners=False)  # (1, S, S, 2)
+    stack = images[None]  # (1, L, S, S)
+    images = F.grid_sample(stack, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
+    label = (
+        F.grid_sample(
+            label[None, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False
+        )[0, 0]
+        .round()
+        .long()
+    )
+    gamma = rng.uniform(*cfg.gamma)
+    images = images.clamp(0, 1) ** gamma
+    contrast = rng.uniform(*cfg.contrast)
+    mean = images.mean()
+    images = (images - mean) * contrast + mean
+    if cfg.noise_std > 0:
+        gen = torch.Generator().manual_seed(int(rng.integers(0, 2**31 - 1)))
+        images = images + torch.randn(images.shape, generator=gen) * rng.uniform(0, cfg.noise_std)
+    return images.clamp(0, 1), label

@@ -1,0 +1,476 @@
+"""Read and write volumes with SimpleITK: arrays in canonical (z, y, x) order plus their geometry.
+
+This is the only module that knows about axes. Every array handed to the rest of sautomed is in
+*canonical orientation*: array axes (z, y, x) with x increasing towards the patient's Left, y towards
+Posterior and z towards Superior (LPS, the DICOM/ITK physical frame), so slices along axis 0 are always
+axial, whatever voxel order the file stores. Getting there only permutes and flips axes (never resamples);
+the permutation is the one of the six that maximises the sum of |cosines| between index axes and physical
+axes, so oblique directions work too. :func:`from_canonical` undoes it exactly, and writers copy size,
+spacing, origin and direction from the stored :class:`Geometry`, so written labels overlay the input.
+"""
+
+from __future__ import annotations
+
+import gzip
+import itertools
+import os
+import secrets
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+
+
+class VolumeError(ValueError):
+    """A volume cannot be read or written; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where the voxels of a volume lie, as stored, plus how the stored order maps to canonical (z, y, x)."""
+
+    path: str
+    size: tuple[int, int, int]  # SimpleITK GetSize() as stored (x, y, z)
+    spacing: tuple[float, float, float]  # as stored (x, y, z), mm
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...]  # 9 values, row-major, as SimpleITK GetDirection
+    axes: tuple[int, int, int]  # canonical array axis k (of z, y, x) comes from stored numpy axis axes[k]
+    flips: tuple[bool, bool, bool]  # per canonical axis, flipped after the permutation
+
+    @property
+    def shape_zyx(self) -> tuple[int, int, int]:
+        """Canonical array shape (z, y, x)."""
+        return tuple(self.size[2 - a] for a in self.axes)  # stored numpy axis a is index axis 2 - a
+
+    @property
+    def spacing_zyx(self) -> tuple[float, float, float]:
+        """Canonical voxel spacing (z, y, x) in mm."""
+        return tuple(float(self.spacing[2 - a]) for a in self.axes)
+
+
+# ----------------------------------------------------------------------------------------------- axes
+
+
+def orientation(
+    direction: tuple[float, ...] | np.ndarray,
+) -> tuple[tuple[int, int, int], tuple[bool, bool, bool]]:
+    """(axes, flips) taking a stored numpy (k, j, i) array to canonical (z, y, x) for a direction matrix."""
+    d = np.asarray(direction, dtype=np.float64).reshape(3, 3)  # d[p, c]: physical axis p of index axis c
+    best = max(itertools.permutations(range(3)), key=lambda perm: sum(abs(d[perm[c], c]) for c in range(3)))
+    axes, flips = [0, 0, 0], [False, False, False]
+    for c, p in enumerate(best):  # index axis c lies along physical axis p
+        k = 2 - p  # canonical array axis of physical axis p (z, y, x) = physical (2, 1, 0)
+        axes[k] = 2 - c  # numpy axis of index axis c
+        flips[k] = bool(d[p, c] < 0)
+    return tuple(axes), tuple(flips)
+
+
+def to_canonical(stored_zyx: np.ndarray, geom: Geometry) -> np.ndarray:
+    """Stored numpy order (as ``sitk.GetArrayFromImage``) -> canonical (z, y, x); permutes and flips only."""
+    out = np.transpose(stored_zyx, geom.axes)
+    flip_axes = tuple(k for k in range(3) if geom.flips[k])
+    if flip_axes:
+        out = np.flip(out, flip_axes)
+    return np.ascontiguousarray(out)
+
+
+def from_canonical(canonical: np.ndarray, geom: Geometry) -> np.ndarray:
+    """Canonical (z, y, x) -> stored numpy order; the exact inverse of :func:`to_canonical`."""
+    flip_axes = tuple(k for k in range(3) if geom.flips[k])
+    out = np.flip(canonical, flip_axes) if flip_axes else canonical
+    return np.ascontiguousarray(np.transpose(out, np.argsort(geom.axes)))
+
+
+def geometry_of(image: sitk.Image, path: str | Path) -> Geometry:
+    """The :class:`Geometry` of a 3D SimpleITK image."""
+    direction = tuple(float(v) for v in image.GetDirection())
+    axes, flips = orientation(direction)
+    return Geometry(
+        path=str(path),
+        size=tuple(int(v) for v in image.GetSize()),
+        spacing=tuple(float(v) for v in image.GetSpacing()),
+        origin=tuple(float(v) for v in image.GetOrigin()),
+        direction=direction,
+        axes=axes,
+        flips=flips,
+    )
+
+
+def grid_mismatches(
+    geom: Geometry, reference: Geometry, rtol: float = 1e-3, dir_atol: float = 1e-4
+) -> list[str]:
+    """Names and values of the grid properties (size, spacing, origin, direction) that differ."""
+    out = []
+    if tuple(geom.size) != tuple(reference.size):
+        out.append(f"size {geom.size} != {reference.size}")
+    if not np.allclose(geom.spacing, reference.spacing, rtol=rtol, atol=1e-6):
+        out.append(f"spacing {geom.spacing} != {reference.spacing}")
+    scale = max(1.0, float(np.max(np.abs(reference.spacing))) * max(reference.size))
+    if not np.allclose(geom.origin, reference.origin, rtol=rtol, atol=rtol * scale):
+        out.append(f"origin {geom.origin} != {reference.origin}")
+    if not np.allclose(geom.direction, reference.direction, rtol=0.0, atol=dir_atol):
+        out.append(
+            f"direction {tuple(round(v, 6) for v in geom.direction)} != "
+            f"{tuple(round(v, 6) for v in reference.direction)}"
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------- file kinds
+
+
+def is_volume_file(path: Path) -> bool:
+    """True for a file named .nii, .nii.gz, .nrrd, .mha or .mhd (case-insensitive)."""
+    path = Path(path)
+    return path.is_file() and path.name.lower().endswith(VOLUME_SUFFIXES)
+
+
+def _is_dicom_file(path: Path) -> bool:
+    if path.suffix.lower() in (".dcm", ".dicom", ".ima"):
+        return True
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def is_dicom_dir(path: Path) -> bool:
+    """True for a folder that directly holds DICOM files (by extension or the DICM preamble)."""
+    path = Path(path)
+    if not path.is_dir():
+        return False
+    return any(p.is_file() and not p.name.startswith(".") and _is_dicom_file(p) for p in path.iterdir())
+
+
+def volume_stem(path: Path) -> str:
+    """File name without its volume extension (``img0001.nii.gz`` -> ``img0001``); folders keep their name."""
+    name = Path(path).name
+    for suffix in VOLUME_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+# ------------------------------------------------------------------------------------------- reading
+
+
+def dicom_series_files(folder: str | Path) -> list[str]:
+    """Files of the DICOM series in ``folder``, in slice-position order (SimpleITK/GDCM's order).
+
+    With several series the one with the most files is taken, with a warning naming the choice.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise VolumeError(f"{folder}: DICOM folder does not exist")
+    try:
+        ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    except RuntimeError as e:
+        raise VolumeError(f"{folder}: cannot scan for DICOM series: {e}") from e
+    if not ids:
+        raise VolumeError(f"{folder}: folder holds no readable DICOM series")
+    series = {sid: list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid)) for sid in ids}
+    chosen = max(ids, key=lambda sid: (len(series[sid]), sid))
+    if len(ids) > 1:
+        counts = ", ".join(f"{sid} ({len(series[sid])} files)" for sid in ids)
+        warnings.warn(
+            f"{folder}: {len(ids)} DICOM series ({counts}); using {chosen}, the one with most files",
+            stacklevel=2,
+        )
+    return series[chosen]
+
+
+def dicom_tags(file: str | Path, tags: tuple[str, ...]) -> dict[str, str]:
+    """Header values (stripped strings) of one DICOM file, e.g. ``("0020|0013", "0020|0032")``."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(file))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as e:
+        raise VolumeError(f"{file}: unreadable DICOM header: {e}") from e
+    return {t: reader.GetMetaData(t).strip() for t in tags if reader.HasMetaDataKey(t)}
+
+
+def _check_slice_spacing(folder: Path, files: list[str]) -> None:
+    if len(files) < 3:
+        return
+    positions = []
+    for f in files:
+        tags = dicom_tags(f, ("0020|0032", "0020|0037"))
+        if "0020|0032" not in tags or "0020|0037" not in tags:
+            return
+        pos = np.array([float(v) for v in tags["0020|0032"].split("\\")])
+        cosines = np.array([float(v) for v in tags["0020|0037"].split("\\")])
+        normal = np.cross(cosines[:3], cosines[3:])
+        positions.append(float(pos @ normal))
+    gaps = np.abs(np.diff(positions))
+    step = float(np.median(gaps))
+    if step > 0 and np.max(np.abs(gaps - step)) > 0.01 * step + 1e-3:
+        worst = int(np.argmax(np.abs(gaps - step)))
+        warnings.warn(
+            f"{folder}: uneven DICOM slice spacing (gaps {gaps.min():.3g}..{gaps.max():.3g} mm, "
+            f"typical {step:.3g} mm, e.g. between slices {worst} and {worst + 1}): a missing slice? "
+            "The volume is read with the typical spacing, which is then wrong near the gap",
+            stacklevel=3,
+        )
+
+
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}  # NIfTI datatype code -> numpy float type
+
+
+def _nifti_header(path: Path, opener) -> tuple[str, int, tuple[int, ...], int, int, float, float]:
+    """(endianness, vox_offset, dims, datatype, bitpix, scl_slope, scl_inter) of a NIfTI-1/2 file."""
+    with opener(path, "rb") as f:
+        head = f.read(540)
+    if len(head) < 348:
+        raise VolumeError(f"{path}: truncated NIfTI header ({len(head)} bytes)")
+    for end in "<>":
+        size = int(np.frombuffer(head[:4], end + "i4")[0])
+        if size == 348:
+            dims = np.frombuffer(head[40:56], end + "i2")
+            datatype, bitpix = (int(v) for v in np.frombuffer(head[70:74], end + "i2"))
+            offset = int(np.frombuffer(head[108:112], end + "f4")[0])
+            slope, inter = (float(v) for v in np.frombuffer(head[112:120], end + "f4"))
+            break
+        if size == 540 and len(head) == 540:
+            dims = np.frombuffer(head[16:80], end + "i8")
+            datatype, bitpix = (int(v) for v in np.frombuffer(head[12:16], end + "i2"))
+            offset = int(np.frombuffer(head[168:176], end + "i8")[0])
+            slope, inter = (float(v) for v in np.frombuffer(head[176:192], end + "f8"))
+            break
+    else:
+        raise VolumeError(f"{path}: not a NIfTI file (bad header size field)")
+    n = int(dims[0])
+    if not 1 <= n <= 7:
+        raise VolumeError(f"{path}: corrupt NIfTI header (dim[0] = {n})")
+    return end, max(offset, 348), tuple(int(v) for v in dims[1 : n + 1]), datatype, bitpix, slope, inter
+
+
+def _inspect_nifti(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """Check a NIfTI file holds all its voxel bytes; for float data find the non-finite voxels.
+
+    ITK's NIfTI reader neither reports truncated data nor keeps NaN/inf (it reads them as 0), so this reads
+    the raw bytes itself. Returns (mask, values) in stored numpy order: where the file holds NaN/inf and
+    what (after scl_slope/scl_inter), or None when there is none.
+    """
+    gz = path.name.lower().endswith(".gz")
+    opener = gzip.open if gz else open
+    try:
+        end, offset, dims, datatype, bitpix, slope, inter = _nifti_header(path, opener)
+        required = offset + int(np.prod(dims, dtype=np.int64)) * max(bitpix, 8) // 8
+        floating = datatype in _NIFTI_FLOATS
+        if not gz:
+            have = path.stat().st_size
+        else:
+            with open(path, "rb") as f:
+                f.seek(-4, os.SEEK_END)
+                isize = int.from_bytes(f.read(4), "little")  # uncompressed size mod 2**32 (gzip trailer)
+            have = required if (required < 2**32 and isize == required % 2**32 and not floating) else None
+            if have is None or floating:
+                with gzip.open(path, "rb") as f:
+                    data = f.read()
+                have = len(data)
+        if have < required:
+            raise VolumeError(f"{path}: truncated NIfTI file (holds {have} of {required} bytes)")
+        if not floating:
+            return None
+        if not gz:
+            with open(path, "rb") as f:
+                data = f.read()
+        count = int(np.prod(dims[:3]))
+        raw = np.frombuffer(data, end + _NIFTI_FLOATS[datatype], count=count, offset=offset)
+    except (OSError, EOFError, ValueError) as e:
+        if isinstance(e, VolumeError):
+            raise
+        raise VolumeError(f"{path}: unreadable or corrupt NIfTI file ({e})") from e
+    bad = ~np.isfinite(raw)
+    if not bad.any():
+        return None
+    values = raw.astype(np.float64)
+    if slope != 0.0 and np.isfinite(slope):
+        values = values * slope  # +-inf keeps or swaps sign, NaN stays NaN
+    shape = tuple(reversed(dims[:3]))
+    return bad.reshape(shape), values.reshape(shape)
+
+
+def _read_image(path: Path) -> sitk.Image:
+    if not path.exists():
+        raise VolumeError(f"{path}: file does not exist")
+    try:
+        if path.is_dir():
+            files = dicom_series_files(path)
+            _check_slice_spacing(path, files)
+            reader = sitk.ImageSeriesReader()
+            reader.SetFileNames(files)
+            return reader.Execute()
+        if path.stat().st_size == 0:
+            raise VolumeError(f"{path}: file is empty")
+        return sitk.ReadImage(str(path))
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise VolumeError(f"{path}: unreadable or corrupt volume ({first[-1] if first else e})") from e
+
+
+def read_array(path: str | Path) -> tuple[np.ndarray, Geometry]:
+    """Canonical (z, y, x) array with the stored pixel type and values untouched, plus its geometry.
+
+    For checking data; :func:`read_volume` is the reader for use. Raises :class:`VolumeError` for missing,
+    empty or corrupt files, DICOM folders without a series, and images that are not 3D scalar volumes.
+    """
+    path = Path(path)
+    nonfinite = None
+    if path.is_file() and path.name.lower().endswith((".nii", ".nii.gz")) and path.stat().st_size > 0:
+        nonfinite = _inspect_nifti(path)
+    image = _read_image(path)
+    if image.GetDimension() != 3:
+        raise VolumeError(
+            f"{path}: a {image.GetDimension()}D image (size {image.GetSize()}); a 3D volume is expected"
+        )
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise VolumeError(
+            f"{path}: a vector image with {image.GetNumberOfComponentsPerPixel()} components per "
+            "voxel; a scalar 3D volume is expected"
+        )
+    geom = geometry_of(image, path)
+    stored = sitk.GetArrayFromImage(image)
+    if (
+        nonfinite is not None
+        and np.issubdtype(stored.dtype, np.floating)
+        and nonfinite[0].shape == stored.shape
+    ):
+        stored[nonfinite[0]] = nonfinite[1][nonfinite[0]]
+    return to_canonical(stored, geom), geom
+
+
+def replace_nonfinite(array: np.ndarray, name: str) -> np.ndarray:
+    """NaN -> finite min, +inf -> finite max, -inf -> finite min (all non-finite -> 0), with a warning."""
+    bad = ~np.isfinite(array)
+    count = int(bad.sum())
+    if count == 0:
+        return array
+    finite = array[~bad]
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    n_nan, n_pos = int(np.isnan(array).sum()), int(np.isposinf(array).sum())
+    warnings.warn(
+        f"{name}: replaced {count} non-finite voxels ({n_nan} NaN, {n_pos} +inf, "
+        f"{count - n_nan - n_pos} -inf) by the finite min/max",
+        stacklevel=3,
+    )
+    out = array.copy()
+    out[np.isnan(out) | np.isneginf(out)] = low
+    out[np.isposinf(out)] = high
+    return out
+
+
+def read_volume(path: str | Path) -> tuple[np.ndarray, Geometry]:
+    """A file (NIfTI, NRRD, MHA/MHD) or DICOM series folder as float32 canonical (z, y, x) + geometry."""
+    array, geom = read_array(path)
+    if np.issubdtype(array.dtype, np.floating):
+        array = replace_nonfinite(array, str(path))
+    return array.astype(np.float32, copy=False), geom
+
+
+def integral_labels(array: np.ndarray, name: str) -> np.ndarray:
+    """Labels as int16 (int32 when needed); float labels must hold integer values only."""
+    if np.issubdtype(array.dtype, np.floating):
+        bad = ~np.isfinite(array) | (array != np.round(array))
+        if bad.any():
+            examples = np.unique(array[bad])[:5].tolist()
+            raise VolumeError(
+                f"{name}: label map holds {int(bad.sum())} non-integer values (e.g. {examples})"
+            )
+    elif not np.issubdtype(array.dtype, np.integer) and array.dtype != bool:
+        raise VolumeError(f"{name}: unsupported label pixel type {array.dtype}")
+    if array.size == 0:
+        return array.astype(np.int16)
+    low, high = float(array.min()), float(array.max())
+    if low >= np.iinfo(np.int16).min and high <= np.iinfo(np.int16).max:
+        return array.astype(np.int16)
+    if low >= np.iinfo(np.int32).min and high <= np.iinfo(np.int32).max:
+        return array.astype(np.int32)
+    raise VolumeError(f"{name}: label values {low}..{high} do not fit int32")
+
+
+def read_label_volume(path: str | Path, reference: Geometry | None = None) -> np.ndarray:
+    """A label map as a canonical (z, y, x) int16/int32 array, checked against the image's grid."""
+    array, geom = read_array(path)
+    if reference is not None:
+        problems = grid_mismatches(geom, reference)
+        if problems:
+            raise VolumeError(
+                f"{path}: label grid differs from image {reference.path}: " + "; ".join(problems)
+            )
+    return integral_labels(array, str(path))
+
+
+# ------------------------------------------------------------------------------------------- writing
+
+
+def _volume_suffix(name: str) -> str:
+    lower = name.lower()
+    for suffix in VOLUME_SUFFIXES:
+        if lower.endswith(suffix):
+            return name[-len(suffix) :]
+    return Path(name).suffix
+
+
+def atomic_write(out: Path, write: Callable[[Path], None], overwrite: bool = True) -> Path:
+    """Call ``write(tmp)`` on a temporary file beside ``out`` (same extension), then ``os.replace`` it.
+
+    Nothing appears at ``out`` unless ``write`` succeeded; on failure the temporary file is removed and the
+    error propagates. ``FileExistsError`` when ``out`` exists and ``overwrite`` is False.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out}: output exists (pass overwrite=True to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    suffix = _volume_suffix(out.name)
+    base = out.name[: len(out.name) - len(suffix)] if suffix else out.name
+    tmp = out.with_name(f".{base}.tmp-{secrets.token_hex(4)}{suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out
+
+
+def write_volume(array: np.ndarray, geom: Geometry, out: str | Path, overwrite: bool = False) -> Path:
+    """Write a canonical (z, y, x) array with the exact stored size, spacing, origin, direction of ``geom``.
+
+    The pixel type is the array's dtype. Atomic (see :func:`atomic_write`).
+    """
+    out = Path(out)
+    array = np.asarray(array)
+    if array.shape != geom.shape_zyx:
+        raise VolumeError(
+            f"{out}: array shape {array.shape} does not match the geometry's canonical shape "
+            f"{geom.shape_zyx} (from {geom.path})"
+        )
+    image = sitk.GetImageFromArray(from_canonical(array, geom))
+    image.SetSpacing(geom.spacing)
+    image.SetOrigin(geom.origin)
+    image.SetDirection(geom.direction)
+
+    def write(tmp: Path) -> None:
+        try:
+            sitk.WriteImage(image, str(tmp), True)
+        except RuntimeError as e:
+            raise VolumeError(f"{out}: writing failed: {e}") from e
+
+    return atomic_write(out, write, overwrite=overwrite)
+
+
+def write_label_volume(labels: np.ndarray, geom: Geometry, out: str | Path, overwrite: bool = False) -> Path:
+    """Write canonical labels (values 0..255) as uint8 on the input's exact grid, atomically."""
+    labels = np.asarray(labels)
+    if labels.size and (labels.min() < 0 or labels.max() > 255):
+        raise VolumeError(f"{out}: label values {labels.min()}..{labels.max()} do not fit uint8")
+    return write_volume(labels.astype(np.uint8), geom, out, overwrite=overwrite)

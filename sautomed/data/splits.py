@@ -1,0 +1,102 @@
+"""Seeded k-fold cross-validation splits and ``splits.json`` (nnU-Net style: a list of {"train", "val"}).
+
+A user's ``splits.json`` (given explicitly, or already in the run folder) wins; otherwise the split is
+computed from the sorted case ids with a seeded shuffle, cut into ``folds`` parts, and written to
+``run_dir/splits.json`` atomically. With fewer cases than folds, ``min(folds, n)`` folds are made (with a
+warning); a single case gives one fold where it is both the training and the validation case.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from .io import atomic_write
+
+SPLITS_FILE = "splits.json"
+
+
+def kfold_split(case_ids: Sequence[str], folds: int = 5, seed: int = 0) -> list[dict[str, list[str]]]:
+    """``min(folds, n)`` folds of {"train": [...], "val": [...]} (each list sorted); every id is val once."""
+    ids = sorted(set(case_ids))
+    if len(ids) != len(case_ids):
+        raise ValueError("duplicate case ids in split input")
+    if not ids:
+        raise ValueError("cannot split an empty list of cases")
+    if folds < 1:
+        raise ValueError(f"folds must be >= 1, got {folds}")
+    if len(ids) == 1:
+        return [{"train": list(ids), "val": list(ids)}]
+    k = min(folds, len(ids))
+    if k < folds:
+        warnings.warn(
+            f"{len(ids)} cases for {folds} folds: making {k} folds of one validation case each", stacklevel=2
+        )
+    if k == 1:  # folds=1: everything trains, everything validates
+        return [{"train": list(ids), "val": list(ids)}]
+    order = list(ids)
+    random.Random(seed).shuffle(order)
+    parts = [order[i::k] for i in range(k)]
+    return [{"train": sorted(set(ids) - set(part)), "val": sorted(part)} for part in parts]
+
+
+def read_splits(path: Path, case_ids: Sequence[str] | None = None) -> list[dict[str, list[str]]]:
+    """Read and validate a splits.json; ids not among ``case_ids`` (when given) are an error."""
+    try:
+        splits = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: unreadable splits file ({e})") from e
+    if (
+        not isinstance(splits, list)
+        or not splits
+        or not all(
+            isinstance(s, dict) and isinstance(s.get("train"), list) and isinstance(s.get("val"), list)
+            for s in splits
+        )
+    ):
+        raise ValueError(f"{path}: a splits file is a non-empty list of {{'train': [...], 'val': [...]}}")
+    if case_ids is not None:
+        known = set(case_ids)
+        unknown = sorted({i for s in splits for i in s["train"] + s["val"]} - known)
+        if unknown:
+            raise ValueError(f"{path}: case ids not in the dataset: {unknown[:10]}")
+    return [{"train": [str(i) for i in s["train"]], "val": [str(i) for i in s["val"]]} for s in splits]
+
+
+def write_splits(splits: list[dict[str, list[str]]], path: Path) -> Path:
+    """Write splits as JSON, atomically."""
+    text = json.dumps(splits, indent=2) + "\n"
+    return atomic_write(Path(path), lambda tmp: tmp.write_text(text))
+
+
+def resolve_split(
+    case_ids: Sequence[str],
+    run_dir: Path,
+    fold: int,
+    folds: int = 5,
+    seed: int = 0,
+    user_file: Path | None = None,
+) -> tuple[list[str], list[str]]:
+    """(train ids, val ids) of ``fold``: from ``user_file``, else ``run_dir/splits.json``, else computed.
+
+    A computed or user-given split is written to ``run_dir/splits.json``. ``ValueError`` when ``fold`` is
+    out of range.
+    """
+    existing = Path(run_dir) / SPLITS_FILE
+    if user_file is not None:
+        splits = read_splits(Path(user_file), case_ids)
+        if Path(user_file).resolve() != existing.resolve():
+            write_splits(splits, existing)  # the run folder records the split it used
+    elif existing.is_file():
+        splits = read_splits(existing, case_ids)
+    else:
+        splits = kfold_split(case_ids, folds, seed)
+        write_splits(splits, existing)
+    if not 0 <= fold < len(splits):
+        raise ValueError(
+            f"fold {fold} out of range: the split has {len(splits)} folds (0..{len(splits) - 1})"
+        )
+    return list(splits[fold]["train"]), list(splits[fold]["val"])

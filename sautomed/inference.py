@@ -1,0 +1,140 @@
+"""Volume inference: every slice encoded once (in chunks), then slice-to-slice propagation.
+
+`mid_to_ends` (default, the paper's): the middle slice from the initial state, then the two chains (towards
+the first and towards the last slice) advance together as one batch of 2. `end_to_end`: first slice to last.
+Neighbour features come from the encoded cache; volume edges repeat the edge slice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Mode = Literal["mid_to_ends", "end_to_end"]
+MODES: tuple[str, ...] = ("mid_to_ends", "end_to_end")
+
+
+class SliceNetwork(Protocol):
+    """What the engine needs from a slice-propagating network (model-family agnostic)."""
+
+    def encode(self, images: Tensor) -> Tensor: ...
+
+    def initial_state(self, batch: int, device: torch.device | None = None): ...
+
+    def step(self, f_prev: Tensor, f_t: Tensor, f_next: Tensor, state): ...
+
+
+def _take_state(state, index: Tensor):
+    """Select chains `index` from every tensor of a state tuple (None stays None)."""
+    return type(state)(*(None if s is None else s[index] for s in state))
+
+
+def _cat_states(a, b):
+    return type(a)(*(None if x is None else torch.cat([x, y], 0) for x, y in zip(a, b)))
+
+
+class InferenceEngine:
+    """Encode a whole volume once, then propagate the state from slice to slice.
+
+    Args:
+        net: the slice network (encode / initial_state / step).
+        mode: `mid_to_ends` or `end_to_end`.
+        encode_chunk: slices per encoder call (bounds memory).
+        autocast_dtype: e.g. torch.bfloat16 to run under autocast, None for fp32.
+    """
+
+    def __init__(
+        self,
+        net: SliceNetwork,
+        mode: Mode = "mid_to_ends",
+        encode_chunk: int = 8,
+        autocast_dtype: torch.dtype | None = None,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown inference mode {mode!r}; choose one of {MODES}")
+        if encode_chunk < 1:
+            raise ValueError("encode_chunk must be >= 1")
+        self.net = net
+        self.mode = mode
+        self.encode_chunk = encode_chunk
+        self.autocast_dtype = autocast_dtype
+
+    def _autocast(self, device: torch.device):
+        enabled = self.autocast_dtype is not None
+        return torch.autocast(device.type, dtype=self.autocast_dtype or torch.bfloat16, enabled=enabled)
+
+    @torch.no_grad()
+    def encode_volume(self, volume: Tensor) -> Tensor:
+        """(Z, S, S) in [0, 1] -> (Z, D, h, w): each slice through the encoder exactly once."""
+        chunks = []
+        with self._autocast(volume.device):
+            for start in range(0, volume.shape[0], self.encode_chunk):
+                chunks.append(self.net.encode(volume[start : start + self.encode_chunk]).float())
+        return torch.cat(chunks, 0)
+
+    @torch.no_grad()
+    def propagate(self, feats: Tensor) -> Tensor:
+        """(Z, D, h, w) encoded slices -> (Z, C+1, S/4, S/4) logits, in the engine's mode."""
+        z = feats.shape[0]
+        device = feats.device
+        logits: list[Tensor | None] = [None] * z
+
+        def run(ts: list[int], state):
+            idx = torch.tensor(ts, device=device)
+            prev = feats[(idx - 1).clamp(min=0)]
+            nxt = feats[(idx + 1).clamp(max=z - 1)]
+            with self._autocast(device):
+                out = self.net.step(prev, feats[idx], nxt, state)
+            for i, t in enumerate(ts):
+                logits[t] = out.logits[i].float()
+            return out.state
+
+        if self.mode == "end_to_end":
+            state = self.net.initial_state(1, device)
+            for t in range(z):
+                state = run([t], state)
+        else:
+            mid = z // 2
+            state = run([mid], self.net.initial_state(1, device))
+            chains = (list(range(mid - 1, -1, -1)), list(range(mid + 1, z)))  # down, up
+            active = [0, 1]
+            states = _cat_states(state, state)  # (2, ...): chain 0 goes down, chain 1 goes up
+            for k in range(max(len(c) for c in chains)):
+                still = [c for c in active if k < len(chains[c])]
+                if still != active:  # one chain reached its end: drop its state
+                    keep = torch.tensor([active.index(c) for c in still], device=device)
+                    states, active = _take_state(states, keep), still
+                states = run([chains[c][k] for c in active], states)
+        return torch.stack(logits, 0)  # (Z, C+1, S/4, S/4)
+
+    def segment(
+        self,
+        volume: Tensor,
+        out_hw: tuple[int, int],
+        resize_chunk: int = 16,
+        postprocess: Callable[[Tensor], Tensor] | None = None,
+    ) -> Tensor:
+        """(Z, S, S) preprocessed volume -> (Z, H, W) uint8 labels at the original in-plane size."""
+        logits = self.propagate(self.encode_volume(volume))
+        return logits_to_labels(logits, out_hw, resize_chunk, postprocess)
+
+
+def logits_to_labels(
+    logits: Tensor,
+    out_hw: tuple[int, int],
+    chunk: int = 16,
+    postprocess: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """(Z, C+1, h, w) logits -> (Z, H, W) uint8 argmax labels, resized bilinearly in slice chunks."""
+    labels = []
+    for start in range(0, logits.shape[0], chunk):
+        part = F.interpolate(
+            logits[start : start + chunk].float(), size=out_hw, mode="bilinear", align_corners=False
+        )
+        labels.append(part.argmax(1).to(torch.uint8))
+    out = torch.cat(labels, 0)
+    return postprocess(out) if postprocess is not None else out

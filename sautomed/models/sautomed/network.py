@@ -1,0 +1,260 @@
+"""3D-SAutoMed: SAM (+LoRA) encoder, slice attention, box prompts, history tokens, multi-class decoder.
+
+Use: ``f = net.encode(slices)`` once per slice, then for each slice t in propagation order
+``out = net.step(f[t-1], f[t], f[t+1], state); state = out.state``, starting from ``net.initial_state(B)``.
+``step`` is batched over independent chains (a training batch, or inference's two chains).
+
+State-dict names of the SAM parts are SAM's own (``image_encoder.*``, ``prompt_encoder.*``,
+``mask_decoder.transformer.*``, ``mask_decoder.output_upscaling.*``), so official checkpoints load directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from sautomed.boxes import boxes_from_labels
+from sautomed.models.sam.build import PIXEL_MEAN, PIXEL_STD, build_sam_parts, init_random_position_embedding
+from sautomed.models.sam.checkpoint import LoadReport, load_sam_checkpoint
+from sautomed.models.sam.lora import EncoderFinetune, apply_lora, set_encoder_trainable
+from sautomed.models.sautomed.box_prompt import BoxPromptGenerator
+from sautomed.models.sautomed.decoder import SAM_DECODER_UNUSED, MultiClassMaskDecoder
+from sautomed.models.sautomed.history import HistoryTokens
+from sautomed.models.sautomed.slice_attention import SliceAttention
+
+log = logging.getLogger(__name__)
+
+# state-dict prefixes of modules SAM does not have (may be missing from a SAM checkpoint)
+NEW_MODULE_PREFIXES = (
+    "slice_attention.",
+    "history.",
+    "box_prompt.",
+    "mask_decoder.class_tokens.",
+    "mask_decoder.class_hypernetworks_mlps.",
+)
+
+
+@dataclass
+class NetworkConfig:
+    """Settings of the 3D-SAutoMed network.
+
+    Attributes:
+        backbone: SAM size: ``vit_b``/``vit_l``/``vit_h`` (official) or ``tiny`` (tests, CPU demo).
+        image_size: input size S (multiple of 16); features are S/16, logits S/4.
+        num_classes: number of foreground classes C (the decoder predicts C+1 with background).
+        lora_rank: LoRA rank on q and v of every encoder block (0 = no LoRA).
+        lora_alpha: LoRA alpha (scaling alpha / rank).
+        encoder_finetune: ``lora`` (paper: only LoRA trains), ``full`` (whole encoder trains; sensible
+            without a checkpoint), ``frozen`` (nothing in the encoder trains).
+        slice_attention: local 3D awareness (inter/intra-slice attention) on or off (ablation).
+        slice_attention_depth: number of slice-attention blocks.
+        slice_attention_heads: attention heads of the slice attention.
+        history: global 3D awareness (history tokens) on or off (ablation).
+        history_tokens: number K of history tokens.
+        box_prompts: box prompt generator on or off (off = no prompt tokens; ablation).
+        box_decoder_layers: decoder layers of the box prompt generator.
+        box_decoder_heads: attention heads of the box prompt generator.
+        box_decoder_ffn_dim: FFN width of the box prompt generator.
+        sam_checkpoint: path to an official SAM checkpoint (``sam_vit_b_01ec64.pth`` format); None or "" =
+            random initialisation.
+        grad_checkpointing: activation checkpointing of the encoder blocks in training (saves memory).
+    """
+
+    backbone: Literal["tiny", "vit_b", "vit_l", "vit_h"] = "tiny"
+    image_size: int = 256
+    num_classes: int = 4
+    lora_rank: int = 4
+    lora_alpha: float = 4.0
+    encoder_finetune: Literal["lora", "full", "frozen"] = "lora"
+    slice_attention: bool = True
+    slice_attention_depth: int = 1
+    slice_attention_heads: int = 8
+    history: bool = True
+    history_tokens: int = 4
+    box_prompts: bool = True
+    box_decoder_layers: int = 3
+    box_decoder_heads: int = 8
+    box_decoder_ffn_dim: int = 1024
+    sam_checkpoint: str | None = None
+    grad_checkpointing: bool = False
+
+
+class State(NamedTuple):
+    """What one slice passes to the next."""
+
+    history: Tensor | None  # (B, K, D), or None when history is off
+    boxes: Tensor  # (B, C, 4) previous slice's predicted boxes (cxcywh, [0, 1])
+    present: Tensor  # (B, C) bool: class present in the previous slice's prediction
+
+
+class StepOutput(NamedTuple):
+    logits: Tensor  # (B, C+1, S/4, S/4)
+    boxes: Tensor  # (B, C, 4) generator's boxes for this slice (zeros when box prompts are off)
+    presence: Tensor  # (B, C) presence logits (zeros when box prompts are off)
+    state: State  # for the next slice
+
+
+class SAutoMedNet(nn.Module):
+    """The 3D-SAutoMed network. See the module docstring for the calling pattern."""
+
+    def __init__(self, cfg: NetworkConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        parts = build_sam_parts(cfg.backbone, cfg.image_size)
+        D = parts.prompt_encoder.embed_dim
+        self.image_encoder = parts.image_encoder
+        self.prompt_encoder = parts.prompt_encoder
+        self.mask_decoder = MultiClassMaskDecoder(parts.mask_decoder, cfg.num_classes)
+        self.slice_attention = (
+            SliceAttention(D, cfg.slice_attention_depth, cfg.slice_attention_heads)
+            if cfg.slice_attention
+            else None
+        )
+        self.history = HistoryTokens(D, cfg.history_tokens) if cfg.history else None
+        self.box_prompt = (
+            BoxPromptGenerator(
+                cfg.num_classes, D, cfg.box_decoder_layers, cfg.box_decoder_heads, cfg.box_decoder_ffn_dim
+            )
+            if cfg.box_prompts
+            else None
+        )
+        self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1), persistent=False)
+
+        if cfg.lora_rank > 0:
+            apply_lora(self.image_encoder, cfg.lora_rank, cfg.lora_alpha)
+        self.load_report: LoadReport | None = None
+        if cfg.sam_checkpoint:
+            self.load_report = self.load_sam_checkpoint(cfg.sam_checkpoint)
+            log.info("%s", self.load_report)
+        else:
+            init_random_position_embedding(self.image_encoder)
+            log.warning("No SAM checkpoint given: the %s SAM backbone is randomly initialised.", cfg.backbone)
+        self._set_trainable(cfg.encoder_finetune)
+
+    # ---------------------------------------------------------------- properties
+    @property
+    def num_classes(self) -> int:
+        return self.cfg.num_classes
+
+    @property
+    def feature_dim(self) -> int:
+        """Channels D of the encoder output / decoder (256 for every variant)."""
+        return self.prompt_encoder.embed_dim
+
+    @property
+    def feature_size(self) -> int:
+        """Side of the encoder output: S/16."""
+        return self.prompt_encoder.image_embedding_size[0]
+
+    @property
+    def logit_size(self) -> int:
+        """Side of the logits: S/4."""
+        return 4 * self.feature_size
+
+    # ---------------------------------------------------------------- setup
+    def _set_trainable(self, encoder_finetune: EncoderFinetune) -> None:
+        set_encoder_trainable(self.image_encoder, encoder_finetune)
+        # Prompt-encoder parts this method never uses (mask input, point labels; box corners without box
+        # prompts) stay frozen, so that exactly the trainable parameters receive gradients.
+        unused = ["mask_downscaling.", "point_embeddings.0.", "point_embeddings.1.", "not_a_point_embed."]
+        if self.box_prompt is None:
+            unused += ["point_embeddings.2.", "point_embeddings.3."]
+        for name, p in self.prompt_encoder.named_parameters():
+            p.requires_grad_(not name.startswith(tuple(unused)))
+
+    def load_sam_checkpoint(self, source: str | os.PathLike | dict[str, Tensor]) -> LoadReport:
+        """Load an official SAM checkpoint (path or state dict); interpolates for S != 1024.
+
+        Raises ``SamCheckpointError`` (naming the keys) when keys other than new modules' are missing, when
+        the checkpoint has keys this model neither has nor knows, or when shapes do not fit.
+        """
+        global_rel_pos = {
+            f"image_encoder.blocks.{i}.attn.rel_pos_{a}"
+            for i, blk in enumerate(self.image_encoder.blocks)
+            if blk.window_size == 0
+            for a in "hw"
+        }
+        report = load_sam_checkpoint(
+            self,
+            source,
+            is_new_key=lambda k: k.startswith(NEW_MODULE_PREFIXES) or "lora_" in k,
+            known_unused=lambda k: k.startswith(SAM_DECODER_UNUSED),
+            global_rel_pos_keys=global_rel_pos,
+            derived=self.mask_decoder.init_from_sam,
+        )
+        self.load_report = report
+        return report
+
+    # ---------------------------------------------------------------- forward pieces
+    def encode(self, images: Tensor) -> Tensor:
+        """(N, S, S) slices in [0, 1] (or (N, 1|3, S, S)) -> (N, D, S/16, S/16) features."""
+        x = images.unsqueeze(1) if images.dim() == 3 else images  # (N, 1|3, S, S)
+        S = self.cfg.image_size
+        if x.dim() != 4 or x.shape[1] not in (1, 3) or x.shape[-2:] != (S, S):
+            raise ValueError(f"expected (N, {S}, {S}) slices, got {tuple(images.shape)}")
+        x = (x.expand(-1, 3, -1, -1) * 255.0 - self.pixel_mean) / self.pixel_std  # (N, 3, S, S)
+        enc = self.image_encoder
+        x = enc.patch_embed(x)  # (N, S/16, S/16, E)
+        if enc.pos_embed is not None:
+            x = x + enc.pos_embed
+        use_ckpt = self.cfg.grad_checkpointing and self.training and torch.is_grad_enabled()
+        for blk in enc.blocks:
+            x = checkpoint(blk, x, use_reentrant=False) if use_ckpt else blk(x)
+        return enc.neck(x.permute(0, 3, 1, 2))  # (N, D, S/16, S/16)
+
+    def initial_state(self, batch: int, device: torch.device | None = None) -> State:
+        """Initial history tokens, default anchors as boxes, nothing present."""
+        C = self.cfg.num_classes
+        ref = self.pixel_mean
+        device = ref.device if device is None else torch.device(device)
+        history = self.history.initial_state(batch).to(device) if self.history is not None else None
+        if self.box_prompt is not None:
+            boxes = self.box_prompt.default_anchors().detach().unsqueeze(0).expand(batch, -1, -1).to(device)
+        else:
+            boxes = torch.zeros(batch, C, 4, device=device)
+        present = torch.zeros(batch, C, dtype=torch.bool, device=device)
+        return State(history, boxes, present)
+
+    def step(self, f_prev: Tensor, f_t: Tensor, f_next: Tensor, state: State) -> StepOutput:
+        """One slice for B independent chains. f_*: (B, D, S/16, S/16) features of t-1, t, t+1."""
+        B = f_t.shape[0]
+        C = self.cfg.num_classes
+        pe = self.prompt_encoder.get_dense_pe()  # (1, D, h, w)
+        z = self.slice_attention(f_prev, f_t, f_next, pe) if self.slice_attention is not None else f_t
+
+        prompts = None
+        if self.box_prompt is not None:
+            boxes, presence, queries = self.box_prompt(
+                z, pe, state.boxes, state.present
+            )  # (B,C,4) (B,C) (B,C,D)
+            prompts = self.box_prompt.prompt_tokens(self.prompt_encoder, boxes, queries)  # (B, 2C, D)
+        else:
+            boxes = f_t.new_zeros(B, C, 4)
+            presence = f_t.new_zeros(B, C)
+
+        history = None
+        if self.history is not None:
+            history = state.history if state.history is not None else self.history.initial_state(B)
+        dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)  # SAM's "no mask" prompt
+        logits, history_out = self.mask_decoder(z, pe, dense, history, prompts)  # (B, C+1, S/4, S/4)
+
+        next_history = self.history.filter(history_out) if self.history is not None else None
+        with torch.no_grad():
+            next_boxes, next_present = boxes_from_labels(
+                logits.argmax(dim=1), C
+            )  # from this slice's prediction
+        return StepOutput(
+            logits, boxes, presence, State(next_history, next_boxes.to(logits.dtype), next_present)
+        )
+
+
+def build_network(cfg: NetworkConfig) -> SAutoMedNet:
+    """Build the network (loads ``cfg.sam_checkpoint`` when set)."""
+    return SAutoMedNet(cfg)

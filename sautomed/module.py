@@ -1,0 +1,302 @@
+"""The LightningModule: wires the network, the loss and the inference engine; holds no math itself.
+
+Training step = the paper's iterative history training: each window's distinct slices are encoded once
+(warm-up-only slices in one batched no-grad pass, the target and its two neighbours in one batched pass with
+gradients), n warm-up slices run under no_grad from the initial state, each handing its predicted boxes and
+filtered history to the next, and the target slice runs with gradients from that state.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor
+
+from sautomed.inference import InferenceEngine, Mode
+from sautomed.losses import LossWeights, SAutoMedLoss
+from sautomed.metrics import ClassResult, evaluate_case, summarize, write_metrics
+from sautomed.models.sautomed.network import NetworkConfig, SAutoMedNet
+from sautomed.postprocess import keep_largest_component
+
+log = logging.getLogger(__name__)
+
+FAMILY = "sautomed"
+# settings that may differ between a checkpoint and the model it is loaded into
+_NON_STRUCTURAL = {"sam_checkpoint", "grad_checkpointing"}
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint of another model configuration."""
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """How volumes are segmented in validate / test / predict.
+
+    Args:
+        mode: `mid_to_ends` (middle slice first, then both chains as a batch of 2) or `end_to_end`.
+        encode_chunk: slices per encoder call (bounds memory).
+        largest_component: keep only the largest 3D connected component of each class.
+        bf16: run the network under bfloat16 autocast.
+    """
+
+    mode: Mode = "mid_to_ends"
+    encode_chunk: int = 8
+    largest_component: bool = False
+    bf16: bool = False
+
+
+class SAutoMedModule(L.LightningModule):
+    """3D-SAutoMed training and evaluation.
+
+    Args:
+        network: the network's settings (backbone, S, classes, LoRA, ablation switches, SAM checkpoint).
+        loss: loss-term weights.
+        lr: AdamW learning rate (1e-4 in the paper).
+        weight_decay: AdamW weight decay (1e-4 in the paper).
+        scheduler: learning-rate schedule over `trainer.max_epochs` / `max_steps`: none or cosine.
+        inference: how volumes are segmented in validate / test / predict.
+    """
+
+    def __init__(
+        self,
+        network: NetworkConfig = NetworkConfig(),
+        loss: LossWeights = LossWeights(),
+        lr: float = 1e-4,
+        weight_decay: float = 1e-4,
+        scheduler: Literal["none", "cosine"] = "none",
+        inference: InferenceSettings = InferenceSettings(),
+    ) -> None:
+        super().__init__()
+        self.network_cfg = network
+        self.loss_weights = loss
+        self.lr, self.weight_decay, self.scheduler = lr, weight_decay, scheduler
+        self.inference = inference
+        self.net = SAutoMedNet(network)
+        self.criterion = SAutoMedLoss(loss, network.num_classes)
+        self.class_names: tuple[str, ...] = tuple(f"class_{i}" for i in range(1, network.num_classes + 1))
+        self.preprocessing: dict[str, Any] | None = None
+        self._rows: list[ClassResult] = []
+
+    # -- construction from a checkpoint (predict, bench) ---------------------------------------------------
+    @classmethod
+    def from_checkpoint_dict(cls, ckpt: dict[str, Any]) -> SAutoMedModule:
+        """Rebuild the module from a sautomed checkpoint alone (its config travels inside)."""
+        cfg = ckpt["sautomed"]
+        net = NetworkConfig(**{**cfg["network"], "sam_checkpoint": None})
+        module = cls(
+            network=net,
+            loss=LossWeights(**cfg["loss"]),
+            inference=InferenceSettings(**cfg["inference"]),
+        )
+        module.load_state_dict(ckpt["state_dict"])
+        module.class_names = tuple(cfg["class_names"])
+        module.preprocessing = dict(cfg["preprocessing"])
+        return module
+
+    def engine(self, mode: Mode | None = None, bf16: bool | None = None) -> InferenceEngine:
+        s = self.inference
+        use_bf16 = s.bf16 if bf16 is None else bf16
+        return InferenceEngine(self.net, mode or s.mode, s.encode_chunk, torch.bfloat16 if use_bf16 else None)
+
+    # -- training -----------------------------------------------------------------------------------------
+    def _encode_window(self, image: Tensor, index: Tensor, n: int) -> Tensor:
+        """(B, L, S, S) window -> (B, L, D, h, w) features, each distinct slice encoded exactly once.
+
+        Positions 0..n-1 are needed only by warm-ups (no grad); n..n+2 (the target's slices) carry grad.
+        Clamped windows repeat a slice index; a repeat reuses the first encoding.
+        """
+        b, length = index.shape
+        src = torch.arange(length).expand(b, length).clone()  # position whose encoding each position uses
+        for k in range(1, length):
+            same = index[:, k] == index[:, k - 1]
+            src[same, k] = src[same, k - 1]
+        grad_src = src[:, n:]  # (B, 3)
+        no_grad_sel = [(i, k) for i in range(b) for k in range(n) if src[i, k] == k and k not in grad_src[i]]
+        grad_sel = [(i, k) for i in range(b) for k in sorted(set(grad_src[i].tolist()))]
+        feats: dict[tuple[int, int], Tensor] = {}
+        if no_grad_sel:
+            with torch.no_grad():
+                f = self.net.encode(torch.stack([image[i, k] for i, k in no_grad_sel]))
+            feats.update(zip(no_grad_sel, f))
+        f = self.net.encode(torch.stack([image[i, k] for i, k in grad_sel]))
+        feats.update(zip(grad_sel, f))
+        return torch.stack(
+            [torch.stack([feats[(i, int(src[i, k]))] for k in range(length)]) for i in range(b)]
+        )
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        image, index, label = (
+            batch["image"],
+            batch["index"],
+            batch["label"],
+        )  # (B, n+3, S, S), (B, n+3), (B, S, S)
+        direction = batch["direction"].to(image.device).view(-1, 1, 1, 1)  # (B, 1, 1, 1): +1 or -1
+        n = image.shape[1] - 3
+        feats = self._encode_window(image, index, n)  # (B, n+3, D, h, w)
+
+        def neighbours(k: int) -> tuple[Tensor, Tensor]:
+            # spatial t-1 / t+1 of the slice at processing position k
+            before, after = feats[:, k - 1], feats[:, k + 1]
+            return torch.where(direction > 0, before, after), torch.where(direction > 0, after, before)
+
+        state = self.net.initial_state(image.shape[0], image.device)
+        with torch.no_grad():
+            for k in range(1, n + 1):  # warm-ups
+                prev, nxt = neighbours(k)
+                state = self.net.step(prev, feats[:, k], nxt, state).state
+        prev, nxt = neighbours(n + 1)
+        out = self.net.step(prev, feats[:, n + 1], nxt, state)
+        terms = self.criterion(out, label)
+        bs = image.shape[0]
+        self.log("train/loss", terms["loss"], prog_bar=True, batch_size=bs)
+        for name, value in terms.items():
+            if name != "loss":
+                self.log(f"train/{name}", value, batch_size=bs)
+        return terms["loss"]
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        if self.scheduler == "none":
+            return opt
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total) or total <= 0:
+            raise ValueError("scheduler 'cosine' needs trainer.max_epochs or trainer.max_steps")
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=int(total))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        # volume batches carry their Geometry (a frozen dataclass): move only the tensors
+        if isinstance(batch, dict):
+            return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    # -- evaluation on whole volumes -------------------------------------------------------------------------
+    def segment_volume(self, image: Tensor, out_hw: tuple[int, int], mode: Mode | None = None) -> np.ndarray:
+        """(Z, S, S) preprocessed volume -> (Z, H, W) uint8 canonical labels at the original in-plane size."""
+        labels = self.engine(mode).segment(image, out_hw).cpu().numpy()
+        if self.inference.largest_component:
+            labels = keep_largest_component(labels, self.network_cfg.num_classes)
+        return labels
+
+    def _evaluate(self, batch: dict[str, Any]) -> None:
+        if batch["label"] is None:
+            raise ValueError(f"case {batch['case_id']} has no label: it cannot be evaluated")
+        ref = batch["label"].cpu().numpy()
+        pred = self.segment_volume(batch["image"], tuple(ref.shape[1:]))
+        rows = evaluate_case(batch["case_id"], pred, ref, batch["geom"].spacing_zyx, self.class_names)
+        self._rows.extend(rows)
+
+    def _gather_rows(self) -> list[ClassResult]:
+        rows = self._rows
+        self._rows = []
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, rows)
+            rows = [r for part in gathered for r in part]
+        unique = {(r.case, r.class_name): r for r in rows}
+        return sorted(unique.values(), key=lambda r: (r.case, r.class_name))
+
+    def on_validation_epoch_start(self) -> None:
+        self._sync_from_datamodule()
+        self._rows = []
+
+    on_test_epoch_start = on_validation_epoch_start
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch)
+
+    def _finish_evaluation(self, prefix: str) -> None:
+        rows = self._gather_rows()
+        summary = summarize(rows, self.class_names)
+        mean = summary["mean_dsc"]
+        self.log(
+            f"{prefix}/mean_dsc", 0.0 if math.isnan(mean) else mean, sync_dist=False, rank_zero_only=False
+        )
+        if self.trainer.state.fn in ("validate", "test") and self.trainer.is_global_zero:
+            ckpt = self.trainer.ckpt_path
+            summary["checkpoint"] = str(ckpt) if ckpt else None
+            summary["config"] = self.sautomed_config()
+            write_metrics(rows, summary, Path(self.trainer.default_root_dir))
+            self.print(
+                f"{prefix}: mean DSC {mean:.4f}, mean HD95 {summary['mean_hd95_mm']:.2f} mm "
+                f"over {summary['num_cases']} cases -> {self.trainer.default_root_dir}"
+            )
+        self.last_summary = summary
+
+    def on_validation_epoch_end(self) -> None:
+        self._finish_evaluation("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._finish_evaluation("test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        if "error" in batch:
+            return {"error": batch["error"], "source": batch["source"]}
+        geom = batch["geom"]
+        _, h, w = geom.shape_zyx
+        labels = self.segment_volume(batch["image"], (h, w))
+        return {"labels": labels, "geom": geom, "output": batch["output"], "source": batch["source"]}
+
+    # -- the checkpoint carries its config ------------------------------------------------------------------
+    def _sync_from_datamodule(self) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is None or not hasattr(dm, "class_names"):
+            return
+        names = tuple(dm.class_names)
+        if len(names) != self.network_cfg.num_classes:
+            raise ValueError(
+                f"the data has {len(names)} classes ({', '.join(names)}) but model.network.num_classes is "
+                f"{self.network_cfg.num_classes}"
+            )
+        self.class_names = names
+        self.preprocessing = asdict(dm.preprocessing)
+
+    def on_fit_start(self) -> None:
+        self._sync_from_datamodule()
+
+    def sautomed_config(self) -> dict[str, Any]:
+        return {
+            "family": FAMILY,
+            "network": asdict(self.network_cfg),
+            "loss": asdict(self.loss_weights),
+            "inference": asdict(self.inference),
+            "class_names": list(self.class_names),
+            "preprocessing": self.preprocessing,
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["sautomed"] = self.sautomed_config()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        cfg = checkpoint.get("sautomed")
+        if cfg is None:
+            raise CheckpointMismatchError("not a sautomed checkpoint (no 'sautomed' config inside)")
+        if cfg.get("family") != FAMILY:
+            raise CheckpointMismatchError(
+                f"checkpoint of model family {cfg.get('family')!r}, expected {FAMILY!r}"
+            )
+        mine = asdict(self.network_cfg)
+        theirs = cfg["network"]
+        diffs = [
+            f"{k}: checkpoint {theirs.get(k)!r} vs config {mine.get(k)!r}"
+            for k in sorted(set(mine) | set(theirs))
+            if k not in _NON_STRUCTURAL and theirs.get(k) != mine.get(k)
+        ]
+        if diffs:
+            raise CheckpointMismatchError(
+                "checkpoint was trained with another network configuration: " + "; ".join(diffs)
+            )
+        self.class_names = tuple(cfg["class_names"])
+        self.preprocessing = cfg.get("preprocessing")

@@ -1,0 +1,107 @@
+"""`sautomed predict`: segment volumes with a checkpoint alone (its config travels inside).
+
+Runs through Lightning's `Trainer.predict`, so `--devices N --strategy ddp` shards the inputs across ranks
+(every input on exactly one rank). Broken inputs are reported and skipped; the exit code is 1 if any failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from sautomed.data.datamodule import PredictDataset, ShardSampler, _single
+from sautomed.data.preprocess import Preprocessing
+from sautomed.inference import MODES
+from sautomed.module import SAutoMedModule
+from sautomed.run_folder import UserError, read_checkpoint
+from sautomed.writers import VolumeWriter, plan_predictions
+
+log = logging.getLogger("sautomed.predict")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sautomed predict", description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--ckpt_path", "--ckpt-path", dest="ckpt_path", required=True, type=Path, help="checkpoint"
+    )
+    p.add_argument(
+        "--input", required=True, type=Path, help="a volume file, a DICOM series folder or a folder"
+    )
+    p.add_argument("--output", required=True, type=Path, help="output folder (created if missing)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: keep them)")
+    p.add_argument(
+        "--mode", choices=MODES, default=None, help="propagation order (default: the checkpoint's)"
+    )
+    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu", help="accelerator")
+    p.add_argument("--devices", default="1", help="number of devices (DDP shards the inputs)")
+    p.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    p.add_argument("--largest-component", action="store_true", default=None, help="keep largest component")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def predict_main(argv: Sequence[str]) -> int:
+    a = build_parser().parse_args(argv)
+    ckpt = read_checkpoint(a.ckpt_path)
+    module = SAutoMedModule.from_checkpoint_dict(ckpt)
+    changes = {}
+    if a.mode:
+        changes["mode"] = a.mode
+    if a.bf16:
+        changes["bf16"] = True
+    if a.largest_component:
+        changes["largest_component"] = True
+    module.inference = dataclasses.replace(module.inference, **changes)
+    if module.preprocessing is None:
+        raise UserError(f"{a.ckpt_path}: the checkpoint carries no preprocessing settings")
+    preprocessing = Preprocessing(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in module.preprocessing.items()}
+    )
+
+    plan = plan_predictions(a.input, a.output, a.overwrite)
+    for path, reason in plan.ignored:
+        print(f"note: ignored {path}: {reason}", file=sys.stderr)
+    for path in plan.kept:
+        print(f"note: kept existing {path} (use --overwrite to replace it)", file=sys.stderr)
+    if not plan.jobs:
+        print("nothing to predict", file=sys.stderr)
+        return 0
+    try:
+        a.output.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{a.output}: cannot create the output folder ({exc.strerror})") from exc
+
+    writer = VolumeWriter(overwrite=a.overwrite)
+    devices = int(a.devices) if str(a.devices).isdigit() else a.devices
+    trainer = L.Trainer(
+        accelerator=a.device,
+        devices=devices,
+        strategy=a.strategy,
+        callbacks=[writer],
+        logger=False,
+        enable_progress_bar=not a.no_progress,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        default_root_dir=str(a.output),
+    )
+    loader = DataLoader(
+        PredictDataset(plan.jobs, preprocessing),
+        batch_size=1,
+        sampler=ShardSampler(len(plan.jobs)),
+        collate_fn=_single,
+    )
+    trainer.predict(module, dataloaders=loader, return_predictions=False)
+    if not trainer.is_global_zero:
+        return 0
+    for src, reason in writer.failed:
+        print(f"sautomed: failed {src}: {reason}", file=sys.stderr)
+    print(f"wrote {len(writer.written)} of {len(plan.jobs)} outputs to {a.output}", file=sys.stderr)
+    return 1 if writer.failed else 0

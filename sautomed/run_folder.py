@@ -1,0 +1,127 @@
+"""The run folder (`--trainer.default_root_dir`): config.yaml, last.ckpt, best.ckpt, splits.json, metrics.
+
+Checkpoints are written atomically (temporary file, then rename), so a run killed while saving never leaves a
+torn `last.ckpt`; `--ckpt_path last` with nothing to resume is an error, never a silent fresh start.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import SaveConfigCallback
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+
+class UserError(Exception):
+    """An error caused by the user's input: reported as one line, no traceback."""
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """torch.save to a temporary file in the same folder, then os.replace."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None
+    ) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+class RunFolderConfig(SaveConfigCallback):
+    """Writes the resolved config to `<default_root_dir>/config.yaml` (atomically, replaced on resume)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["overwrite"] = True
+        kwargs["save_to_log_dir"] = False
+        super().__init__(*args, **kwargs)
+
+    def save_config(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if not trainer.is_global_zero:
+            return
+        root = Path(trainer.default_root_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        text = self.parser.dump(self.config, skip_none=False)
+        fd, tmp = tempfile.mkstemp(prefix=".config.yaml.", dir=root)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, root / self.config_filename)
+
+
+def run_callbacks(root: str | Path) -> list[ModelCheckpoint]:
+    """`last.ckpt` at every epoch end and `best.ckpt` by validation mean DSC, both in the run folder."""
+    last = ModelCheckpoint(
+        dirpath=root,
+        filename="last",
+        save_top_k=1,
+        monitor=None,
+        every_n_epochs=1,
+        save_on_train_epoch_end=True,
+        enable_version_counter=False,
+    )
+    best = ModelCheckpoint(
+        dirpath=root,
+        filename="best",
+        monitor="val/mean_dsc",
+        mode="max",
+        save_top_k=1,
+        enable_version_counter=False,
+        auto_insert_metric_name=False,
+    )
+    return [last, best]
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint on the CPU; a missing, truncated or corrupt file is a UserError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path}: checkpoint is truncated or corrupt ({first})") from exc
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise UserError(f"{path}: not a Lightning checkpoint (no state_dict)")
+    if "sautomed" not in ckpt:
+        raise UserError(f"{path}: not a sautomed checkpoint (it carries no sautomed config)")
+    return ckpt
+
+
+def resolve_ckpt_path(ckpt_path: str | None, root: str | Path, subcommand: str) -> str | None:
+    """`last` -> `<root>/last.ckpt` if it exists, else a UserError; any path must be a readable checkpoint."""
+    if ckpt_path is None:
+        return None
+    if ckpt_path == "last":
+        candidate = Path(root) / "last.ckpt"
+        if not candidate.is_file():
+            raise UserError(
+                f"--ckpt_path last: there is no {candidate} to resume from "
+                f"(check --trainer.default_root_dir); refusing to start a fresh run silently"
+            )
+        ckpt_path = str(candidate)
+    elif ckpt_path in ("best", "hpc", "registry") and subcommand == "fit":
+        raise UserError(f"--ckpt_path {ckpt_path} is not supported by fit; use 'last' or a path")
+    elif ckpt_path == "best":
+        candidate = Path(root) / "best.ckpt"
+        if not candidate.is_file():
+            raise UserError(f"--ckpt_path best: there is no {candidate}")
+        ckpt_path = str(candidate)
+    read_checkpoint(ckpt_path)
+    return ckpt_path

@@ -1,0 +1,113 @@
+"""Prediction output: label maps written on the input's exact grid, atomically, one per input.
+
+Shared by every model family: a family's `predict_step` returns `{"labels", "geom", "output", "source"}` or,
+for an input that could not be read, `{"error", "source"}`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+from sautomed.data.io import is_dicom_dir, is_volume_file, write_label_volume
+
+log = logging.getLogger(__name__)
+
+IGNORED_NAMES = {".DS_Store", "Thumbs.db", "desktop.ini"}
+
+
+@dataclass
+class PredictPlan:
+    """What a predict run will do: (input, output) pairs, and the inputs it leaves alone, with reasons."""
+
+    jobs: list[tuple[Path, Path]] = field(default_factory=list)
+    ignored: list[tuple[Path, str]] = field(default_factory=list)
+    kept: list[Path] = field(default_factory=list)
+
+
+def _output_name(src: Path) -> str:
+    """`case.nii.gz` -> `case.nii.gz`, `case.nrrd` -> `case.nrrd`; a DICOM folder `ser/` -> `ser.nii.gz`."""
+    return f"{src.name}.nii.gz" if src.is_dir() else src.name
+
+
+def plan_predictions(inp: Path, out_dir: Path, overwrite: bool) -> PredictPlan:
+    """Turn `--input` (a volume file, a DICOM series folder or a folder of volumes) into output jobs.
+
+    Raises FileNotFoundError when the input does not exist and ValueError when outputs would replace inputs.
+    """
+    inp, out_dir = Path(inp), Path(out_dir)
+    if not inp.exists():
+        raise FileNotFoundError(f"{inp}: input does not exist")
+    plan = PredictPlan()
+    if inp.is_file() or is_dicom_dir(inp):
+        candidates = [inp]
+    else:
+        candidates = []
+        for p in sorted(inp.iterdir()):
+            if p.name in IGNORED_NAMES or p.name.startswith("."):
+                plan.ignored.append((p, "hidden or system file"))
+            elif p.is_symlink() and not p.exists():
+                plan.ignored.append((p, "broken symbolic link"))
+            elif p.is_file() and is_volume_file(p):
+                candidates.append(p)
+            elif p.is_dir() and is_dicom_dir(p):
+                candidates.append(p)
+            else:
+                plan.ignored.append((p, "not an image volume or DICOM series"))
+    for src in candidates:
+        dst = out_dir / _output_name(src)
+        if dst.exists() and dst.resolve() == src.resolve():
+            if overwrite:
+                raise ValueError(
+                    f"{dst}: the output would replace its own input; choose another --output folder"
+                )
+            plan.kept.append(dst)
+        elif dst.exists() and not overwrite:
+            plan.kept.append(dst)
+        else:
+            plan.jobs.append((src, dst))
+    return plan
+
+
+class VolumeWriter(BasePredictionWriter):
+    """Writes each predicted volume as soon as it is ready; records failures instead of stopping."""
+
+    def __init__(self, overwrite: bool = False) -> None:
+        super().__init__(write_interval="batch")
+        self.overwrite = overwrite
+        self.written: list[str] = []
+        self.failed: list[tuple[str, str]] = []
+
+    def write_on_batch_end(
+        self,
+        trainer: Any,
+        pl_module: Any,
+        prediction: Any,
+        batch_indices: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if "error" in prediction:
+            self.failed.append((prediction["source"], prediction["error"]))
+            return
+        try:
+            write_label_volume(
+                prediction["labels"], prediction["geom"], prediction["output"], overwrite=self.overwrite
+            )
+        except (OSError, ValueError) as exc:
+            self.failed.append((prediction["source"], f"could not write {prediction['output']}: {exc}"))
+            return
+        self.written.append(prediction["output"])
+
+    def on_predict_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            parts: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(parts, (self.written, self.failed))
+            self.written = [w for p in parts for w in p[0]]
+            self.failed = [f for p in parts for f in p[1]]
