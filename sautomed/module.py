@@ -2,8 +2,10 @@
 
 Training step = the paper's iterative history training: each window's distinct slices are encoded once
 (warm-up-only slices in one batched no-grad pass, the target and its two neighbours in one batched pass with
-gradients), n warm-up slices run under no_grad from the initial state, each handing its predicted boxes and
-filtered history to the next, and the target slice runs with gradients from that state.
+gradients); n warm-up slices run from the initial state, each handing its predicted boxes and filtered history
+to the next, and the target slice runs from that state; the loss is the target slice's. The warm-ups' encoder
+work carries no gradient; their decoder steps do, so that the history tokens and filter learn (README, Method
+notes).
 """
 
 from __future__ import annotations
@@ -147,11 +149,12 @@ class SAutoMedModule(L.LightningModule):
             before, after = feats[:, k - 1], feats[:, k + 1]
             return torch.where(direction > 0, before, after), torch.where(direction > 0, after, before)
 
+        # Warm-ups: their slices were encoded without gradients; their (cheap) decoder steps keep gradients,
+        # otherwise the initial history tokens and the history filter would never receive one.
         state = self.net.initial_state(image.shape[0], image.device)
-        with torch.no_grad():
-            for k in range(1, n + 1):  # warm-ups
-                prev, nxt = neighbours(k)
-                state = self.net.step(prev, feats[:, k], nxt, state).state
+        for k in range(1, n + 1):
+            prev, nxt = neighbours(k)
+            state = self.net.step(prev, feats[:, k], nxt, state).state
         prev, nxt = neighbours(n + 1)
         out = self.net.step(prev, feats[:, n + 1], nxt, state)
         terms = self.criterion(out, label)
@@ -232,6 +235,13 @@ class SAutoMedModule(L.LightningModule):
             self.print(
                 f"{prefix}: mean DSC {mean:.4f}, mean HD95 {summary['mean_hd95_mm']:.2f} mm "
                 f"over {summary['num_cases']} cases -> {self.trainer.default_root_dir}"
+            )
+        elif self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            log.info(
+                "epoch %d: validation mean DSC %.4f over %d cases",
+                self.current_epoch,
+                mean,
+                summary["num_cases"],
             )
         self.last_summary = summary
 

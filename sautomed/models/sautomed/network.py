@@ -231,9 +231,8 @@ class SAutoMedNet(nn.Module):
 
         prompts = None
         if self.box_prompt is not None:
-            boxes, presence, queries = self.box_prompt(
-                z, pe, state.boxes, state.present
-            )  # (B,C,4) (B,C) (B,C,D)
+            # boxes (B, C, 4), presence (B, C), queries (B, C, D)
+            boxes, presence, queries = self.box_prompt(z, pe, state.boxes, state.present)
             prompts = self.box_prompt.prompt_tokens(self.prompt_encoder, boxes, queries)  # (B, 2C, D)
         else:
             boxes = f_t.new_zeros(B, C, 4)
@@ -246,13 +245,10 @@ class SAutoMedNet(nn.Module):
         logits, history_out = self.mask_decoder(z, pe, dense, history, prompts)  # (B, C+1, S/4, S/4)
 
         next_history = self.history.filter(history_out) if self.history is not None else None
-        with torch.no_grad():
-            next_boxes, next_present = boxes_from_labels(
-                logits.argmax(dim=1), C
-            )  # from this slice's prediction
-        return StepOutput(
-            logits, boxes, presence, State(next_history, next_boxes.to(logits.dtype), next_present)
-        )
+        with torch.no_grad():  # the next anchors come from this slice's prediction
+            next_boxes, next_present = boxes_from_labels(logits.argmax(dim=1), C)  # (B, C, 4), (B, C)
+        next_state = State(next_history, next_boxes.to(logits.dtype), next_present)
+        return StepOutput(logits, boxes, presence, next_state)
 
 
 def build_network(cfg: NetworkConfig) -> SAutoMedNet:

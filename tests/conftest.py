@@ -1,0 +1,77 @@
+"""Fixtures shared by the end-to-end tests: tiny phantoms, a tiny config and a briefly trained checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sautomed.cli import main
+from sautomed.data.phantom import make_phantoms
+
+SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_phantoms(tmp_path_factory) -> Path:
+    """4 small phantom cases (nnU-Net layout) and 2 held-out ones under `<root>/train` and `<root>/test`."""
+    root = tmp_path_factory.mktemp("phantoms")
+    make_phantoms(root / "train", 4, seed=0, size=(12, 64, 64))
+    make_phantoms(root / "test", 2, seed=7, size=(10, 64, 64))
+    return root
+
+
+def tiny_config(path: Path, phantoms: Path, run_dir: Path, **data: object) -> Path:
+    """A complete config for the tiny network at S = 64 on the tiny phantoms."""
+    cfg = {
+        "seed_everything": 0,
+        "trainer": {
+            "default_root_dir": str(run_dir),
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_epochs": 1,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "log_every_n_steps": 1,
+        },
+        "model": {
+            "network": {
+                "backbone": "tiny",
+                "image_size": 64,
+                "num_classes": 5,
+                "encoder_finetune": "full",
+                "box_decoder_ffn_dim": 128,
+            },
+            "lr": 1e-3,
+        },
+        "data": {
+            "layout": "nnunet",
+            "root": str(phantoms / "train"),
+            "test_root": str(phantoms / "test"),
+            "folds": 2,
+            "preprocessing": {"image_size": 64, "normalization": "ct"},
+            "windows": {"samples_per_epoch": 8},
+            "batch_size": 4,
+            "cache_dir": str(path.parent / "cache"),
+            **data,
+        },
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="session")
+def make_config():
+    """The `tiny_config` function, for tests that write their own variant."""
+    return tiny_config
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_phantoms, tmp_path_factory) -> tuple[Path, Path]:
+    """(config, run folder) of a one-epoch fit of the tiny network, made once per session."""
+    base = tmp_path_factory.mktemp("trained")
+    run = base / "run"
+    cfg = tiny_config(base / "tiny.yaml", tiny_phantoms, run)
+    assert main(["fit", "--config", str(cfg)]) == 0
+    return cfg, run

@@ -1,0 +1,87 @@
+"""Training windows, the epoch-seeded batch sampler, DDP sharding without duplicates, volume loaders."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sautomed.data.augment import Augmentation, augment_window
+from sautomed.data.datamodule import SegmentationDataModule, ShardSampler, WindowBatchSampler, WindowDataset
+from sautomed.data.preprocess import Prepared, Preprocessing
+
+
+def _volume(z=12, s=16, case="a"):
+    image = np.tile(np.arange(z, dtype=np.float32)[:, None, None] / z, (1, s, s))
+    label = np.zeros((z, s, s), np.uint8)
+    label[3:9, 4:10, 4:10] = 1
+    return Prepared(case, image.astype(np.float16), label, None)
+
+
+def test_window_holds_warmups_target_and_neighbours_in_processing_order():
+    ds = WindowDataset(
+        [_volume()], 50, seed=0, augmentation=Augmentation(enabled=False), foreground_fraction=1.0
+    )
+    for i in range(50):
+        n = 1 + i % 3
+        item = ds[(0, i, n)]
+        idx, d = item["index"].numpy(), item["direction"]
+        assert item["image"].shape == (n + 3, 16, 16)
+        t = idx[n + 1]
+        assert 3 <= t <= 8  # foreground slices only (foreground_fraction = 1)
+        expected = np.clip(t + (np.arange(n + 3) - (n + 1)) * d, 0, 11)
+        np.testing.assert_array_equal(idx, expected)
+        # the image slices are the indexed ones (the volume stores z / Z as intensity)
+        np.testing.assert_allclose(item["image"][:, 0, 0].numpy(), idx / 12, atol=1e-3)
+        assert item["label"].shape == (16, 16) and item["label"].dtype == torch.int64
+
+
+def test_warmups_fit_inside_the_volume_when_possible():
+    ds = WindowDataset([_volume(z=12)], 64, 0, Augmentation(enabled=False), foreground_fraction=0.0)
+    for i in range(64):
+        idx = ds[(0, i, 3)]["index"].numpy()
+        # warm-ups and target never clamp in a 12-slice volume; only the far neighbour may repeat an edge
+        assert len(set(idx[:5].tolist())) == 5
+
+
+def test_batch_sampler_is_seeded_per_epoch_and_constant_warmups_per_batch():
+    s = WindowBatchSampler(20, 4, (1, 3), seed=5)
+    first = list(s)
+    assert list(s) == first  # repeatable
+    assert all(len({k[2] for k in b}) == 1 for b in first)  # one warm-up count per batch
+    assert {k[2] for b in first for k in b} <= {1, 2, 3}
+    s.sampler.set_epoch(1)
+    second = list(s)
+    assert second != first and all(k[0] == 1 for b in second for k in b)
+    assert sorted(k[1] for b in second for k in b) == list(range(20))
+
+
+def test_shard_sampler_covers_every_item_exactly_once(monkeypatch):
+    import sautomed.data.datamodule as dm
+
+    seen = []
+    for rank in range(3):
+        monkeypatch.setattr(dm, "_rank_world", lambda r=rank: (r, 3))
+        seen += list(ShardSampler(7))
+    assert sorted(seen) == list(range(7))
+
+
+def test_augmentation_is_identical_across_the_window_and_keeps_label_values():
+    img = torch.rand(1, 32, 32).repeat(4, 1, 1)
+    lab = torch.zeros(32, 32, dtype=torch.long)
+    lab[8:20, 10:22] = 3
+    out, out_lab = augment_window(
+        img, lab, np.random.default_rng(1), Augmentation(probability=1.0, noise_std=0)
+    )
+    for k in range(1, 4):
+        torch.testing.assert_close(out[k], out[0])
+    assert set(out_lab.unique().tolist()) <= {0, 3}
+
+
+def test_datamodule_init_does_no_io(tmp_path):
+    dm = SegmentationDataModule(
+        root=str(tmp_path / "does-not-exist"), preprocessing=Preprocessing(image_size=32)
+    )
+    assert dm.root.endswith("does-not-exist")  # nothing was read or checked yet
+    with pytest.raises(ValueError):
+        _ = dm.layout  # discovery happens on first use, with a clear error

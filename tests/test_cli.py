@@ -1,0 +1,197 @@
+"""The CLI in-process: help, user errors, fit -> test -> predict, resume rules, determinism."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from sautomed.cli import main
+from sautomed.models.sautomed.network import SAutoMedNet
+
+
+def test_help_lists_every_command(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for cmd in ("fit", "validate", "test", "predict", "check-data", "phantoms", "bench"):
+        assert f"\n  {cmd} " in out
+
+
+def test_unknown_command_is_one_line_without_traceback(capsys):
+    assert main(["frobnicate"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("sautomed: error: unknown command") and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_phantoms_then_check_data(tmp_path, capsys):
+    out = tmp_path / "ph"
+    assert main(["phantoms", "--out", str(out), "--cases", "2", "--seed", "3"]) == 0
+    assert main(["check-data", "--layout", "nnunet", "--root", str(out)]) == 0
+    assert main(["check-data", "--layout", "nnunet", "--root", str(tmp_path / "missing")]) == 1
+    assert "missing" in capsys.readouterr().err
+
+
+def test_fit_writes_the_run_folder(trained_run):
+    cfg, run = trained_run
+    for name in ("config.yaml", "last.ckpt", "best.ckpt", "splits.json"):
+        assert (run / name).is_file(), name
+    ckpt = torch.load(run / "last.ckpt", map_location="cpu", weights_only=True)
+    carried = ckpt["sautomed"]
+    assert carried["network"]["image_size"] == 64
+    assert carried["class_names"] == ["liver", "right_kidney", "left_kidney", "spleen", "aorta"]
+    assert carried["preprocessing"]["image_size"] == 64
+
+
+def test_test_writes_metrics_and_encodes_each_slice_once(trained_run, tiny_phantoms, monkeypatch):
+    cfg, run = trained_run
+    encoded = []
+    original = SAutoMedNet.encode
+    monkeypatch.setattr(
+        SAutoMedNet, "encode", lambda self, x: encoded.append(x.shape[0]) or original(self, x)
+    )
+    assert main(["test", "--config", str(cfg), "--ckpt_path", str(run / "best.ckpt")]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["num_cases"] == 2
+    assert summary["checkpoint"].endswith("best.ckpt")
+    assert set(summary["per_class"]) == {"liver", "right_kidney", "left_kidney", "spleen", "aorta"}
+    lines = (run / "metrics.csv").read_text().strip().splitlines()
+    assert lines[0] == "case,class,dsc,hd95_mm,status" and len(lines) == 1 + 2 * 5
+    depth = sum(sitk.ReadImage(str(p)).GetSize()[2] for p in (tiny_phantoms / "test" / "imagesTr").iterdir())
+    assert sum(encoded) == depth  # every slice of every test volume encoded exactly once
+
+
+def test_predict_keeps_geometry_and_existing_outputs(trained_run, tiny_phantoms, tmp_path, capsys):
+    _, run = trained_run
+    images = tiny_phantoms / "test" / "imagesTr"
+    (tmp_path / "in").mkdir()
+    for p in images.iterdir():
+        (tmp_path / "in" / p.name).write_bytes(p.read_bytes())
+    (tmp_path / "in" / "notes.txt").write_text("not an image")
+    (tmp_path / "in" / "broken.nii.gz").write_bytes(b"\x1f\x8b\x08garbage")
+    out = tmp_path / "out"
+    argv = [
+        "predict",
+        "--ckpt_path",
+        str(run / "best.ckpt"),
+        "--input",
+        str(tmp_path / "in"),
+        "--output",
+        str(out),
+    ]
+    assert main([*argv, "--no-progress"]) == 1  # the broken input makes the run fail ...
+    err = capsys.readouterr().err
+    assert "broken.nii.gz" in err and "notes.txt" in err
+    for src in images.iterdir():  # ... while every valid input is written on its exact grid
+        a, b = sitk.ReadImage(str(src)), sitk.ReadImage(str(out / src.name))
+        assert a.GetSize() == b.GetSize() and a.GetSpacing() == b.GetSpacing()
+        assert a.GetOrigin() == b.GetOrigin() and a.GetDirection() == b.GetDirection()
+        assert b.GetPixelID() == sitk.sitkUInt8
+    assert not (out / "broken.nii.gz").exists()
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    (tmp_path / "in" / "broken.nii.gz").unlink()
+    assert main([*argv, "--no-progress"]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # kept without --overwrite
+    assert "kept existing" in capsys.readouterr().err
+
+
+def test_predictions_repeat_exactly(trained_run, tiny_phantoms, tmp_path):
+    _, run = trained_run
+    src = next((tiny_phantoms / "test" / "imagesTr").iterdir())
+    outs = []
+    for k in range(2):
+        out = tmp_path / f"o{k}"
+        assert (
+            main(
+                [
+                    "predict",
+                    "--ckpt_path",
+                    str(run / "best.ckpt"),
+                    "--input",
+                    str(src),
+                    "--output",
+                    str(out),
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
+        outs.append(sitk.GetArrayFromImage(sitk.ReadImage(str(out / src.name))))
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_ckpt_path_last_without_checkpoint_is_an_error(tiny_phantoms, tmp_path, capsys, make_config):
+    cfg = make_config(tmp_path / "c.yaml", tiny_phantoms, tmp_path / "empty_run")
+    assert main(["fit", "--config", str(cfg), "--ckpt_path", "last"]) == 1
+    err = capsys.readouterr().err
+    assert "nothing" in err or "no " in err
+    assert "Traceback" not in err and not (tmp_path / "empty_run" / "last.ckpt").exists()
+
+
+def test_truncated_checkpoint_is_a_clear_error(trained_run, tiny_phantoms, tmp_path, capsys):
+    _, run = trained_run
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes((run / "last.ckpt").read_bytes()[:5000])
+    src = next((tiny_phantoms / "test" / "imagesTr").iterdir())
+    code = main(["predict", "--ckpt_path", str(bad), "--input", str(src), "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 1 and "truncated or corrupt" in err and "Traceback" not in err
+
+
+def test_checkpoint_of_another_configuration_names_the_mismatch(trained_run, tiny_phantoms, tmp_path, capsys):
+    cfg, run = trained_run
+    code = main(
+        [
+            "test",
+            "--config",
+            str(cfg),
+            "--ckpt_path",
+            str(run / "best.ckpt"),
+            "--model.network.history_tokens",
+            "2",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 1 and "history_tokens" in err and "Traceback" not in err
+
+
+def test_resume_goes_on_past_the_checkpoint(trained_run, tmp_path):
+    cfg, run = trained_run
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    (resumed / "last.ckpt").write_bytes((run / "last.ckpt").read_bytes())
+    (resumed / "splits.json").write_bytes((run / "splits.json").read_bytes())
+    step0 = torch.load(resumed / "last.ckpt", map_location="cpu", weights_only=True)["global_step"]
+    assert (
+        main(
+            [
+                "fit",
+                "--config",
+                str(cfg),
+                "--trainer.default_root_dir",
+                str(resumed),
+                "--trainer.max_epochs",
+                "2",
+                "--ckpt_path",
+                "last",
+            ]
+        )
+        == 0
+    )
+    after = torch.load(resumed / "last.ckpt", map_location="cpu", weights_only=True)
+    assert after["global_step"] == 2 * step0 and after["epoch"] == 1
+    assert after["optimizer_states"][0]["state"]  # AdamW moments restored and carried on
+
+
+def test_same_seed_same_checkpoint(tiny_phantoms, tmp_path, make_config):
+    states = []
+    for k in range(2):
+        cfg = make_config(tmp_path / f"c{k}.yaml", tiny_phantoms, tmp_path / f"run{k}")
+        assert main(["fit", "--config", str(cfg), "--trainer.limit_val_batches", "0"]) == 0
+        states.append(torch.load(tmp_path / f"run{k}" / "last.ckpt", map_location="cpu", weights_only=True))
+    for key, value in states[0]["state_dict"].items():
+        assert torch.equal(value, states[1]["state_dict"][key]), key
