@@ -57,9 +57,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     VolumeError,
     DatasetError,
     CheckpointMismatchError,
-    FileNotFoundError,
-    FileExistsError,
-    PermissionError,
+    OSError,  # missing files, permissions, a full disk, a read-only file system: the message names it
 )
 
 
@@ -81,11 +79,29 @@ class SautomedCLI(LightningCLI):
         config["plugins"] = plugins
         return super()._instantiate_trainer(config, callbacks)
 
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        """Parse, then resolve and check `--ckpt_path` before anything is seeded, built or logged.
+
+        `last` / `best` become `<default_root_dir>/last.ckpt` / `best.ckpt`; a missing, truncated or corrupt
+        checkpoint is a UserError here, so the error is the only line the command prints.
+        """
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        if subcommand not in LIGHTNING_COMMANDS:
+            return
+        config = self.config[subcommand]
+        root = config.get("trainer", {}).get("default_root_dir") or "."
+        config["ckpt_path"] = resolve_ckpt_path(config.get("ckpt_path"), root, subcommand)
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI's version torch.loads the checkpoint to read `hyper_parameters` (sautomed checkpoints
+        # carry none: the config travels under `sautomed`) and lets a corrupt file raise a traceback; the
+        # checkpoint was already resolved and checked in `parse_arguments`.
+        return
+
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
-        root = self.trainer.default_root_dir
-        kwargs["ckpt_path"] = resolve_ckpt_path(kwargs.get("ckpt_path"), root, subcommand)
-        if subcommand in ("validate", "test") and kwargs["ckpt_path"] is None:
+        if subcommand in ("validate", "test") and kwargs.get("ckpt_path") is None:
             logging.getLogger("sautomed").warning(
                 "%s without --ckpt_path evaluates the model as configured (untrained weights)", subcommand
             )
@@ -191,9 +207,15 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
+def _format_warning(message: Any, category: type, filename: str, lineno: int, line: str | None = None) -> str:
+    return f"warning: {message}\n"  # one line, the message names the file; no source excerpt
+
+
 def main(args: Sequence[str] | None = None) -> int:
     """Entry point of the `sautomed` console script; returns the exit code."""
     argv = list(sys.argv[1:] if args is None else args)
+    if args is None:  # run as the program (not called from Python): warnings as one line each
+        warnings.formatwarning = _format_warning
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message="LightningCLI.s args parameter")

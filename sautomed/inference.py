@@ -135,6 +135,8 @@ def logits_to_labels(
         part = F.interpolate(
             logits[start : start + chunk].float(), size=out_hw, mode="bilinear", align_corners=False
         )
-        labels.append(part.argmax(1).to(torch.uint8))
+        # max(1).indices == argmax(1) (first maximum on ties), but a reduction over the channel dim of an
+        # NCHW tensor via argmax is ~5x slower on the CPU
+        labels.append(part.max(1).indices.to(torch.uint8))
     out = torch.cat(labels, 0)
     return postprocess(out) if postprocess is not None else out

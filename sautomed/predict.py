@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from sautomed.data.datamodule import PredictDataset, ShardSampler, _single
+from sautomed.data.io import stale_temporaries
 from sautomed.data.preprocess import Preprocessing
 from sautomed.inference import MODES
 from sautomed.module import SAutoMedModule
@@ -48,6 +51,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_output_folder(folder: Path) -> None:
+    """Create the output folder and prove a file can be made in it, before any work: a UserError if not.
+
+    Permission bits alone do not tell (root ignores them; a read-only file system does not show in them),
+    so this creates and removes a probe file.
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{folder}: cannot create the output folder ({exc.strerror or exc})") from exc
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".sautomed-write-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UserError(f"{folder}: the output folder is not writable ({exc.strerror or exc})") from exc
+
+
 def predict_main(argv: Sequence[str]) -> int:
     a = build_parser().parse_args(argv)
     ckpt = read_checkpoint(a.ckpt_path)
@@ -71,13 +92,17 @@ def predict_main(argv: Sequence[str]) -> int:
         print(f"note: ignored {path}: {reason}", file=sys.stderr)
     for path in plan.kept:
         print(f"note: kept existing {path} (use --overwrite to replace it)", file=sys.stderr)
+    for dst in [dst for _, dst in plan.jobs] + plan.kept:
+        for tmp in stale_temporaries(dst):  # left by a run killed while writing
+            try:
+                tmp.unlink(missing_ok=True)
+                print(f"note: removed {tmp}, a partial file of an interrupted run", file=sys.stderr)
+            except OSError:
+                pass
     if not plan.jobs:
         print("nothing to predict", file=sys.stderr)
         return 0
-    try:
-        a.output.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"{a.output}: cannot create the output folder ({exc.strerror})") from exc
+    check_output_folder(a.output)
 
     writer = VolumeWriter(overwrite=a.overwrite)
     devices = int(a.devices) if str(a.devices).isdigit() else a.devices

@@ -6,10 +6,11 @@ torn `last.ckpt`; `--ckpt_path last` with nothing to resume is an error, never a
 
 from __future__ import annotations
 
+import glob
 import os
 import pickle
+import re
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,33 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from sautomed.data.io import pid_alive
+
 
 class UserError(Exception):
     """An error caused by the user's input: reported as one line, no traceback."""
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp's files are 0600
+
+
+def _mkstemp_like_open(name: str, folder: Path) -> tuple[int, str]:
+    """A temporary file `.<name>.<pid>.<random>.tmp` beside the target, with the permissions a plain open()
+    would give; temporaries of `name` left by killed processes are removed first."""
+    pattern = re.compile(rf"\.{re.escape(name)}\.(\d+)\.[^.]+\.tmp")
+    for stale in folder.glob(f".{glob.escape(name)}.*.tmp"):
+        match = pattern.fullmatch(stale.name)
+        if match and not pid_alive(int(match.group(1))):
+            stale.unlink(missing_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.{os.getpid()}.", suffix=".tmp", dir=folder)
+    os.fchmod(fd, _FILE_MODE)
+    return fd, tmp
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -32,7 +57,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     ) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = _mkstemp_like_open(path.name, path.parent)
         try:
             with os.fdopen(fd, "wb") as f:
                 torch.save(checkpoint, f)
@@ -58,10 +83,14 @@ class RunFolderConfig(SaveConfigCallback):
         root = Path(trainer.default_root_dir)
         root.mkdir(parents=True, exist_ok=True)
         text = self.parser.dump(self.config, skip_none=False)
-        fd, tmp = tempfile.mkstemp(prefix=".config.yaml.", dir=root)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, root / self.config_filename)
+        fd, tmp = _mkstemp_like_open(self.config_filename, root)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.replace(tmp, root / self.config_filename)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def run_callbacks(root: str | Path) -> list[ModelCheckpoint]:
@@ -94,7 +123,12 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise UserError(f"{path}: checkpoint not found")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as exc:
+    except pickle.UnpicklingError as exc:  # torch's message here suggests weights_only=False: not for us
+        raise UserError(
+            f"{path}: checkpoint is truncated or corrupt (not a PyTorch checkpoint of tensors and values)"
+        ) from exc
+    except Exception as exc:  # any failure to deserialise (torch raises RuntimeError, OSError, EOFError,
+        # zipfile.BadZipFile, and IndexError / KeyError from its unpickler on garbage): a bad file
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{path}: checkpoint is truncated or corrupt ({first})") from exc
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:

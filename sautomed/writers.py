@@ -38,7 +38,9 @@ def _output_name(src: Path) -> str:
 def plan_predictions(inp: Path, out_dir: Path, overwrite: bool) -> PredictPlan:
     """Turn `--input` (a volume file, a DICOM series folder or a folder of volumes) into output jobs.
 
-    Raises FileNotFoundError when the input does not exist and ValueError when outputs would replace inputs.
+    Raises FileNotFoundError when the input does not exist, ValueError when an output would replace an input
+    (whatever ``overwrite`` says: e.g. ``--output`` is the input folder) or when two inputs would be
+    written to the same output.
     """
     inp, out_dir = Path(inp), Path(out_dir)
     if not inp.exists():
@@ -59,15 +61,19 @@ def plan_predictions(inp: Path, out_dir: Path, overwrite: bool) -> PredictPlan:
                 candidates.append(p)
             else:
                 plan.ignored.append((p, "not an image volume or DICOM series"))
+    claimed: dict[Path, Path] = {}
     for src in candidates:
         dst = out_dir / _output_name(src)
-        if dst.exists() and dst.resolve() == src.resolve():
-            if overwrite:
-                raise ValueError(
-                    f"{dst}: the output would replace its own input; choose another --output folder"
-                )
-            plan.kept.append(dst)
-        elif dst.exists() and not overwrite:
+        if dst.resolve() == src.resolve():
+            raise ValueError(
+                f"{dst}: the output would replace its own input {src}; choose another --output folder"
+            )
+        if dst in claimed:
+            raise ValueError(
+                f"{claimed[dst]} and {src} would both be written to {dst}; predict them into separate folders"
+            )
+        claimed[dst] = src
+        if dst.exists() and not overwrite:
             plan.kept.append(dst)
         else:
             plan.jobs.append((src, dst))

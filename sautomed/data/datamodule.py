@@ -72,7 +72,9 @@ class WindowBatchSampler(Sampler[list[tuple[int, int, int]]]):
         return batches
 
     def __iter__(self):
-        return iter(self._batches())
+        # lazily: when Lightning resumes from a checkpoint it creates the epoch's batch iterator before it
+        # calls set_epoch, so the batches must be drawn at the first next(), not at iter()
+        yield from self._batches()
 
     def __len__(self) -> int:
         rank, world = _rank_world()

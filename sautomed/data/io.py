@@ -11,9 +11,11 @@ spacing, origin and direction from the stored :class:`Geometry`, so written labe
 
 from __future__ import annotations
 
+import glob
 import gzip
 import itertools
 import os
+import re
 import secrets
 import warnings
 from collections.abc import Callable
@@ -420,19 +422,56 @@ def _volume_suffix(name: str) -> str:
     return Path(name).suffix
 
 
+def _split_suffix(out: Path) -> tuple[str, str]:
+    suffix = _volume_suffix(out.name)
+    return (out.name[: len(out.name) - len(suffix)] if suffix else out.name), suffix
+
+
+def pid_alive(pid: int) -> bool:
+    """True while process ``pid`` exists on this machine (a zombie counts as alive until it is reaped)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists (another user's), or cannot tell: keep its files
+    return True
+
+
+def stale_temporaries(out: str | Path) -> list[Path]:
+    """Temporary files of :func:`atomic_write` for ``out`` whose writing process is gone (killed mid-write).
+
+    Their names carry the writer's pid (``.<name>.tmp-<pid>-<hex><ext>``); files of running processes are
+    never listed, so a concurrent writer is left alone.
+    """
+    out = Path(out)
+    base, suffix = _split_suffix(out)
+    pattern = re.compile(rf"\.{re.escape(base)}\.tmp-(\d+)-[0-9a-f]{{8}}{re.escape(suffix)}")
+    if not out.parent.is_dir():
+        return []
+    found = []
+    for p in out.parent.glob(f".{glob.escape(base)}.tmp-*"):
+        match = pattern.fullmatch(p.name)
+        if match and not pid_alive(int(match.group(1))):
+            found.append(p)
+    return sorted(found)
+
+
 def atomic_write(out: Path, write: Callable[[Path], None], overwrite: bool = True) -> Path:
     """Call ``write(tmp)`` on a temporary file beside ``out`` (same extension), then ``os.replace`` it.
 
     Nothing appears at ``out`` unless ``write`` succeeded; on failure the temporary file is removed and the
-    error propagates. ``FileExistsError`` when ``out`` exists and ``overwrite`` is False.
+    error propagates. ``FileExistsError`` when ``out`` exists and ``overwrite`` is False. The temporary file
+    is hidden and named after ``out`` and this process (see :func:`stale_temporaries`).
     """
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out}: output exists (pass overwrite=True to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    suffix = _volume_suffix(out.name)
-    base = out.name[: len(out.name) - len(suffix)] if suffix else out.name
-    tmp = out.with_name(f".{base}.tmp-{secrets.token_hex(4)}{suffix}")
+    base, suffix = _split_suffix(out)
+    tmp = out.with_name(f".{base}.tmp-{os.getpid()}-{secrets.token_hex(4)}{suffix}")
     try:
         write(tmp)
         os.replace(tmp, out)

@@ -25,7 +25,8 @@ set, every case has ``label=None``):
   ``file_ending`` default ``.nii.gz``), ``imagesTr/CASE_0000<ending>`` (channel 0 is used) or MSD
   ``imagesTr/CASE<ending>``, ``labelsTr/CASE<ending>``; an MSD ``training`` list, when present, names the
   files. Label values are mapped to 1..C in the order of their declared values.
-- ``folder``: every volume file and DICOM series sub-folder of ``root``, unlabelled (for prediction).
+- ``folder``: every volume file and DICOM series sub-folder of ``root``, unlabelled (for prediction); a
+  broken symbolic link there is an orphan.
 
 A ``label_map`` JSON (``{"classes": {"1": name, ...}, "map": {source: target, ...}}``) overrides the class
 names and map of any layout with labels; unmapped source values then become background.
@@ -296,13 +297,15 @@ def _nnunet(layout: Layout) -> tuple[list[Case], list[Orphan]]:
 
 
 def _folder(layout: Layout) -> tuple[list[Case], list[Orphan]]:
-    cases = []
+    cases, orphans = [], []
     for p in sorted(layout.root.iterdir()):
         if p.name.startswith("."):
             continue
         if is_volume_file(p) or is_dicom_dir(p):
             cases.append(Case(volume_stem(p), p, None))
-    return cases, []
+        elif p.is_symlink() and not p.exists():  # reported, never skipped silently
+            orphans.append(Orphan(volume_stem(p), p, "broken symbolic link"))
+    return cases, orphans
 
 
 def _chaos_patients(root: Path) -> dict[str, list[Path]]:

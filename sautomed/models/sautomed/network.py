@@ -246,7 +246,7 @@ class SAutoMedNet(nn.Module):
 
         next_history = self.history.filter(history_out) if self.history is not None else None
         with torch.no_grad():  # the next anchors come from this slice's prediction
-            next_boxes, next_present = boxes_from_labels(logits.argmax(dim=1), C)  # (B, C, 4), (B, C)
+            next_boxes, next_present = boxes_from_labels(logits.max(dim=1).indices, C)  # (B, C, 4), (B, C)
         next_state = State(next_history, next_boxes.to(logits.dtype), next_present)
         return StepOutput(logits, boxes, presence, next_state)
 

