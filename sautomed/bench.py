@@ -431,10 +431,13 @@ def run_bench(
     s: BenchSettings,
     progress: Callable[[str], None] = lambda m: None,
     partial: Callable[[dict[str, Any]], None] = lambda r: None,
+    resume: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Measure everything (see the module docstring); returns the result dict written as JSON.
 
-    ``partial`` receives the results so far after every measure (a long run that dies leaves them behind).
+    ``partial`` receives the results so far after every measure (a long run that dies leaves them behind);
+    ``resume``: such partial results of the same settings: their measures are kept, not run again (listed
+    under ``resumed``).
     """
     if s.threads:
         torch.set_num_threads(s.threads)
@@ -446,85 +449,7 @@ def run_bench(
     out_hw = (s.out_size, s.out_size)
     ad = _autocast_dtype(s.dtype)
     engines = {m: InferenceEngine(net, m, s.encode_chunk, ad) for m in ("mid_to_ends", "end_to_end")}
-    r: dict[str, Any] = {"load_average_start": _loadavg()}
-
-    gflop_slice = encoder_gflop_per_slice(net, size, dev, s.dtype)
-    compile_s = None
-    if s.compile:
-        net.encode = torch.compile(net.encode)  # type: ignore[method-assign]
-        progress("compiling the encoder")
-        t0 = time.perf_counter()
-        engines["mid_to_ends"].encode_volume(volume)
-        _sync(dev)
-        compile_s = time.perf_counter() - t0
-
-    def timed(
-        name: str, fn: Callable[[], Any], counter: list[int] | None = None, repeats: int | None = None
-    ) -> Any:
-        """Median seconds into r[name + "_s"]; ``counter`` collects the first run's encoder calls."""
-        progress(name)
-
-        @contextmanager
-        def counting() -> Iterator[None]:
-            with count_encoded(net) as calls:
-                yield
-            assert counter is not None
-            counter.extend(calls)
-
-        t = time_it(fn, repeats or s.repeats, s.warmup, dev, counting if counter is not None else None)
-        r[name + "_s"] = t["median"]
-        r[name + "_all_s"] = t["all"]
-        partial(r)
-        return t["result"]
-
-    feats = timed("encoder_only", lambda: engines["mid_to_ends"].encode_volume(volume))
-    for mode, eng in engines.items():
-        timed(f"propagation_{mode}", lambda e=eng: e.propagate(feats))
-    for batch in (1, 2):  # one decoder step from the initial state: what batching the two chains costs
-        f = feats[:batch].expand(batch, -1, -1, -1) if n < batch else feats[:batch]
-        state = net.initial_state(batch, feats.device)
-
-        def one_step(f: Tensor = f, state: Any = state) -> Any:
-            with torch.no_grad(), _autocast(dev, s.dtype):
-                return net.step(f, f, f, state)
-
-        timed(f"step_batch{batch}", one_step)
-    for mode, eng in engines.items():
-        calls: list[int] = []
-        timed(f"volume_{mode}", lambda e=eng: e.segment(volume, out_hw), calls)
-        r[f"encoded_slices_volume_{mode}"] = sum(calls)
-        r[f"encoder_calls_volume_{mode}"] = len(calls)
-    r["encoded_slices_engine"] = r["encoded_slices_volume_mid_to_ends"]
-    r["naive_loop_s"] = None
-    r["encoded_slices_naive"] = None
-    if s.naive:
-        calls = []
-        timed("naive_loop", lambda: naive_loop(net, volume, out_hw, s.dtype), calls, s.naive_repeats)
-        r["encoded_slices_naive"] = sum(calls)
-    r["encoder_gflop_per_slice"] = gflop_slice
-    r["encoder_gflop"] = gflop_slice * n
-    r["encoder_gflops_per_s"] = r["encoder_gflop"] / r["encoder_only_s"]
-    r["compile_s"] = compile_s
-
-    for key in ("train_step_s", "train_peak_mb", "train_step_mb", "train_peak_mb_checkpointed"):
-        r[key] = None
-    if s.train:
-        progress(f"training step (batch {s.train_batch}, {s.warmup_slices} warm-ups)")
-        plain = _run_train_worker(s, checkpointed=False, timing=True)
-        progress("training step with gradient checkpointing")
-        ckpt = _run_train_worker(s, checkpointed=True, timing=False)
-        r.update(
-            train_step_s=plain["step_s"],
-            train_peak_mb=plain["peak_mb"],
-            train_step_mb=plain["step_mb"],
-            train_peak_mb_checkpointed=ckpt["peak_mb"],
-            train_step_mb_checkpointed=ckpt["step_mb"],
-            train_first_step_s_checkpointed=ckpt["first_step_s"],
-            train_memory_method=plain["memory_method"],
-        )
-
-    r["targets"] = evaluate_targets(r)
-    r["settings"] = {
+    settings = {
         "backbone": s.network.get("backbone"),
         "image_size": size,
         "slices": n,
@@ -538,7 +463,103 @@ def run_bench(
         "warmup": s.warmup,
         "compile": s.compile,
         "naive_loop": "per slice: encode [t-1, t, t+1] (clamped) in one call, a batch-1 step, resize, argmax",
+        "device": dev,
+        "dtype": s.dtype,
+        "threads": torch.get_num_threads(),
     }
+    r: dict[str, Any] = {"settings": settings, "load_average_start": _loadavg(), "resumed": []}
+    if resume is not None and resume.get("settings") != settings:
+        raise ValueError("--resume: the partial results were measured with other settings")
+    old = resume or {}
+
+    gflop_slice = encoder_gflop_per_slice(net, size, dev, s.dtype)
+    compile_s = None
+    if s.compile:
+        net.encode = torch.compile(net.encode)  # type: ignore[method-assign]
+        progress("compiling the encoder")
+        t0 = time.perf_counter()
+        engines["mid_to_ends"].encode_volume(volume)
+        _sync(dev)
+        compile_s = time.perf_counter() - t0
+
+    def timed(name: str, fn: Callable[[], Any], count: bool = False, repeats: int | None = None) -> Any:
+        """Median seconds into r[name + "_s"]; ``count``: the first run's encoder calls into r too."""
+        keys = [name + "_s", name + "_all_s"]
+        keys += [f"encoded_slices_{name}", f"encoder_calls_{name}"] if count else []
+        if all(old.get(k) is not None for k in keys):
+            r.update({k: old[k] for k in keys})
+            r["resumed"].append(name)
+            return None
+        progress(name)
+        counter: list[int] = []
+
+        @contextmanager
+        def counting() -> Iterator[None]:
+            with count_encoded(net) as calls:
+                yield
+            assert counter is not None
+            counter.extend(calls)
+
+        t = time_it(fn, repeats or s.repeats, s.warmup, dev, counting if count else None)
+        if count:
+            r[f"encoded_slices_{name}"], r[f"encoder_calls_{name}"] = sum(counter), len(counter)
+        r[name + "_s"] = t["median"]
+        r[name + "_all_s"] = t["all"]
+        partial(r)
+        return t["result"]
+
+    feats = timed("encoder_only", lambda: engines["mid_to_ends"].encode_volume(volume))
+    if feats is None:  # resumed
+        feats = engines["mid_to_ends"].encode_volume(volume)
+    for mode, eng in engines.items():
+        timed(f"propagation_{mode}", lambda e=eng: e.propagate(feats))
+    for batch in (1, 2):  # one decoder step from the initial state: what batching the two chains costs
+        f = feats[:batch].expand(batch, -1, -1, -1) if n < batch else feats[:batch]
+        state = net.initial_state(batch, feats.device)
+
+        def one_step(f: Tensor = f, state: Any = state) -> Any:
+            with torch.no_grad(), _autocast(dev, s.dtype):
+                return net.step(f, f, f, state)
+
+        timed(f"step_batch{batch}", one_step)
+    for mode, eng in engines.items():
+        timed(f"volume_{mode}", lambda e=eng: e.segment(volume, out_hw), count=True)
+    r["encoded_slices_engine"] = r["encoded_slices_volume_mid_to_ends"]
+    r["naive_loop_s"] = None
+    r["encoded_slices_naive"] = None
+    if s.naive:
+        timed("naive_loop", lambda: naive_loop(net, volume, out_hw, s.dtype), True, s.naive_repeats)
+        r["encoded_slices_naive"] = r["encoded_slices_naive_loop"]
+    r["encoder_gflop_per_slice"] = gflop_slice
+    r["encoder_gflop"] = gflop_slice * n
+    r["encoder_gflops_per_s"] = r["encoder_gflop"] / r["encoder_only_s"]
+    r["compile_s"] = compile_s
+
+    train_keys = ("train_step_s", "train_peak_mb", "train_step_mb", "train_peak_mb_checkpointed")
+    r.update(dict.fromkeys(train_keys))
+    if s.train and old.get("train_step_s") is not None and old.get("train_peak_mb_checkpointed") is not None:
+        r.update({k: v for k, v in old.items() if k.startswith("train_")})
+        r["resumed"].append("train")
+    elif s.train:
+        progress(f"training step (batch {s.train_batch}, {s.warmup_slices} warm-ups)")
+        plain = _run_train_worker(s, checkpointed=False, timing=True)
+        r.update(
+            train_step_s=plain["step_s"],
+            train_first_step_s=plain["first_step_s"],
+            train_peak_mb=plain["peak_mb"],
+            train_step_mb=plain["step_mb"],
+            train_memory_method=plain["memory_method"],
+        )
+        partial(r)
+        progress("training step with gradient checkpointing")
+        ckpt = _run_train_worker(s, checkpointed=True, timing=False)
+        r.update(
+            train_peak_mb_checkpointed=ckpt["peak_mb"],
+            train_step_mb_checkpointed=ckpt["step_mb"],
+            train_first_step_s_checkpointed=ckpt["first_step_s"],
+        )
+
+    r["targets"] = evaluate_targets(r)
     r["load_average_end"] = _loadavg()
     r["mid_to_ends_predicted_ratio"] = predicted_ratio(n, r["step_batch1_s"], r["step_batch2_s"])
     r["machine"] = machine_info(dev)
@@ -605,6 +626,8 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append(
             f"load average at start {load[0]:.2f} on {m['cpu_count']} CPUs: other work may skew the timings"
         )
+    if r.get("resumed"):
+        lines.append(f"resumed from an interrupted run of the same settings: {', '.join(r['resumed'])}")
     if r.get("compile_s") is not None:
         lines.append(f"{'torch.compile first call':32s} {r['compile_s']:10.3f} s")
     lines.append("")
@@ -643,7 +666,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-naive", action="store_true", help="skip the naive per-slice baseline")
     p.add_argument("--no-train", action="store_true", help="skip the training-step measures")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", type=Path, help="write the results here")
+    p.add_argument("--json", type=Path, help="write the results here (also after every measure)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the measures already in --json (an interrupted run, same settings); listed as resumed",
+    )
     return p
 
 
@@ -660,7 +688,12 @@ def bench_main(argv: Sequence[str]) -> int:
     def progress(message: str) -> None:
         print(f"[bench] {time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
 
-    result = run_bench(s, progress=progress, partial=lambda r: write(r, False))
+    previous = None
+    if a.resume:
+        if a.json is None or not a.json.is_file():
+            raise FileNotFoundError("--resume needs the --json file of the interrupted run")
+        previous = json.loads(a.json.read_text())
+    result = run_bench(s, progress=progress, partial=lambda r: write(r, False), resume=previous)
     print(format_report(result))
     write(result, True)
     if a.json is not None:

@@ -18,7 +18,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def sautomed(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "sautomed", *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "sautomed", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+        timeout=600,
     )
 
 

@@ -17,7 +17,12 @@ from sautomed.models.sam.upstream import Sam, sam_model_registry
 
 def _run(code: str) -> str:
     res = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+        timeout=120,
     )
     assert res.returncode == 0, res.stderr
     return res.stdout

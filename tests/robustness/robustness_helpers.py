@@ -63,7 +63,16 @@ def cli(*args: str) -> list[str]:
 
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run `sautomed ARGS` to completion in a subprocess; stdout and stderr captured as text."""
-    return subprocess.run(cli(*args), cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=_env())
+    return subprocess.run(
+        cli(*args),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+        timeout=timeout,
+        env=_env(),
+    )
 
 
 def _env() -> dict[str, str]:
@@ -80,7 +89,14 @@ def kill_when(
     Fails the test when the process ends on its own before ``ready()`` (then nothing was interrupted).
     """
     proc = subprocess.Popen(
-        cli(*args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env()
+        cli(*args),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+        env=_env(),
     )
     deadline = time.monotonic() + timeout
     try:

@@ -103,7 +103,15 @@ def test_cli_errors_in_a_real_process_are_one_line(trained_run, tiny_phantoms, t
         cli("predict", "--ckpt_path", str(truncated), "--input", str(src), "--output", str(tmp_path / "o")),
     ]
     procs = [
-        subprocess.Popen(c, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            c,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            encoding="utf-8",
+            errors="replace",
+        )
         for c in commands
     ]
     (out1, err1), (out2, err2) = (p.communicate(timeout=300) for p in procs)
@@ -185,7 +193,11 @@ def test_predict_killed_halfway_then_rerun_finishes(trained_run, tmp_path, capsy
     before = {p.name: p.read_bytes() for p in done}
     # what a kill during a write leaves: a hidden partial file named after the output and the dead writer
     gone = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
     )
     partial = out / f".case_7.tmp-{int(gone.stdout)}-0123abcd.nii.gz"
     partial.write_bytes(b"\x1f\x8b half")
