@@ -497,7 +497,6 @@ def run_bench(
         def counting() -> Iterator[None]:
             with count_encoded(net) as calls:
                 yield
-            assert counter is not None
             counter.extend(calls)
 
         t = time_it(fn, repeats or s.repeats, s.warmup, dev, counting if count else None)
@@ -535,29 +534,35 @@ def run_bench(
     r["encoder_gflops_per_s"] = r["encoder_gflop"] / r["encoder_only_s"]
     r["compile_s"] = compile_s
 
-    train_keys = ("train_step_s", "train_peak_mb", "train_step_mb", "train_peak_mb_checkpointed")
-    r.update(dict.fromkeys(train_keys))
-    if s.train and old.get("train_step_s") is not None and old.get("train_peak_mb_checkpointed") is not None:
-        r.update({k: v for k, v in old.items() if k.startswith("train_")})
-        r["resumed"].append("train")
-    elif s.train:
-        progress(f"training step (batch {s.train_batch}, {s.warmup_slices} warm-ups)")
-        plain = _run_train_worker(s, checkpointed=False, timing=True)
-        r.update(
-            train_step_s=plain["step_s"],
-            train_first_step_s=plain["first_step_s"],
-            train_peak_mb=plain["peak_mb"],
-            train_step_mb=plain["step_mb"],
-            train_memory_method=plain["memory_method"],
-        )
-        partial(r)
-        progress("training step with gradient checkpointing")
-        ckpt = _run_train_worker(s, checkpointed=True, timing=False)
-        r.update(
-            train_peak_mb_checkpointed=ckpt["peak_mb"],
-            train_step_mb_checkpointed=ckpt["step_mb"],
-            train_first_step_s_checkpointed=ckpt["first_step_s"],
-        )
+    r.update(dict.fromkeys(("train_step_s", "train_peak_mb", "train_step_mb", "train_peak_mb_checkpointed")))
+    if s.train:
+        if old.get("train_step_s") is not None:
+            plain_keys = ("train_step_s", "train_first_step_s", "train_peak_mb", "train_step_mb")
+            r.update({k: old.get(k) for k in (*plain_keys, "train_memory_method")})
+            r["resumed"].append("train")
+        else:
+            progress(f"training step (batch {s.train_batch}, {s.warmup_slices} warm-ups)")
+            plain = _run_train_worker(s, checkpointed=False, timing=True)
+            r.update(
+                train_step_s=plain["step_s"],
+                train_first_step_s=plain["first_step_s"],
+                train_peak_mb=plain["peak_mb"],
+                train_step_mb=plain["step_mb"],
+                train_memory_method=plain["memory_method"],
+            )
+            partial(r)
+        if old.get("train_peak_mb_checkpointed") is not None:
+            ckpt_keys = ("train_peak_mb", "train_step_mb", "train_first_step_s")
+            r.update({f"{k}_checkpointed": old.get(f"{k}_checkpointed") for k in ckpt_keys})
+            r["resumed"].append("train_checkpointed")
+        else:
+            progress("training step with gradient checkpointing")
+            ckpt = _run_train_worker(s, checkpointed=True, timing=False)
+            r.update(
+                train_peak_mb_checkpointed=ckpt["peak_mb"],
+                train_step_mb_checkpointed=ckpt["step_mb"],
+                train_first_step_s_checkpointed=ckpt["first_step_s"],
+            )
 
     r["targets"] = evaluate_targets(r)
     r["load_average_end"] = _loadavg()

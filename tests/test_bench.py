@@ -16,6 +16,7 @@ from sautomed.bench import (
     count_encoded,
     evaluate_targets,
     naive_loop,
+    run_bench,
     settings_from_args,
     synthetic_volume,
 )
@@ -69,6 +70,18 @@ def test_targets_pass_and_fail():
     assert evaluate_targets(r)[1]["pass"] is None
 
 
+def test_resume_keeps_finished_measures_and_runs_the_rest():
+    s = BenchSettings(network=TINY, slices=3, out_size=32, repeats=1, warmup=0, naive=False, train=False)
+    first = run_bench(s)
+    assert first["resumed"] == [] and first["encoded_slices_engine"] == 3
+    interrupted = {k: v for k, v in first.items() if not k.startswith("volume_end_to_end")}
+    again = run_bench(s, resume=interrupted)
+    assert "encoder_only" in again["resumed"] and "volume_end_to_end" not in again["resumed"]
+    assert again["encoder_only_s"] == first["encoder_only_s"] and again["volume_end_to_end_s"] > 0
+    with pytest.raises(ValueError, match="other settings"):
+        run_bench(BenchSettings(**{**s.__dict__, "slices": 4}), resume=interrupted)
+
+
 def test_cli_writes_every_key(tmp_path, capsys):
     out = tmp_path / "bench.json"
     code = main(
@@ -101,6 +114,7 @@ def test_cli_writes_every_key(tmp_path, capsys):
     for key in RESULT_KEYS:
         assert isinstance(r[key], float) and r[key] > 0, key
     assert r["encoded_slices_engine"] == 5 and r["encoded_slices_naive"] == 15
+    assert r["complete"] is True and r["resumed"] == []
     assert r["settings"]["backbone"] == "tiny" and r["settings"]["train_batch"] == 1
     assert {"cpu", "torch", "threads"} <= set(r["machine"]) and r["device"] == "cpu" and r["dtype"] == "fp32"
     assert len(r["targets"]) == 3 and all(isinstance(t["ratio"], float) for t in r["targets"])
