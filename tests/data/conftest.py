@@ -16,9 +16,9 @@ SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 
 @pytest.fixture(scope="session")
 def shared() -> Path:
-    """The shared real test data (``../shared/data`` beside the project root); skip when absent."""
+    """The shared real test data (``../shared/data`` beside the project root); a clear failure when absent."""
     if not SHARED.is_dir():
-        pytest.skip(f"shared test data not found at {SHARED}")
+        pytest.fail(f"shared test data not found at {SHARED}: the tests expect ../shared beside the project")
     return SHARED
 
 
