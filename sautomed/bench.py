@@ -4,7 +4,10 @@
         --json bench.json
 
 Random weights (no SAM checkpoint), a synthetic volume, everything measured in one run: medians over
-``--repeats`` after ``--warmup`` runs that are not counted. What each number is:
+``--repeats`` after ``--warmup`` runs that are not counted. Measures that are compared run in turns (round k
+runs each of them once), so that other work starting or stopping on the machine touches them alike. The JSON
+is rewritten after every group of measures; ``--resume`` continues an interrupted run of the same settings.
+What each number is:
 
 - ``encoder_only_s``: ``InferenceEngine.encode_volume`` (SAM encoder, every slice once, in chunks): the floor;
 - ``propagation_<mode>_s``: ``InferenceEngine.propagate`` on precomputed encoder features: everything after
@@ -14,6 +17,8 @@ Random weights (no SAM checkpoint), a synthetic volume, everything measured in o
 - ``naive_loop_s``: the per-slice baseline: for each slice t from first to last, one encoder call on slices
   t-1, t, t+1 (clamped at the volume edges), one decoder step (batch 1) from the previous slice's state, then
   resize and argmax of that slice: 3N slice encodings instead of N;
+- ``step_batch1_s``, ``step_batch2_s``: one decoder step (``net.step``) for one chain and for two chains;
+  mid_to_ends runs 1 + ceil((N - 1) / 2) steps, most of them at batch 2, end_to_end N steps at batch 1;
 - ``encoder_gflop`` (all N slices; counted with ``torch.utils.flop_counter``) and ``encoder_gflops_per_s``;
 - ``train_step_s``, ``train_peak_mb``, ``train_peak_mb_checkpointed``: one training step
   (``SAutoMedModule.training_step`` on a synthetic window batch with n = warmup_max warm-ups, backward, AdamW
@@ -201,31 +206,44 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_it(
-    fn: Callable[[], Any],
-    repeats: int,
+def time_it(fn: Callable[[], Any], repeats: int, warmup: int, device: str = "cpu") -> dict[str, Any]:
+    """Median wall time of ``fn`` over ``repeats`` runs after ``warmup`` uncounted ones."""
+    return time_interleaved({"fn": fn}, {"fn": repeats}, warmup, device)["fn"]
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], Any]],
+    repeats: dict[str, int],
     warmup: int,
     device: str = "cpu",
-    first_run_in: Callable[[], Any] | None = None,
-) -> dict[str, Any]:
-    """Median wall time of ``fn`` over ``repeats`` runs after ``warmup`` uncounted ones.
+    first_run_in: dict[str, Callable[[], Any]] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Median wall time of each function, the functions taking turns (round-robin).
 
-    ``first_run_in``: a context-manager factory the very first run (warm-up or timed) runs inside, e.g. an
-    encoder-call counter. Returns the median, every timed run, the first run's time and the last result.
+    Round k runs every function once, so a slow drift of the machine (other work starting or stopping)
+    touches all of them alike and their ratios stay meaningful. The first ``warmup`` rounds are not counted;
+    function f takes part in ``warmup + repeats[f]`` rounds. ``first_run_in[f]``: a context-manager factory
+    the first run of f runs inside (e.g. an encoder-call counter). Returns, per function, the median, every
+    timed run, the first run's time and the last result.
     """
-    times, first, result = [], None, None
-    for i in range(warmup + repeats):
-        ctx = first_run_in() if (first_run_in is not None and i == 0) else nullcontext()
-        with ctx:
-            _sync(device)
-            t0 = time.perf_counter()
-            result = fn()
-            _sync(device)
-            dt = time.perf_counter() - t0
-        first = dt if i == 0 else first
-        if i >= warmup:
-            times.append(dt)
-    return {"median": statistics.median(times), "all": times, "first": first, "result": result}
+    out: dict[str, dict[str, Any]] = {k: {"all": [], "first": None, "result": None} for k in fns}
+    for i in range(warmup + max(repeats.values(), default=0)):
+        for name, fn in fns.items():
+            if i >= warmup + repeats[name]:
+                continue
+            factory = (first_run_in or {}).get(name)
+            with factory() if (factory is not None and i == 0) else nullcontext():
+                _sync(device)
+                t0 = time.perf_counter()
+                out[name]["result"] = fn()
+                _sync(device)
+                dt = time.perf_counter() - t0
+            out[name]["first"] = dt if i == 0 else out[name]["first"]
+            if i >= warmup:
+                out[name]["all"].append(dt)
+    for v in out.values():
+        v["median"] = statistics.median(v["all"])
+    return out
 
 
 @contextmanager
@@ -482,37 +500,66 @@ def run_bench(
         _sync(dev)
         compile_s = time.perf_counter() - t0
 
-    def timed(name: str, fn: Callable[[], Any], count: bool = False, repeats: int | None = None) -> Any:
-        """Median seconds into r[name + "_s"]; ``count``: the first run's encoder calls into r too."""
-        keys = [name + "_s", name + "_all_s"]
-        keys += [f"encoded_slices_{name}", f"encoder_calls_{name}"] if count else []
-        if all(old.get(k) is not None for k in keys):
-            r.update({k: old[k] for k in keys})
-            r["resumed"].append(name)
-            return None
-        progress(name)
-        counter: list[int] = []
+    def timed(group: dict[str, Callable[[], Any]], count: tuple[str, ...] = ()) -> dict[str, Any]:
+        """Time a group of measures in turns; their medians into r[name + "_s"], results returned.
 
-        @contextmanager
-        def counting() -> Iterator[None]:
-            with count_encoded(net) as calls:
-                yield
-            counter.extend(calls)
+        ``count``: names whose first run's encoder calls go into r too. A measure found in ``resume`` is
+        kept from there and not run.
+        """
+        todo = {}
+        for name, fn in group.items():
+            keys = [name + "_s", name + "_all_s"]
+            keys += [f"encoded_slices_{name}", f"encoder_calls_{name}"] if name in count else []
+            if all(old.get(k) is not None for k in keys):
+                r.update({k: old[k] for k in keys})
+                r["resumed"].append(name)
+            else:
+                todo[name] = fn
+        if not todo:
+            return {}
+        progress(", ".join(todo) + " (in turns)")
+        counters: dict[str, list[int]] = {name: [] for name in todo}
 
-        t = time_it(fn, repeats or s.repeats, s.warmup, dev, counting if count else None)
-        if count:
-            r[f"encoded_slices_{name}"], r[f"encoder_calls_{name}"] = sum(counter), len(counter)
-        r[name + "_s"] = t["median"]
-        r[name + "_all_s"] = t["all"]
+        def counting(name: str) -> Callable[[], Any]:
+            @contextmanager
+            def ctx() -> Iterator[None]:
+                with count_encoded(net) as calls:
+                    yield
+                counters[name].extend(calls)
+
+            return ctx
+
+        reps = {
+            name: s.naive_repeats if name == "naive_loop" and s.naive_repeats else s.repeats for name in todo
+        }
+        firsts = {name: counting(name) for name in todo if name in count}
+        res = time_interleaved(todo, reps, s.warmup, dev, firsts)
+        for name, t in res.items():
+            r[name + "_s"], r[name + "_all_s"] = t["median"], t["all"]
+            if name in count:
+                r[f"encoded_slices_{name}"] = sum(counters[name])
+                r[f"encoder_calls_{name}"] = len(counters[name])
         partial(r)
-        return t["result"]
+        return {name: t["result"] for name, t in res.items()}
 
-    feats = timed("encoder_only", lambda: engines["mid_to_ends"].encode_volume(volume))
-    if feats is None:  # resumed
-        feats = engines["mid_to_ends"].encode_volume(volume)
-    for mode, eng in engines.items():
-        timed(f"propagation_{mode}", lambda e=eng: e.propagate(feats))
-    for batch in (1, 2):  # one decoder step from the initial state: what batching the two chains costs
+    # whole volumes: the encoder alone, both modes, the naive loop, in turns
+    group = {
+        "encoder_only": lambda: engines["mid_to_ends"].encode_volume(volume),
+        "volume_mid_to_ends": lambda: engines["mid_to_ends"].segment(volume, out_hw),
+        "volume_end_to_end": lambda: engines["end_to_end"].segment(volume, out_hw),
+    }
+    if s.naive:
+        group["naive_loop"] = lambda: naive_loop(net, volume, out_hw, s.dtype)
+    timed(group, count=("volume_mid_to_ends", "volume_end_to_end", "naive_loop"))
+    r["encoded_slices_engine"] = r["encoded_slices_volume_mid_to_ends"]
+    r["encoded_slices_naive"] = r.get("encoded_slices_naive_loop")
+    r.setdefault("naive_loop_s", None)
+
+    # after the encoder: propagation in both modes, and one decoder step at batch 1 and 2, in turns
+    feats = engines["mid_to_ends"].encode_volume(volume)
+    group = {mode: (lambda e=eng: e.propagate(feats)) for mode, eng in engines.items()}
+    group = {f"propagation_{mode}": fn for mode, fn in group.items()}
+    for batch in (1, 2):  # what batching the two chains costs
         f = feats[:batch].expand(batch, -1, -1, -1) if n < batch else feats[:batch]
         state = net.initial_state(batch, feats.device)
 
@@ -520,15 +567,8 @@ def run_bench(
             with torch.no_grad(), _autocast(dev, s.dtype):
                 return net.step(f, f, f, state)
 
-        timed(f"step_batch{batch}", one_step)
-    for mode, eng in engines.items():
-        timed(f"volume_{mode}", lambda e=eng: e.segment(volume, out_hw), count=True)
-    r["encoded_slices_engine"] = r["encoded_slices_volume_mid_to_ends"]
-    r["naive_loop_s"] = None
-    r["encoded_slices_naive"] = None
-    if s.naive:
-        timed("naive_loop", lambda: naive_loop(net, volume, out_hw, s.dtype), True, s.naive_repeats)
-        r["encoded_slices_naive"] = r["encoded_slices_naive_loop"]
+        group[f"step_batch{batch}"] = one_step
+    timed(group)
     r["encoder_gflop_per_slice"] = gflop_slice
     r["encoder_gflop"] = gflop_slice * n
     r["encoder_gflops_per_s"] = r["encoder_gflop"] / r["encoder_only_s"]
