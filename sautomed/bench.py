@@ -368,7 +368,14 @@ def _synthetic_batch(s: BenchSettings) -> dict[str, Tensor]:
     label = (field_ * (c + 1)).long().clamp(0, c)  # (B, S, S) blobs of every class
     direction = torch.tensor([1 if i % 2 == 0 else -1 for i in range(b)])
     dev = s.device
-    return {"image": image.to(dev), "index": index.to(dev), "label": label.to(dev), "direction": direction}
+    warmup_label = label[:, None].expand(-1, n, -1, -1).contiguous()  # (B, n, S, S) for the warm-up loss
+    return {
+        "image": image.to(dev),
+        "index": index.to(dev),
+        "label": label.to(dev),
+        "warmup_label": warmup_label.to(dev),
+        "direction": direction,
+    }
 
 
 def train_worker(s: BenchSettings, checkpointed: bool, timing: bool) -> dict[str, Any]:

@@ -32,6 +32,9 @@ class LossWeights:
         box_l1: L1 distance of the generated boxes (cxcywh) to the target boxes.
         box_giou: 1 - generalised IoU of the generated boxes and the target boxes.
         presence: binary cross-entropy of the presence logits.
+        warmup: weight of the same loss on the warm-up slices' outputs (their mean), added to the target
+            slice's. 0 (the paper): only the target slice is supervised. > 0 supervises every step of the
+            chain, the first one from the initial state included (what inference's first slice runs from).
     """
 
     ce: float = 0.5
@@ -39,6 +42,7 @@ class LossWeights:
     box_l1: float = 5.0
     box_giou: float = 2.0
     presence: float = 1.0
+    warmup: float = 0.0
 
 
 def soft_dice_loss(probs: Tensor, onehot: Tensor, smooth: float = 1.0) -> Tensor:

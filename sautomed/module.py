@@ -153,13 +153,26 @@ class SAutoMedModule(L.LightningModule):
         # Warm-ups: their slices were encoded without gradients; their (cheap) decoder steps keep gradients,
         # otherwise the initial history tokens and the history filter would never receive one.
         state = self.net.initial_state(image.shape[0], image.device)
+        warmup_outs = []
         for k in range(1, n + 1):
             prev, nxt = neighbours(k)
-            state = self.net.step(prev, feats[:, k], nxt, state).state
+            step = self.net.step(prev, feats[:, k], nxt, state)
+            warmup_outs.append(step)
+            state = step.state
         prev, nxt = neighbours(n + 1)
         out = self.net.step(prev, feats[:, n + 1], nxt, state)
         terms = self.criterion(out, label)
         bs = image.shape[0]
+        w = self.loss_weights.warmup
+        if w > 0:  # optional deep supervision of the warm-up steps (LossWeights.warmup)
+            if batch.get("warmup_label") is None:
+                raise ValueError("loss.warmup > 0 needs the warm-up slices' labels (batch['warmup_label'])")
+            wl = batch["warmup_label"]  # (B, n, S, S)
+            warm = torch.stack(
+                [self.criterion(o, wl[:, k])["loss"] for k, o in enumerate(warmup_outs)]
+            ).mean()
+            terms["warmup_loss"] = warm
+            terms["loss"] = terms["loss"] + w * warm
         self.log("train/loss", terms["loss"], prog_bar=True, batch_size=bs)
         for name, value in terms.items():
             if name != "loss":

@@ -63,8 +63,15 @@ def test_test_writes_metrics_and_encodes_each_slice_once(trained_run, tiny_phant
     assert sum(encoded) == depth  # every slice of every test volume encoded exactly once
 
 
-def test_predict_keeps_geometry_and_existing_outputs(trained_run, tiny_phantoms, tmp_path, capsys):
+def test_predict_keeps_geometry_and_existing_outputs(
+    trained_run, tiny_phantoms, tmp_path, capsys, monkeypatch
+):
     _, run = trained_run
+    encoded = []
+    original = SAutoMedNet.encode
+    monkeypatch.setattr(
+        SAutoMedNet, "encode", lambda self, x: encoded.append(x.shape[0]) or original(self, x)
+    )
     images = tiny_phantoms / "test" / "imagesTr"
     (tmp_path / "in").mkdir()
     for p in images.iterdir():
@@ -90,6 +97,8 @@ def test_predict_keeps_geometry_and_existing_outputs(trained_run, tiny_phantoms,
         assert a.GetOrigin() == b.GetOrigin() and a.GetDirection() == b.GetDirection()
         assert b.GetPixelID() == sitk.sitkUInt8
     assert not (out / "broken.nii.gz").exists()
+    depth = sum(sitk.ReadImage(str(p)).GetSize()[2] for p in images.iterdir())
+    assert sum(encoded) == depth  # every slice of every valid input encoded exactly once
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     (tmp_path / "in" / "broken.nii.gz").unlink()
     assert main([*argv, "--no-progress"]) == 0

@@ -30,7 +30,8 @@ class Augmentation:
 def augment_window(
     images: torch.Tensor, label: torch.Tensor, rng: np.random.Generator, cfg: Augmentation
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Augment one window: images (L, S, S) in [0, 1], label (S, S) long; same transform for all slices."""
+    """Augment one window: images (L, S, S) in [0, 1], label (S, S) or (K, S, S) long (the labels of K of the
+    window's slices); the same transform for every slice and label."""
     if not cfg.enabled or rng.random() >= cfg.probability:
         return images, label
     angle = math.radians(rng.uniform(-cfg.rotate_deg, cfg.rotate_deg))
@@ -41,12 +42,12 @@ def augment_window(
     grid = F.affine_grid(theta, list(size), align_corners=False)  # (1, S, S, 2)
     stack = images[None]  # (1, L, S, S)
     images = F.grid_sample(stack, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
+    labels = label.reshape(1, -1, *label.shape[-2:]).float()  # (1, K, S, S)
     label = (
-        F.grid_sample(
-            label[None, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False
-        )[0, 0]
+        F.grid_sample(labels, grid, mode="nearest", padding_mode="zeros", align_corners=False)
         .round()
         .long()
+        .reshape(label.shape)
     )
     gamma = rng.uniform(*cfg.gamma)
     images = images.clamp(0, 1) ** gamma

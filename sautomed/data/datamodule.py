@@ -100,8 +100,8 @@ class WindowDataset(Dataset):
     """Training windows. Key (epoch, item, n): target t, direction d, slices t-(n+1)d .. t+d (clamped).
 
     Item: `image` (n+3, S, S) float in processing order (n warm-ups at positions 1..n, the target at n+1,
-    its far neighbour at n+2), `index` (n+3,) slice indices, `direction` (+1/-1) and `label` (S, S) long of
-    the target slice.
+    its far neighbour at n+2), `index` (n+3,) slice indices, `direction` (+1/-1), `label` (S, S) long of
+    the target slice and `warmup_label` (n, S, S) long of the warm-up slices (for the optional warm-up loss).
     """
 
     def __init__(
@@ -143,9 +143,15 @@ class WindowDataset(Dataset):
             d = 1 if fits_up else -1
         idx = np.clip(t + (np.arange(n + 3) - (n + 1)) * d, 0, z - 1)
         image = torch.from_numpy(np.ascontiguousarray(vol.image[idx], dtype=np.float32))
-        label = torch.from_numpy(vol.label[t].astype(np.int64))
-        image, label = augment_window(image, label, rng, self.augmentation)
-        return {"image": image, "label": label, "index": torch.from_numpy(idx), "direction": d}
+        labels = torch.from_numpy(vol.label[idx[1 : n + 2]].astype(np.int64))  # (n+1, S, S): warm-ups, target
+        image, labels = augment_window(image, labels, rng, self.augmentation)
+        return {
+            "image": image,
+            "label": labels[n],
+            "warmup_label": labels[:n],
+            "index": torch.from_numpy(idx),
+            "direction": d,
+        }
 
 
 class VolumeDataset(Dataset):

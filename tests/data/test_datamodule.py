@@ -34,6 +34,9 @@ def test_window_holds_warmups_target_and_neighbours_in_processing_order():
         # the image slices are the indexed ones (the volume stores z / Z as intensity)
         np.testing.assert_allclose(item["image"][:, 0, 0].numpy(), idx / 12, atol=1e-3)
         assert item["label"].shape == (16, 16) and item["label"].dtype == torch.int64
+        vol = ds.volumes[0]
+        np.testing.assert_array_equal(item["label"].numpy(), vol.label[t])
+        np.testing.assert_array_equal(item["warmup_label"].numpy(), vol.label[idx[1 : n + 1]])
 
 
 def test_warmups_fit_inside_the_volume_when_possible():
@@ -76,6 +79,11 @@ def test_augmentation_is_identical_across_the_window_and_keeps_label_values():
     for k in range(1, 4):
         torch.testing.assert_close(out[k], out[0])
     assert set(out_lab.unique().tolist()) <= {0, 3}
+    # several labels (warm-ups and target) take the same transform as one
+    _, labs = augment_window(
+        img, lab.repeat(3, 1, 1), np.random.default_rng(1), Augmentation(probability=1.0, noise_std=0)
+    )
+    assert labs.shape == (3, 32, 32) and all(torch.equal(x, out_lab) for x in labs)
 
 
 def test_datamodule_init_does_no_io(tmp_path):
