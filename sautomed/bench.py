@@ -441,7 +441,8 @@ def _run_train_worker(s: BenchSettings, checkpointed: bool, timing: bool) -> dic
     proc = subprocess.run([sys.executable, "-"], input=code, capture_output=True, text=True)  # code on stdin
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-        raise RuntimeError(f"training-step worker failed ({proc.returncode}): " + " | ".join(tail))
+        why = " (killed: out of memory?)" if proc.returncode in (-9, 137) else ""
+        raise RuntimeError(f"training-step worker failed ({proc.returncode}){why}: " + " | ".join(tail))
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -583,33 +584,41 @@ def run_bench(
 
     r.update(dict.fromkeys(("train_step_s", "train_peak_mb", "train_step_mb", "train_peak_mb_checkpointed")))
     if s.train:
-        if old.get("train_step_s") is not None:
+        # A step that does not fit (the worker is killed, e.g. out of memory) is recorded in train_error /
+        # train_error_checkpointed and the bench goes on: the other measures stand.
+        if old.get("train_step_s") is not None or old.get("train_error") is not None:
             plain_keys = ("train_step_s", "train_first_step_s", "train_peak_mb", "train_step_mb")
-            r.update({k: old.get(k) for k in (*plain_keys, "train_memory_method")})
+            r.update({k: old.get(k) for k in (*plain_keys, "train_memory_method", "train_error")})
             r["resumed"].append("train")
         else:
             progress(f"training step (batch {s.train_batch}, {s.warmup_slices} warm-ups)")
-            plain = _run_train_worker(s, checkpointed=False, timing=True)
-            r.update(
-                train_step_s=plain["step_s"],
-                train_first_step_s=plain["first_step_s"],
-                train_peak_mb=plain["peak_mb"],
-                train_step_mb=plain["step_mb"],
-                train_memory_method=plain["memory_method"],
-            )
+            try:
+                plain = _run_train_worker(s, checkpointed=False, timing=True)
+                r.update(
+                    train_step_s=plain["step_s"],
+                    train_first_step_s=plain["first_step_s"],
+                    train_peak_mb=plain["peak_mb"],
+                    train_step_mb=plain["step_mb"],
+                    train_memory_method=plain["memory_method"],
+                )
+            except RuntimeError as exc:
+                r["train_error"] = str(exc)
+                progress(f"training step failed: {exc}")
             partial(r)
-        if old.get("train_peak_mb_checkpointed") is not None:
-            ckpt_keys = ("train_peak_mb", "train_step_mb", "train_first_step_s")
+        ckpt_keys = ("train_peak_mb", "train_step_mb", "train_first_step_s")
+        if old.get("train_peak_mb_checkpointed") is not None or old.get("train_error_checkpointed"):
             r.update({f"{k}_checkpointed": old.get(f"{k}_checkpointed") for k in ckpt_keys})
+            r["train_error_checkpointed"] = old.get("train_error_checkpointed")
             r["resumed"].append("train_checkpointed")
         else:
             progress("training step with gradient checkpointing")
-            ckpt = _run_train_worker(s, checkpointed=True, timing=False)
-            r.update(
-                train_peak_mb_checkpointed=ckpt["peak_mb"],
-                train_step_mb_checkpointed=ckpt["step_mb"],
-                train_first_step_s_checkpointed=ckpt["first_step_s"],
-            )
+            try:
+                ckpt = _run_train_worker(s, checkpointed=True, timing=False)
+                r.update({f"{k}_checkpointed": ckpt[k.removeprefix("train_")] for k in ckpt_keys})
+                r.setdefault("train_memory_method", ckpt["memory_method"])
+            except RuntimeError as exc:
+                r["train_error_checkpointed"] = str(exc)
+                progress(f"checkpointed training step failed: {exc}")
 
     r["targets"] = evaluate_targets(r)
     r["load_average_end"] = _loadavg()
@@ -661,12 +670,21 @@ def format_report(r: dict[str, Any]) -> str:
         f"{'encoder':32s} {r['encoder_gflop']:10.1f} GFLOP, {r['encoder_gflops_per_s']:.1f} GFLOP/s; "
         f"slices encoded: engine {r['encoded_slices_engine']}, naive {r['encoded_slices_naive']}"
     )
+    what = f"(batch {st['train_batch']}, {st['train_warmup_slices']} warm-ups)"
     if r.get("train_step_s") is not None:
         lines.append(
-            f"{'train step':32s} {r['train_step_s']:10.3f} s (batch {st['train_batch']}, "
-            f"{st['train_warmup_slices']} warm-ups); peak {r['train_peak_mb']:.0f} MB, "
-            f"checkpointed {r['train_peak_mb_checkpointed']:.0f} MB [{r['train_memory_method']}]"
+            f"{'train step':32s} {r['train_step_s']:10.3f} s {what}; peak {r['train_peak_mb']:.0f} MB "
+            f"[{r['train_memory_method']}]"
         )
+    if r.get("train_error"):
+        lines.append(f"{'train step':32s} {what} FAILED: {r['train_error']}")
+    if r.get("train_peak_mb_checkpointed") is not None:
+        lines.append(
+            f"{'train step, checkpointed':32s} {r['train_first_step_s_checkpointed']:10.3f} s (first step) "
+            f"{what}; peak {r['train_peak_mb_checkpointed']:.0f} MB"
+        )
+    if r.get("train_error_checkpointed"):
+        lines.append(f"{'train step, checkpointed':32s} {what} FAILED: {r['train_error_checkpointed']}")
     floor = f"{len(mid_to_ends_batches(st['slices']))}/{st['slices']}"
     lines.append(
         f"{'decoder step batch 1 / batch 2':32s} {r['step_batch1_s']:10.3f} / {r['step_batch2_s']:.3f} s "

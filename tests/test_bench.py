@@ -125,3 +125,23 @@ def test_cli_writes_every_key(tmp_path, capsys):
 def test_cli_error_exits_non_zero(tmp_path):
     assert main(["bench", "--config", str(tmp_path / "missing.yaml")]) == 1
     assert main(["bench", "--model", "tiny", "--slices", "0"]) == 1
+
+
+def test_a_training_step_that_does_not_fit_is_recorded_and_the_bench_goes_on(monkeypatch):
+    import sautomed.bench as bench
+
+    def worker(s, checkpointed, timing):
+        if not checkpointed:  # as when the kernel kills the worker for memory
+            raise RuntimeError("training-step worker failed (-9) (killed: out of memory?): ")
+        return {"peak_mb": 123.0, "step_mb": 100.0, "first_step_s": 0.5, "memory_method": "VmHWM"}
+
+    monkeypatch.setattr(bench, "_run_train_worker", worker)
+    s = BenchSettings(network=TINY, slices=3, out_size=32, repeats=1, warmup=0, naive=False, train=True)
+    r = run_bench(s)
+    assert r["train_step_s"] is None and "out of memory" in r["train_error"]
+    assert r["train_peak_mb_checkpointed"] == 123.0 and r["train_first_step_s_checkpointed"] == 0.5
+    assert r["encoder_only_s"] > 0 and len(r["targets"]) == 3
+    report = bench.format_report(r)
+    assert "FAILED" in report and "checkpointed" in report
+    again = run_bench(s, resume=r)  # a resumed run keeps the failure instead of running it again
+    assert "train" in again["resumed"] and again["train_error"] == r["train_error"]
