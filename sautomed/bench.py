@@ -671,20 +671,18 @@ def format_report(r: dict[str, Any]) -> str:
         f"slices encoded: engine {r['encoded_slices_engine']}, naive {r['encoded_slices_naive']}"
     )
     what = f"(batch {st['train_batch']}, {st['train_warmup_slices']} warm-ups)"
-    if r.get("train_step_s") is not None:
-        lines.append(
-            f"{'train step':32s} {r['train_step_s']:10.3f} s {what}; peak {r['train_peak_mb']:.0f} MB "
-            f"[{r['train_memory_method']}]"
-        )
-    if r.get("train_error"):
-        lines.append(f"{'train step':32s} {what} FAILED: {r['train_error']}")
-    if r.get("train_peak_mb_checkpointed") is not None:
-        lines.append(
-            f"{'train step, checkpointed':32s} {r['train_first_step_s_checkpointed']:10.3f} s (first step) "
-            f"{what}; peak {r['train_peak_mb_checkpointed']:.0f} MB"
-        )
-    if r.get("train_error_checkpointed"):
-        lines.append(f"{'train step, checkpointed':32s} {what} FAILED: {r['train_error_checkpointed']}")
+    for label, sfx, step_key in (
+        ("train step", "", "train_step_s"),
+        ("train step, checkpointed", "_checkpointed", "train_first_step_s_checkpointed"),
+    ):
+        if r.get(f"train_peak_mb{sfx}") is not None:
+            first = " (first step)" if sfx else ""
+            lines.append(
+                f"{label:32s} {r[step_key]:10.3f} s{first} {what}; peak {r[f'train_peak_mb{sfx}']:.0f} MB "
+                f"[{r.get('train_memory_method')}]"
+            )
+        if r.get(f"train_error{sfx}"):
+            lines.append(f"{label:32s} {what} FAILED: {r[f'train_error{sfx}']}")
     floor = f"{len(mid_to_ends_batches(st['slices']))}/{st['slices']}"
     lines.append(
         f"{'decoder step batch 1 / batch 2':32s} {r['step_batch1_s']:10.3f} / {r['step_batch2_s']:.3f} s "
