@@ -21,7 +21,7 @@ TEST_IMAGES = Path("phantoms/test/imagesTr")
 
 def run_demo(extra: Sequence[str] = ()) -> int:
     # a fresh run folder each time: the demo is the reproducible reference run
-    for stale in ("best.ckpt", "last.ckpt", "summary.json", "metrics.csv"):
+    for stale in ("best.ckpt", "last.ckpt", "summary.json", "metrics.csv", "splits.json"):
         (RUN / stale).unlink(missing_ok=True)
     if (RUN / "predictions").exists():
         shutil.rmtree(RUN / "predictions")

@@ -2,10 +2,10 @@
 5 minutes, then scored on that volume, for the 8 BTCV organs.
 
 An overfitting check: it shows the whole pipeline (box prompts and history included) can learn real organs.
-The issue's bar is mean DSC >= 0.80 with every organ >= 0.60. Measured in a clean-clone `make test` on an
-idle 2-core CPU (24 epochs, 192 steps, deterministic for the seed): mean 0.804; pancreas 0.50 (the smallest
-organ, 644 voxels), gallbladder 0.75, the rest 0.80-0.91. The pancreas misses the issue's 0.60; the
-assertions keep a margin below the measurement, and reaching the issue's bar is open work.
+The issue's bar is mean DSC >= 0.80 with every organ >= 0.60, asserted as it is. Measured (24 epochs, 192
+steps, deterministic for the seed; class-balanced targets and CE 0.5 + Dice 1.0): mean 0.877, pancreas 0.72
+(the smallest organ, 644 voxels), the rest 0.86-0.93. With the paper's loss and plain foreground targets it
+was 0.804 with the pancreas at 0.50.
 """
 
 from __future__ import annotations
@@ -44,5 +44,5 @@ def test_tiny_network_learns_the_real_ct_organs(tmp_path, monkeypatch):
     per_class = {name: v["dsc"] for name, v in summary["per_class"].items()}
     print("real-ct overfit:", summary["mean_dsc"], per_class)
     assert len(per_class) == 8
-    assert summary["mean_dsc"] >= 0.70, per_class
-    assert min(per_class.values()) >= 0.40, per_class
+    assert summary["mean_dsc"] >= 0.80, per_class
+    assert min(per_class.values()) >= 0.60, per_class

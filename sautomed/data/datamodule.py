@@ -7,6 +7,7 @@ exactly for a seed, and a resumed run sees the data order it would have seen.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -96,6 +97,12 @@ class ShardSampler(Sampler[int]):
         return len(range(rank, self.n, world))
 
 
+def _class_slices(label: np.ndarray) -> dict[int, np.ndarray]:
+    """(Z, S, S) labels -> {class: sorted indices of the slices holding it}, background left out."""
+    per_slice = label.reshape(label.shape[0], -1)
+    return {int(k): np.flatnonzero((per_slice == k).any(1)) for k in np.unique(per_slice) if k != 0}
+
+
 class WindowDataset(Dataset):
     """Training windows. Key (epoch, item, n): target t, direction d, slices t-(n+1)d .. t+d (clamped).
 
@@ -111,6 +118,7 @@ class WindowDataset(Dataset):
         seed: int,
         augmentation: Augmentation,
         foreground_fraction: float,
+        class_balanced: bool = False,
     ) -> None:
         if not volumes:
             raise ValueError("no training volumes")
@@ -119,7 +127,10 @@ class WindowDataset(Dataset):
         self.seed = seed
         self.augmentation = augmentation
         self.foreground_fraction = foreground_fraction
+        self.class_balanced = class_balanced
         self.fg_slices = [np.flatnonzero(v.label.reshape(v.label.shape[0], -1).any(1)) for v in volumes]
+        # per volume: {class: slices holding it}, for class-balanced target sampling
+        self.class_slices = [_class_slices(v.label) for v in volumes]
 
     def __len__(self) -> int:
         return self.n
@@ -132,7 +143,12 @@ class WindowDataset(Dataset):
         z = vol.image.shape[0]
         fg = self.fg_slices[c]
         if len(fg) and rng.random() < self.foreground_fraction:
-            t = int(fg[rng.integers(len(fg))])
+            if self.class_balanced:  # a class present in this volume, uniformly, then one of its slices
+                slices = list(self.class_slices[c].values())
+                cls_slices = slices[int(rng.integers(len(slices)))]
+                t = int(cls_slices[rng.integers(len(cls_slices))])
+            else:
+                t = int(fg[rng.integers(len(fg))])
         else:
             t = int(rng.integers(z))
         # warm-ups come from before t in the processing direction; prefer a side where they fit
@@ -218,6 +234,7 @@ class Windows:
     warmup_min: int = 1
     warmup_max: int = 3
     foreground_fraction: float = 0.8
+    class_balanced: bool = False  # foreground targets: a class uniformly first, then a slice holding it
 
 
 class SegmentationDataModule(L.LightningDataModule):
@@ -311,9 +328,23 @@ class SegmentationDataModule(L.LightningDataModule):
         if self.test_root:
             todo.append((self.test_root, self.phantoms.test_cases, self.phantoms.test_seed))
         for root, cases, seed in todo:
-            if not (Path(root) / "dataset.json").is_file():
+            spec = Path(root) / "dataset.json"
+            if not spec.is_file():
                 log.info("making %d phantom cases (seed %d) in %s", cases, seed, root)
                 make_phantoms(Path(root), cases, seed)
+                continue
+            try:
+                found = json.loads(spec.read_text()).get("numTraining")
+            except (OSError, ValueError, AttributeError):
+                found = None
+            if found != cases:  # an existing folder is used as it is, never remade over
+                log.warning(
+                    "%s already exists with %s cases, the config asks for %d: using it as it is "
+                    "(delete the folder to remake the phantoms)",
+                    root,
+                    found,
+                    cases,
+                )
 
     def setup(self, stage: str) -> None:
         if stage in ("fit", "validate"):
@@ -339,6 +370,7 @@ class SegmentationDataModule(L.LightningDataModule):
             self.seed,
             self.augmentation,
             self.windows.foreground_fraction,
+            self.windows.class_balanced,
         )
         w = self.windows
         sampler = WindowBatchSampler(len(ds), self.batch_size, (w.warmup_min, w.warmup_max), self.seed)

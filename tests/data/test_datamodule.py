@@ -47,6 +47,21 @@ def test_warmups_fit_inside_the_volume_when_possible():
         assert len(set(idx[:5].tolist())) == 5
 
 
+def test_class_balanced_targets_reach_a_rare_class_as_often_as_a_common_one():
+    vol = _volume(z=40)
+    vol.label[:] = 0
+    vol.label[2:38, 2:6, 2:6] = 1  # common: 36 slices
+    vol.label[20, 10:12, 10:12] = 2  # rare: one slice
+    counts = {}
+    for balanced in (False, True):
+        ds = WindowDataset([vol], 400, 0, Augmentation(enabled=False), 1.0, class_balanced=balanced)
+        targets = [int(ds[(0, i, 1)]["index"][2]) for i in range(400)]
+        assert all(2 <= t < 38 for t in targets)  # foreground slices only
+        counts[balanced] = sum(t == 20 for t in targets)
+    assert counts[False] < 30  # about 400 / 36 = 11 when slices are drawn uniformly
+    assert 160 <= counts[True] <= 240  # about half the targets: class 2 is drawn as often as class 1
+
+
 def test_batch_sampler_is_seeded_per_epoch_and_constant_warmups_per_batch():
     s = WindowBatchSampler(20, 4, (1, 3), seed=5)
     first = list(s)
@@ -93,3 +108,26 @@ def test_datamodule_init_does_no_io(tmp_path):
     assert dm.root.endswith("does-not-exist")  # nothing was read or checked yet
     with pytest.raises(ValueError):
         _ = dm.layout  # discovery happens on first use, with a clear error
+
+
+def test_prepare_data_makes_missing_phantoms_and_keeps_an_existing_folder(tmp_path, caplog):
+    from sautomed.data.datamodule import PhantomSettings
+    from sautomed.data.phantom import make_phantoms
+
+    root = tmp_path / "train"
+    make_phantoms(root, 2, seed=0, size=(6, 16, 16))
+    before = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+    dm = SegmentationDataModule(
+        root=str(root), preprocessing=Preprocessing(image_size=16), phantoms=PhantomSettings(cases=3)
+    )
+    with caplog.at_level("WARNING"):
+        dm.prepare_data()
+    assert "already exists with 2 cases, the config asks for 3" in caplog.text
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()} == before  # untouched
+
+    fresh = tmp_path / "fresh"
+    dm = SegmentationDataModule(
+        root=str(fresh), preprocessing=Preprocessing(image_size=16), phantoms=PhantomSettings(cases=2)
+    )
+    dm.prepare_data()
+    assert len(list((fresh / "imagesTr").glob("*.nii.gz"))) == 2
