@@ -128,9 +128,12 @@ class WindowDataset(Dataset):
         self.augmentation = augmentation
         self.foreground_fraction = foreground_fraction
         self.class_balanced = class_balanced
-        self.fg_slices = [np.flatnonzero(v.label.reshape(v.label.shape[0], -1).any(1)) for v in volumes]
-        # per volume: {class: slices holding it}, for class-balanced target sampling
+        # per volume: {class: slices holding it}; their union is the volume's foreground slices
         self.class_slices = [_class_slices(v.label) for v in volumes]
+        self.fg_slices = [
+            np.unique(np.concatenate(list(cs.values()))) if cs else np.zeros(0, np.int64)
+            for cs in self.class_slices
+        ]
 
     def __len__(self) -> int:
         return self.n
