@@ -380,6 +380,7 @@ def _synthetic_batch(s: BenchSettings) -> dict[str, Tensor]:
 
 def train_worker(s: BenchSettings, checkpointed: bool, timing: bool) -> dict[str, Any]:
     """One training step's peak memory (the first step), then its median time (when ``timing``)."""
+    from sautomed.guards import weights_from_elsewhere
     from sautomed.losses import LossWeights
     from sautomed.module import SAutoMedModule
 
@@ -388,7 +389,8 @@ def train_worker(s: BenchSettings, checkpointed: bool, timing: bool) -> dict[str
     net_cfg = NetworkConfig(**dict(s.network, sam_checkpoint=None, grad_checkpointing=checkpointed))
     logging.getLogger("sautomed.models.sautomed.network").setLevel(logging.ERROR)
     torch.manual_seed(s.seed)
-    module = SAutoMedModule(network=net_cfg, loss=LossWeights(**s.loss)).to(s.device)
+    with weights_from_elsewhere():  # speed and memory do not depend on the weights
+        module = SAutoMedModule(network=net_cfg, loss=LossWeights(**s.loss)).to(s.device)
     module.log = lambda *args, **kwargs: None  # type: ignore[method-assign]  # no trainer here
     module.train()
     opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4)

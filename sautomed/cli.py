@@ -26,9 +26,11 @@ from lightning.pytorch.cli import LightningCLI
 from sautomed.data.datamodule import SegmentationDataModule
 from sautomed.data.io import VolumeError
 from sautomed.data.layouts import DatasetError
-from sautomed.module import CheckpointMismatchError, SAutoMedModule
+from sautomed.guards import weights_from_elsewhere
+from sautomed.module import SAutoMedModule
 from sautomed.run_folder import (
     AtomicCheckpointIO,
+    CheckpointMismatchError,
     RunFolderConfig,
     UserError,
     resolve_ckpt_path,
@@ -92,6 +94,16 @@ class SautomedCLI(LightningCLI):
         config = self.config[subcommand]
         root = config.get("trainer", {}).get("default_root_dir") or "."
         config["ckpt_path"] = resolve_ckpt_path(config.get("ckpt_path"), root, subcommand)
+
+    def instantiate_classes(self) -> None:
+        """With `--ckpt_path` the weights come from a trained checkpoint: construction guards that concern
+        random initial weights (`guards.py`) do not apply."""
+        subcommand = self.config.get("subcommand")
+        if subcommand in LIGHTNING_COMMANDS and self.config[subcommand].get("ckpt_path"):
+            with weights_from_elsewhere():
+                super().instantiate_classes()
+        else:
+            super().instantiate_classes()
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI's version torch.loads the checkpoint to read `hyper_parameters` (sautomed checkpoints

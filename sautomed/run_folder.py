@@ -27,6 +27,40 @@ class UserError(Exception):
     """An error caused by the user's input: reported as one line, no traceback."""
 
 
+class CheckpointMismatchError(ValueError):
+    """A checkpoint of another model family or configuration."""
+
+
+def check_checkpoint_config(
+    cfg: dict[str, Any] | None, family: str, network: dict[str, Any], non_structural: set[str]
+) -> None:
+    """Refuse a checkpoint whose recorded config is not of `family` or whose network settings differ.
+
+    Args:
+        cfg: the checkpoint's `sautomed` entry (None when it has none).
+        family: the model family loading it.
+        network: the loading model's network settings (a dataclass's `asdict`).
+        non_structural: settings that may differ (e.g. the SAM checkpoint path).
+
+    Raises `CheckpointMismatchError` naming every differing setting.
+    """
+    if cfg is None:
+        raise CheckpointMismatchError("not a sautomed checkpoint (no 'sautomed' config inside)")
+    if cfg.get("family") != family:
+        found = cfg.get("family")
+        raise CheckpointMismatchError(f"checkpoint of model family {found!r}, expected {family!r}")
+    theirs = cfg.get("network") or {}
+    diffs = [
+        f"{k}: checkpoint {theirs.get(k)!r} vs config {network.get(k)!r}"
+        for k in sorted(set(network) | set(theirs))
+        if k not in non_structural and theirs.get(k) != network.get(k)
+    ]
+    if diffs:
+        raise CheckpointMismatchError(
+            "checkpoint was trained with another network configuration: " + "; ".join(diffs)
+        )
+
+
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
