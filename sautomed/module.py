@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sautomed.data.splits import split_provenance
 from sautomed.guards import check_encoder_finetune, weights_from_elsewhere
 from sautomed.inference import InferenceEngine, Mode
 from sautomed.losses import LossWeights, SAutoMedLoss
@@ -101,6 +102,7 @@ class SAutoMedModule(L.LightningModule):
         self.criterion = SAutoMedLoss(loss, network.num_classes)
         self.class_names: tuple[str, ...] = tuple(f"class_{i}" for i in range(1, network.num_classes + 1))
         self.preprocessing: dict[str, Any] | None = None
+        self.fit_split: dict[str, dict[str, str]] | None = None  # the loaded checkpoint's fit (data.splits)
         self._rows: list[ClassResult] = []
 
     # -- construction from a checkpoint (predict, bench) ---------------------------------------------------
@@ -239,6 +241,19 @@ class SAutoMedModule(L.LightningModule):
         if self.trainer.state.fn in ("validate", "test") and self.trainer.is_global_zero:
             ckpt = self.trainer.ckpt_path
             summary["checkpoint"] = str(ckpt) if ckpt else None
+            dm = self._datamodule()
+            stage = "val" if self.trainer.state.fn == "validate" else "test"
+            evaluated = dm.case_fingerprints(stage) if hasattr(dm, "case_fingerprints") else {}
+            summary.update(split_provenance(self.fit_split if ckpt else None, evaluated))
+            if summary["overlaps_training"]:
+                cases = summary["overlaps_training"]
+                log.warning(
+                    "%s: %d of the %d cases are training cases of the checkpoint (%s): not held-out scores",
+                    prefix,
+                    len(cases),
+                    summary["num_cases"],
+                    ", ".join(cases),
+                )
             summary["config"] = self.sautomed_config()
             write_metrics(rows, summary, Path(self.trainer.default_root_dir))
             self.print(
@@ -269,8 +284,11 @@ class SAutoMedModule(L.LightningModule):
         return {"labels": labels, "geom": geom, "output": batch["output"], "source": batch["source"]}
 
     # -- the checkpoint carries its config ------------------------------------------------------------------
+    def _datamodule(self) -> Any:
+        return getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+
     def _sync_from_datamodule(self) -> None:
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        dm = self._datamodule()
         if dm is None or not hasattr(dm, "class_names"):
             return
         names = tuple(dm.class_names)
@@ -297,9 +315,14 @@ class SAutoMedModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["sautomed"] = self.sautomed_config()
+        dm = self._datamodule()
+        if hasattr(dm, "case_fingerprints"):  # the fit's cases, so evaluations can name training cases
+            split = {k: dm.case_fingerprints(k) for k in ("train", "val")}
+            checkpoint["sautomed"]["split"] = split
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         cfg = checkpoint.get("sautomed")
         check_checkpoint_config(cfg, FAMILY, asdict(self.network_cfg), _NON_STRUCTURAL)
         self.class_names = tuple(cfg["class_names"])
         self.preprocessing = cfg.get("preprocessing")
+        self.fit_split = cfg.get("split")

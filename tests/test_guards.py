@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -69,3 +72,51 @@ def test_test_with_ckpt_path_of_a_lora_run_is_not_refused(trained_run, tmp_path)
         == 0
     )
     assert (tmp_path / "eval" / "summary.json").is_file()
+
+
+def _evaluate(cfg: Path, ckpt: Path, out: Path, *extra: str) -> dict:
+    args = ["test", "--config", str(cfg), "--ckpt_path", str(ckpt), "--trainer.default_root_dir", str(out)]
+    assert main([*args, *extra]) == 0
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_test_over_training_cases_names_them(trained_run, tiny_phantoms, tmp_path, caplog):
+    cfg, run = trained_run
+    (fold0,) = json.loads((run / "splits.json").read_text())[:1]
+    held_out = _evaluate(cfg, run / "best.ckpt", tmp_path / "held_out")
+    assert held_out["overlaps_training"] == [] and held_out["best_ckpt_chosen_on"] == fold0["val"]
+    with caplog.at_level(logging.WARNING, logger="sautomed"):
+        summary = _evaluate(
+            cfg, run / "best.ckpt", tmp_path / "on_train", "--data.test_root", str(tiny_phantoms / "train")
+        )
+    assert summary["num_cases"] == 4
+    assert summary["overlaps_training"] == fold0["train"]  # found by content, whatever the folder
+    assert summary["best_ckpt_chosen_on"] == fold0["val"]
+    (line,) = [r.getMessage() for r in caplog.records if "training cases of the checkpoint" in r.getMessage()]
+    assert all(case in line for case in fold0["train"])
+
+
+def test_test_and_predict_give_the_same_labels(trained_run, tiny_phantoms, tmp_path, monkeypatch):
+    cfg, run = trained_run
+    seen: dict[str, list[np.ndarray]] = {"inputs": [], "labels": []}
+    original = SAutoMedModule.segment_volume
+
+    def recording(self, image, out_hw, mode=None):
+        labels = original(self, image, out_hw, mode)
+        seen["inputs"].append(image.clone())
+        seen["labels"].append(labels)
+        return labels
+
+    monkeypatch.setattr(SAutoMedModule, "segment_volume", recording)
+    _evaluate(cfg, run / "best.ckpt", tmp_path / "eval")
+    tested = dict(seen)
+    seen = {"inputs": [], "labels": []}
+    images = sorted((tiny_phantoms / "test" / "imagesTr").iterdir())
+    for path in images:  # one input per call: the same order as the test's sorted cases
+        args = ["predict", "--ckpt_path", str(run / "best.ckpt"), "--input", str(path), "--no-progress"]
+        assert main([*args, "--output", str(tmp_path / "pred")]) == 0
+    assert len(tested["labels"]) == len(seen["labels"]) == len(images) == 2
+    for a, b in zip(tested["inputs"], seen["inputs"]):
+        assert a.dtype == b.dtype and torch.equal(a, b)  # the very same model input
+    for a, b in zip(tested["labels"], seen["labels"]):
+        np.testing.assert_array_equal(a, b)

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from sautomed.data.augment import Augmentation, augment_window
 from sautomed.data.io import VolumeError, read_volume
 from sautomed.data.layouts import Layout, get_layout
-from sautomed.data.preprocess import Prepared, Preprocessing, VolumeCache, preprocess
+from sautomed.data.preprocess import Prepared, Preprocessing, VolumeCache, path_sha256, preprocess
 from sautomed.data.splits import resolve_split
 
 log = logging.getLogger(__name__)
@@ -210,7 +210,7 @@ class PredictDataset(Dataset):
         except (VolumeError, OSError, RuntimeError, ValueError) as exc:
             item["error"] = str(exc)
             return item
-        item.update(image=torch.from_numpy(pre), geom=geom)
+        item.update(image=torch.from_numpy(pre.astype(np.float32)), geom=geom)  # as VolumeDataset's
         return item
 
 
@@ -299,6 +299,7 @@ class SegmentationDataModule(L.LightningDataModule):
         self._cache: VolumeCache | None = None
         self.train_cases: list = []
         self.val_cases: list = []
+        self.test_cases: list = []
 
     # -- discovery -----------------------------------------------------------------------------------
     @property
@@ -388,4 +389,12 @@ class SegmentationDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         layout = get_layout(self.test_layout or self.layout_name, self.test_root or self.root, self.label_map)
-        return self._volume_loader(layout, layout.cases())
+        self.test_cases = layout.cases()
+        return self._volume_loader(layout, self.test_cases)
+
+    def case_fingerprints(self, which: Literal["train", "val", "test"]) -> dict[str, str]:
+        """{case id: sha256 of the image's bytes} of the fold's training or validation cases, or of the cases
+        `test` evaluates (after `test_dataloader`). A checkpoint records those of its fit, so that an
+        evaluation can name the cases it was trained on whatever their ids or folders."""
+        cases = {"train": self.train_cases, "val": self.val_cases, "test": self.test_cases}[which]
+        return {c.case_id: path_sha256(c.image) for c in cases}

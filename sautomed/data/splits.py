@@ -139,3 +139,26 @@ def resolve_split(
             f"fold {fold} out of range: the split has {len(splits)} folds (0..{len(splits) - 1})"
         )
     return list(splits[fold]["train"]), list(splits[fold]["val"])
+
+
+def split_provenance(
+    fit_split: dict[str, dict[str, str]] | None, evaluated: dict[str, str]
+) -> dict[str, list[str] | None]:
+    """What an evaluation's summary says about the checkpoint's fit; cases are matched by image content.
+
+    Args:
+        fit_split: the checkpoint's record of its fit, ``{"train": {case id: image hash}, "val": {...}}``,
+            or None (a checkpoint without one, or no checkpoint).
+        evaluated: ``{case id: image hash}`` of the cases evaluated now.
+
+    Returns ``best_ckpt_chosen_on`` (the fit's validation cases, which chose ``best.ckpt`` by validation
+    mean DSC) and ``overlaps_training`` (the evaluated cases that the checkpoint was trained on); both None
+    when the fit is unknown.
+    """
+    if fit_split is None:
+        return {"best_ckpt_chosen_on": None, "overlaps_training": None}
+    trained = set(fit_split.get("train", {}).values())
+    return {
+        "best_ckpt_chosen_on": sorted(fit_split.get("val", {})),
+        "overlaps_training": sorted(case for case, digest in evaluated.items() if digest in trained),
+    }

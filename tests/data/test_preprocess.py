@@ -39,7 +39,7 @@ def test_preprocess_types():
     image = np.random.default_rng(3).normal(0, 200, (2, 20, 30)).astype(np.float32)
     label = (image > 0).astype(np.uint8)
     out, lab = preprocess(image, label, Preprocessing(image_size=32))
-    assert out.shape == lab.shape == (2, 32, 32) and out.dtype == np.float32 and lab.dtype == np.uint8
+    assert out.shape == lab.shape == (2, 32, 32) and out.dtype == np.float16 and lab.dtype == np.uint8
     assert out.min() >= 0.0 and out.max() <= 1.0
     assert preprocess(image, None, Preprocessing(image_size=32))[1] is None
 
