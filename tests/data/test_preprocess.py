@@ -5,6 +5,7 @@ import pytest
 
 from sautomed.data import layouts
 from sautomed.data.layouts import get_layout
+from sautomed.data.layouts import layout as layout_module
 from sautomed.data.preprocess import Preprocessing, VolumeCache, normalize, preprocess, resize_slices
 
 
@@ -47,13 +48,13 @@ def test_preprocess_types():
 @pytest.fixture
 def read_counter(monkeypatch):
     calls = []
-    original = layouts.read_volume
+    original = layout_module.read_volume
 
     def counting(path):
         calls.append(path)
         return original(path)
 
-    monkeypatch.setattr(layouts, "read_volume", counting)
+    monkeypatch.setattr(layout_module, "read_volume", counting)
     return calls
 
 
