@@ -187,12 +187,6 @@ class SAutoMedModule(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        # volume batches carry their Geometry (a frozen dataclass): move only the tensors
-        if isinstance(batch, dict):
-            return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
-
     # -- evaluation on whole volumes -------------------------------------------------------------------------
     def segment_volume(self, image: Tensor, out_hw: tuple[int, int], mode: Mode | None = None) -> np.ndarray:
         """(Z, S, S) preprocessed volume -> (Z, H, W) uint8 canonical labels at the original in-plane size."""

@@ -11,6 +11,7 @@ import os
 import pickle
 import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -127,9 +128,24 @@ class RunFolderConfig(SaveConfigCallback):
             raise
 
 
+class RunFolderCheckpoint(ModelCheckpoint):
+    """A ModelCheckpoint writing into the run folder, which holds config.yaml and splits.json by design:
+    Lightning's warning that the folder is not empty says nothing there (`earlier_checkpoints` does)."""
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+            super().setup(trainer, pl_module, stage)
+
+
+def earlier_checkpoints(root: str | Path) -> list[str]:
+    """Names of the checkpoints an earlier run left in the run folder (a fresh fit replaces them)."""
+    return [name for name in ("last.ckpt", "best.ckpt") if (Path(root) / name).is_file()]
+
+
 def run_callbacks(root: str | Path) -> list[ModelCheckpoint]:
     """`last.ckpt` at every epoch end and `best.ckpt` by validation mean DSC, both in the run folder."""
-    last = ModelCheckpoint(
+    last = RunFolderCheckpoint(
         dirpath=root,
         filename="last",
         save_top_k=1,
@@ -138,7 +154,7 @@ def run_callbacks(root: str | Path) -> list[ModelCheckpoint]:
         save_on_train_epoch_end=True,
         enable_version_counter=False,
     )
-    best = ModelCheckpoint(
+    best = RunFolderCheckpoint(
         dirpath=root,
         filename="best",
         monitor="val/mean_dsc",

@@ -136,6 +136,17 @@ class PredictDataset(Dataset):
         return item
 
 
-def collate_single(batch: list[dict[str, Any]]) -> dict[str, Any]:
+class VolumeBatch(dict):
+    """One volume's item. Moving it to a device moves its tensors and leaves the rest (its Geometry, a
+    frozen dataclass, its names), so Lightning's own batch transfer handles it: no hook needs overriding."""
+
+    def to(self, device: torch.device | str, *args: Any, **kwargs: Any) -> VolumeBatch:
+        moved = {
+            k: v.to(device, *args, **kwargs) if isinstance(v, torch.Tensor) else v for k, v in self.items()
+        }
+        return VolumeBatch(moved)
+
+
+def collate_single(batch: list[dict[str, Any]]) -> VolumeBatch:
     """Volumes differ in depth: one volume per batch, passed through unstacked."""
-    return batch[0]
+    return VolumeBatch(batch[0])
