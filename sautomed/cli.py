@@ -22,15 +22,19 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger
 
 from sautomed.data.datamodule import SegmentationDataModule
 from sautomed.data.io import VolumeError
 from sautomed.data.layouts import DatasetError
-from sautomed.module import CheckpointMismatchError, SAutoMedModule
+from sautomed.guards import weights_from_elsewhere
+from sautomed.module import SAutoMedModule
 from sautomed.run_folder import (
     AtomicCheckpointIO,
+    CheckpointMismatchError,
     RunFolderConfig,
     UserError,
+    earlier_checkpoints,
     resolve_ckpt_path,
     run_callbacks,
 )
@@ -73,6 +77,10 @@ class SautomedCLI(LightningCLI):
         root = config.get("default_root_dir") or "."
         if self.subcommand == "fit":
             callbacks = [*callbacks, *run_callbacks(root)]
+        else:  # validate / test write no checkpoint (and restore no checkpoint callback's state)
+            config["enable_checkpointing"] = False
+        if config.get("logger") in (None, True):  # what Lightning would pick, without its notice about it
+            config["logger"] = CSVLogger(save_dir=root)
         plugins = config.get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(hasattr(p, "save_checkpoint") for p in plugins):
@@ -94,6 +102,16 @@ class SautomedCLI(LightningCLI):
         root = config.get("trainer", {}).get("default_root_dir") or "."
         config["ckpt_path"] = resolve_ckpt_path(config.get("ckpt_path"), root, subcommand)
 
+    def instantiate_classes(self) -> None:
+        """With `--ckpt_path` the weights come from a trained checkpoint: construction guards that concern
+        random initial weights (`guards.py`) do not apply."""
+        subcommand = self.config.get("subcommand")
+        if subcommand in LIGHTNING_COMMANDS and self.config[subcommand].get("ckpt_path"):
+            with weights_from_elsewhere():
+                super().instantiate_classes()
+        else:
+            super().instantiate_classes()
+
     def _parse_ckpt_path(self) -> None:
         # LightningCLI's version torch.loads the checkpoint to read `hyper_parameters` (sautomed checkpoints
         # carry none: the config travels under `sautomed`) and lets a corrupt file raise a traceback; the
@@ -105,6 +123,14 @@ class SautomedCLI(LightningCLI):
         if subcommand in ("validate", "test") and kwargs.get("ckpt_path") is None:
             logging.getLogger("sautomed").warning(
                 "%s without --ckpt_path evaluates the model as configured (untrained weights)", subcommand
+            )
+        root = self.trainer.default_root_dir
+        if subcommand == "fit" and kwargs.get("ckpt_path") is None and earlier_checkpoints(root):
+            logging.getLogger("sautomed").warning(
+                "fit starts afresh in %s over %s of an earlier run, which this run overwrites as it saves "
+                "its own (--ckpt_path last resumes instead)",
+                root,
+                " and ".join(earlier_checkpoints(root)),
             )
         return kwargs
 
@@ -219,14 +245,40 @@ def _format_warning(message: Any, category: type, filename: str, lineno: int, li
     return f"warning: {message}\n"  # one line, the message names the file; no source excerpt
 
 
+class _NoAdvertising(logging.Filter):
+    """Drops Lightning's "💡 Tip: try installing ..." lines: advertising, not information about the run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+# Lightning's warnings that say nothing true or useful about a sautomed run (the causes that are ours are
+# fixed: the run folder's checkpoints, the batch transfer, the default logger)
+_NOT_OURS = (
+    ".*does not have many workers.*",  # volumes are read in the main process by design
+    "LightningCLI.s args parameter",  # `main(args)` is the tested entry point
+    r".*isinstance\(treespec, LeafSpec\)` is deprecated",  # Lightning on a newer torch: not the user's
+    "Be aware that when using `ckpt_path`, callbacks",  # validate / test restore weights, not callbacks
+)
+
+
+def quiet_lightning() -> None:
+    """Filter the warnings and info lines of Lightning that are not about the user's run."""
+    for message in _NOT_OURS:
+        warnings.filterwarnings("ignore", message=message)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        target = logging.getLogger(name)
+        if not any(isinstance(f, _NoAdvertising) for f in target.filters):
+            target.addFilter(_NoAdvertising())
+
+
 def main(args: Sequence[str] | None = None) -> int:
     """Entry point of the `sautomed` console script; returns the exit code."""
     argv = list(sys.argv[1:] if args is None else args)
     if args is None:  # run as the program (not called from Python): warnings as one line each
         warnings.formatwarning = _format_warning
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message="LightningCLI.s args parameter")
+    quiet_lightning()
     try:
         if not argv or argv[0] in ("-h", "--help", "help"):
             print(TOP_HELP)

@@ -18,9 +18,10 @@ from pathlib import Path
 import lightning as L
 from torch.utils.data import DataLoader
 
-from sautomed.data.datamodule import PredictDataset, ShardSampler, _single
+from sautomed.data.datasets import PredictDataset, collate_single
 from sautomed.data.io import stale_temporaries
 from sautomed.data.preprocess import Preprocessing
+from sautomed.data.samplers import ShardSampler
 from sautomed.inference import MODES
 from sautomed.module import SAutoMedModule
 from sautomed.run_folder import UserError, read_checkpoint
@@ -121,7 +122,7 @@ def predict_main(argv: Sequence[str]) -> int:
         PredictDataset(plan.jobs, preprocessing),
         batch_size=1,
         sampler=ShardSampler(len(plan.jobs)),
-        collate_fn=_single,
+        collate_fn=collate_single,
     )
     trainer.predict(module, dataloaders=loader, return_predictions=False)
     if not trainer.is_global_zero:
