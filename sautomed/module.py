@@ -27,9 +27,10 @@ from sautomed.inference import InferenceEngine, Mode
 from sautomed.losses import LossWeights, SAutoMedLoss
 from sautomed.metrics import ClassResult, evaluate_case, summarize, write_metrics
 from sautomed.models.sautomed.network import NetworkConfig, SAutoMedNet
-from sautomed.models.sautomed.window import encode_window, neighbours
+from sautomed.models.sautomed.window import encode_window, encode_window_cached, neighbours
 from sautomed.postprocess import keep_largest_component
 from sautomed.run_folder import CheckpointMismatchError, check_checkpoint_config
+from sautomed.schedule import Schedule, ScheduleBy
 
 __all__ = ["FAMILY", "CheckpointMismatchError", "InferenceSettings", "SAutoMedModule"]
 
@@ -37,7 +38,13 @@ log = logging.getLogger(__name__)
 
 FAMILY = "sautomed"
 # settings that may differ between a checkpoint and the model it is loaded into
-_NON_STRUCTURAL = {"sam_checkpoint", "grad_checkpointing"}
+_NON_STRUCTURAL = {
+    "sam_checkpoint",
+    "grad_checkpointing",
+    "state_presence_gate",  # how the chain hands on its state: an inference choice, no weights
+    "state_min_area",
+    "state_largest_component",
+}
 
 
 @dataclass(frozen=True)
@@ -69,6 +76,10 @@ class SAutoMedModule(L.LightningModule):
             linear warm-up over `warmup_fraction` of the steps, at most `warmup_max_steps`, at least 1).
         warmup_fraction: fraction of the steps in the scheduler's linear warm-up (cosine only).
         warmup_max_steps: upper bound of the scheduler's warm-up steps (cosine only).
+        schedule_by: `steps` (the schedule spans max_epochs / max_steps; repeats exactly for a seed) or
+            `clock` (it spans the `trainer.max_time` guard less `schedule_margin_s` when that comes first,
+            and the run stops at its end: a budgeted run ends its schedule on any machine; `schedule.py`).
+        schedule_margin_s: seconds of max_time kept for the last validation and checkpoint (clock only).
         inference: how volumes are segmented in validate / test / predict.
 
     Refuses `network.encoder_finetune: lora` without `network.sam_checkpoint` (`guards.py`), unless the
@@ -84,6 +95,8 @@ class SAutoMedModule(L.LightningModule):
         scheduler: Literal["none", "cosine"] = "none",
         warmup_fraction: float = 0.05,
         warmup_max_steps: int = 100,
+        schedule_by: ScheduleBy = "steps",
+        schedule_margin_s: float = 60.0,
         inference: InferenceSettings = InferenceSettings(),
     ) -> None:
         super().__init__()
@@ -94,6 +107,9 @@ class SAutoMedModule(L.LightningModule):
                 f"{warmup_fraction} and {warmup_max_steps}"
             )
         self.warmup_fraction, self.warmup_max_steps = warmup_fraction, warmup_max_steps
+        self.schedule_by, self.schedule_margin_s = schedule_by, schedule_margin_s
+        self.schedule: Schedule | None = None
+        self._feature_cache: dict[int, Tensor] = {}  # frozen encoder: slice_key -> features (window.py)
         self.network_cfg = network
         self.loss_weights = loss
         self.lr, self.weight_decay, self.scheduler = lr, weight_decay, scheduler
@@ -136,7 +152,11 @@ class SAutoMedModule(L.LightningModule):
         )  # (B, n+3, S, S), (B, n+3), (B, S, S)
         direction = batch["direction"]  # (B,): +1 or -1
         n = image.shape[1] - 3
-        feats = encode_window(self.net, image, index, n)  # (B, n+3, D, h, w)
+        keys = batch.get("slice_key")  # (B, n+3) stable slice identities (data.windows.augmented_copies)
+        if keys is not None and not any(p.requires_grad for p in self.net.image_encoder.parameters()):
+            feats = encode_window_cached(self.net, image, keys, self._feature_cache)  # frozen: cached
+        else:
+            feats = encode_window(self.net, image, index, n)  # (B, n+3, D, h, w)
 
         # Warm-ups: their slices were encoded without gradients; their (cheap) decoder steps keep gradients,
         # otherwise the initial history tokens and the history filter would never receive one.
@@ -176,16 +196,30 @@ class SAutoMedModule(L.LightningModule):
         if not math.isfinite(total) or total <= 0:
             raise ValueError("scheduler 'cosine' needs trainer.max_epochs or trainer.max_steps")
         total = int(total)
-        # a short linear warm-up, then cosine to zero
+        # a short linear warm-up, then cosine to zero (over the steps, or the clock: schedule.py)
         warmup = max(1, min(self.warmup_max_steps, int(total * self.warmup_fraction)))
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        self.schedule = Schedule(self.trainer, total, warmup, self.schedule_by, self.schedule_margin_s)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, self.schedule.factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.schedule is not None and self.schedule.ended() and not self.trainer.should_stop:
+            self.trainer.should_stop = True  # the clock ran the schedule to its end: stop inside the guard
+
+    def on_train_end(self) -> None:
+        if self.schedule is None:
+            return
+        step, total = self.trainer.global_step, self.schedule.total
+        log.info(
+            "training ended at epoch %d, step %d of the %d that max_epochs / max_steps plan (%.0f%%); "
+            "schedule %.0f%% through (by %s)",
+            self.current_epoch,
+            step,
+            total,
+            100.0 * step / max(1, total),
+            100.0 * self.schedule.progress(step),
+            self.schedule_by,
+        )
 
     # -- evaluation on whole volumes -------------------------------------------------------------------------
     def segment_volume(self, image: Tensor, out_hw: tuple[int, int], mode: Mode | None = None) -> np.ndarray:

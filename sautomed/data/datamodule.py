@@ -58,6 +58,8 @@ class Windows:
     warmup_max: int = 3
     foreground_fraction: float = 0.8
     class_balanced: bool = False  # foreground targets: a class uniformly first, then a slice holding it
+    augmented_copies: int = 0  # K > 0: K fixed copies per volume (augmented once), cacheable features
+    end_fraction: float = 0.0  # share of foreground targets 1-2 slices past an organ's end
 
 
 class SegmentationDataModule(L.LightningDataModule):
@@ -195,6 +197,8 @@ class SegmentationDataModule(L.LightningDataModule):
             self.augmentation,
             self.windows.foreground_fraction,
             self.windows.class_balanced,
+            self.windows.augmented_copies,
+            self.windows.end_fraction,
         )
         w = self.windows
         sampler = WindowBatchSampler(len(ds), self.batch_size, (w.warmup_min, w.warmup_max), self.seed)

@@ -31,6 +31,12 @@ class WindowDataset(Dataset):
     Item: `image` (n+3, S, S) float in processing order (n warm-ups at positions 1..n, the target at n+1,
     its far neighbour at n+2), `index` (n+3,) slice indices, `direction` (+1/-1), `label` (S, S) long of
     the target slice and `warmup_label` (n, S, S) long of the warm-up slices (for the optional warm-up loss).
+
+    `augmented_copies` K > 0: each volume is augmented K - 1 times once, up front (copy 0 is the volume as it
+    is), and windows are cut from a random copy without further augmentation. Every slice then has a stable
+    identity, `slice_key` (n+3,), so a frozen encoder's features can be computed once and cached (the
+    module does). `end_fraction`: the share of foreground targets taken 1-2 slices past one end of a class's
+    extent, with the warm-ups inside it, so that "the organ ended" is trained as often as that.
     """
 
     def __init__(
@@ -41,9 +47,33 @@ class WindowDataset(Dataset):
         augmentation: Augmentation,
         foreground_fraction: float,
         class_balanced: bool = False,
+        augmented_copies: int = 0,
+        end_fraction: float = 0.0,
     ) -> None:
         if not volumes:
             raise ValueError("no training volumes")
+        if augmented_copies < 0 or not 0.0 <= end_fraction <= 1.0:
+            raise ValueError("augmented_copies must be >= 0 and end_fraction within [0, 1]")
+        self.augmented_copies = augmented_copies
+        self.end_fraction = end_fraction
+        self.copies: list[list[tuple[np.ndarray, np.ndarray]]] = []  # [volume][copy] -> (image, label)
+        self.key_offset: list[list[int]] = []  # first slice_key of each (volume, copy)
+        offset = 0
+        for c, v in enumerate(volumes if augmented_copies else []):
+            copies, offsets = [], []
+            for j in range(augmented_copies):
+                image, label = np.asarray(v.image, dtype=np.float32), np.asarray(v.label)
+                if j > 0:  # the whole volume under one transform: a slice's copy is the same in every window
+                    rng = np.random.default_rng([seed, c, j, 7])
+                    ti, tl = augment_window(
+                        torch.from_numpy(image), torch.from_numpy(label.astype(np.int64)), rng, augmentation
+                    )
+                    image, label = ti.numpy(), tl.numpy().astype(label.dtype)
+                copies.append((image, label))
+                offsets.append(offset)
+                offset += image.shape[0]
+            self.copies.append(copies)
+            self.key_offset.append(offsets)
         self.volumes = volumes
         self.n = samples_per_epoch
         self.seed = seed
@@ -67,8 +97,11 @@ class WindowDataset(Dataset):
         vol = self.volumes[c]
         z = vol.image.shape[0]
         fg = self.fg_slices[c]
+        d = 0  # direction, chosen below unless an organ-end target fixes it
         if len(fg) and rng.random() < self.foreground_fraction:
-            if self.class_balanced:  # a class present in this volume, uniformly, then one of its slices
+            if self.end_fraction > 0 and rng.random() < self.end_fraction:
+                t, d = self._end_target(c, z, rng)
+            elif self.class_balanced:  # a class present in this volume, uniformly, then one of its slices
                 slices = list(self.class_slices[c].values())
                 cls_slices = slices[int(rng.integers(len(slices)))]
                 t = int(cls_slices[rng.integers(len(cls_slices))])
@@ -78,21 +111,37 @@ class WindowDataset(Dataset):
             t = int(rng.integers(z))
         # warm-ups come from before t in the processing direction; prefer a side where they fit
         fits_up, fits_down = t - (n + 1) >= 0, t + (n + 1) <= z - 1
-        if fits_up == fits_down:
+        if d != 0:
+            pass
+        elif fits_up == fits_down:
             d = 1 if rng.random() < 0.5 else -1
         else:
             d = 1 if fits_up else -1
         idx = np.clip(t + (np.arange(n + 3) - (n + 1)) * d, 0, z - 1)
-        image = torch.from_numpy(np.ascontiguousarray(vol.image[idx], dtype=np.float32))
-        labels = torch.from_numpy(vol.label[idx[1 : n + 2]].astype(np.int64))  # (n+1, S, S): warm-ups, target
-        image, labels = augment_window(image, labels, rng, self.augmentation)
-        return {
-            "image": image,
-            "label": labels[n],
-            "warmup_label": labels[:n],
-            "index": torch.from_numpy(idx),
-            "direction": d,
-        }
+        item: dict[str, Any] = {"index": torch.from_numpy(idx), "direction": d}
+        if self.augmented_copies:
+            j = int(rng.integers(self.augmented_copies))
+            vol_image, vol_label = self.copies[c][j]
+            image = torch.from_numpy(np.ascontiguousarray(vol_image[idx]))
+            labels = torch.from_numpy(vol_label[idx[1 : n + 2]].astype(np.int64))
+            item["slice_key"] = torch.from_numpy(idx + self.key_offset[c][j])
+        else:
+            image = torch.from_numpy(np.ascontiguousarray(vol.image[idx], dtype=np.float32))
+            labels = torch.from_numpy(vol.label[idx[1 : n + 2]].astype(np.int64))  # (n+1, S, S)
+            image, labels = augment_window(image, labels, rng, self.augmentation)
+        item.update(image=image, label=labels[n], warmup_label=labels[:n])
+        return item
+
+    def _end_target(self, c: int, z: int, rng: np.random.Generator) -> tuple[int, int]:
+        """A target 1-2 slices past one end of a class's extent; the direction runs out of the organ."""
+        slices = list(self.class_slices[c].values())
+        cls = slices[int(rng.integers(len(slices)))]
+        past = int(rng.integers(1, 3))
+        if rng.random() < 0.5 and cls[-1] + past <= z - 1:
+            return int(cls[-1] + past), 1  # moving up, out of the top of the organ
+        if cls[0] - past >= 0:
+            return int(cls[0] - past), -1
+        return int(min(cls[-1] + past, z - 1)), 1
 
 
 class VolumeDataset(Dataset):

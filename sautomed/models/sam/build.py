@@ -9,7 +9,7 @@ medically pretrained (``sautomed weights litemedsam``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Literal, NamedTuple
 
@@ -68,13 +68,20 @@ class SamParts(NamedTuple):
     mask_decoder: MaskDecoder
 
 
-def build_sam_parts(backbone: Backbone, image_size: int) -> SamParts:
-    """Build SAM's three modules for input size ``image_size`` (a multiple of the patch size, 16)."""
+def build_sam_parts(backbone: Backbone, image_size: int, patch_size: int = 16) -> SamParts:
+    """Build SAM's three modules for input size ``image_size`` (a multiple of the patch size).
+
+    ``patch_size`` other than 16 is for ``tiny`` only (official checkpoints are patch 16).
+    """
     if backbone == "litemedsam":
         return build_litemedsam_parts(image_size)
     if backbone not in SAM_VARIANTS:
         raise ValueError(f"unknown backbone {backbone!r}; choose from {list(BACKBONES)}")
     v = SAM_VARIANTS[backbone]
+    if patch_size != v.patch_size:
+        if backbone != "tiny":
+            raise ValueError(f"patch_size {patch_size}: only the tiny backbone takes another than 16")
+        v = replace(v, patch_size=patch_size)
     if image_size % v.patch_size:
         raise ValueError(f"image_size {image_size} must be a multiple of the patch size {v.patch_size}")
     grid = image_size // v.patch_size

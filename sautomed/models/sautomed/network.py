@@ -69,6 +69,13 @@ class NetworkConfig:
             ``lite_medsam.pth`` for litemedsam; the name ``litemedsam`` means the file fetched by
             ``sautomed weights litemedsam`` (its cache); None or "" = random initialisation.
         grad_checkpointing: activation checkpointing of the encoder blocks in training (saves memory).
+        patch_size: patch side of the ``tiny`` encoder (16 as SAM; 8 gives a 4x finer token grid at 4x the
+            encoder cost). The official ViTs and litemedsam keep their own.
+        state_presence_gate: the next slice's state keeps a class only where this slice's presence head says
+            it is there (box prompts on); a stray pixel then no longer carries a class down the chain.
+        state_min_area: the next state keeps a class only with at least this many pixels (logit grid).
+        state_largest_component: the next slice's anchor box is the box of the class's largest connected
+            component, not of all its pixels (a far-off false positive no longer stretches it).
     """
 
     backbone: Literal["tiny", "vit_b", "vit_l", "vit_h", "litemedsam"] = "tiny"
@@ -88,6 +95,10 @@ class NetworkConfig:
     box_decoder_ffn_dim: int = 1024
     sam_checkpoint: str | None = None
     grad_checkpointing: bool = False
+    patch_size: int = 16
+    state_presence_gate: bool = False
+    state_min_area: int = 0
+    state_largest_component: bool = False
 
 
 class State(NamedTuple):
@@ -111,7 +122,7 @@ class SAutoMedNet(nn.Module):
     def __init__(self, cfg: NetworkConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        parts = build_sam_parts(cfg.backbone, cfg.image_size)
+        parts = build_sam_parts(cfg.backbone, cfg.image_size, cfg.patch_size)
         D = parts.prompt_encoder.embed_dim
         self.image_encoder = parts.image_encoder
         self.prompt_encoder = parts.prompt_encoder
@@ -254,9 +265,42 @@ class SAutoMedNet(nn.Module):
 
         next_history = self.history.filter(history_out) if self.history is not None else None
         with torch.no_grad():  # the next anchors come from this slice's prediction
-            next_boxes, next_present = boxes_from_labels(logits.max(dim=1).indices, C)  # (B, C, 4), (B, C)
+            next_boxes, next_present = self._next_boxes(logits, presence)  # (B, C, 4), (B, C)
         next_state = State(next_history, next_boxes.to(logits.dtype), next_present)
         return StepOutput(logits, boxes, presence, next_state)
+
+    def _next_boxes(self, logits: Tensor, presence: Tensor) -> tuple[Tensor, Tensor]:
+        """The anchors handed to the next slice: boxes of this slice's argmax labels, gated as configured."""
+        cfg, C = self.cfg, self.cfg.num_classes
+        labels = logits.argmax(dim=1)  # (B, h, w)
+        if cfg.state_largest_component:
+            labels = largest_component_2d(labels, C)
+        boxes, present = boxes_from_labels(labels, C)
+        if cfg.state_min_area > 0:
+            area = (
+                labels.unsqueeze(1) == torch.arange(1, C + 1, device=labels.device).view(1, -1, 1, 1)
+            ).sum(dim=(2, 3))  # (B, C)
+            present = present & (area >= cfg.state_min_area)
+        if cfg.state_presence_gate and self.box_prompt is not None:
+            present = present & (presence > 0)
+        return boxes * present.unsqueeze(-1), present
+
+
+def largest_component_2d(labels: Tensor, num_classes: int) -> Tensor:
+    """(B, h, w) labels -> the same with each class cut to its largest 4-connected component per slice."""
+    import numpy as np
+    from scipy import ndimage
+
+    arr = labels.cpu().numpy()
+    out = np.zeros_like(arr)
+    for b in range(arr.shape[0]):
+        for c in range(1, num_classes + 1):
+            comp, n = ndimage.label(arr[b] == c)
+            if n == 0:
+                continue
+            sizes = np.bincount(comp.ravel())[1:]
+            out[b][comp == 1 + int(sizes.argmax())] = c
+    return torch.from_numpy(out).to(labels.device)
 
 
 def build_network(cfg: NetworkConfig) -> SAutoMedNet:

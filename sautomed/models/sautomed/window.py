@@ -47,3 +47,26 @@ def neighbours(feats: Tensor, direction: Tensor, k: int) -> tuple[Tensor, Tensor
     d = direction.to(feats.device).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
     before, after = feats[:, k - 1], feats[:, k + 1]
     return torch.where(d > 0, before, after), torch.where(d > 0, after, before)
+
+
+def encode_window_cached(net: SAutoMedNet, image: Tensor, keys: Tensor, cache: dict[int, Tensor]) -> Tensor:
+    """A frozen encoder's window features, each slice encoded once per run and kept in ``cache``.
+
+    image: (B, L, S, S) window; keys: (B, L) stable slice identities (the data's ``slice_key``: a slice of
+    one fixed augmented copy of a volume). Missing slices are encoded without gradients in one batch and
+    stored as float16 (half the memory; the features are layer-normed, so the rounding is ~1e-3 relative).
+    Returns (B, L, D, h, w) float32 features without gradients.
+    """
+    b, length = keys.shape
+    flat = keys.reshape(-1).tolist()
+    missing: dict[int, tuple[int, int]] = {}
+    for pos, key in enumerate(flat):
+        if key not in cache and key not in missing:
+            missing[key] = divmod(pos, length)
+    if missing:
+        with torch.no_grad():
+            f = net.encode(torch.stack([image[i, k] for i, k in missing.values()]))  # (M, D, h, w)
+        for key, feat in zip(missing, f):
+            cache[key] = feat.to(torch.float16).clone()
+    feats = torch.stack([cache[k] for k in flat]).to(image.device, torch.float32)  # (B*L, D, h, w)
+    return feats.view(b, length, *feats.shape[1:])
