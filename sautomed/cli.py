@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 
@@ -76,8 +77,8 @@ class SautomedCLI(LightningCLI):
         root = config.get("default_root_dir") or "."
         if self.subcommand == "fit":
             callbacks = [*callbacks, *run_callbacks(root)]
-        else:  # validate / test write no checkpoint (and restore no checkpoint callback's state)
-            config["enable_checkpointing"] = False
+        elif not any(isinstance(c, ModelCheckpoint) for c in callbacks):
+            config["enable_checkpointing"] = False  # validate / test save nothing, restore no callback state
         if config.get("logger") in (None, True):  # what Lightning would pick, without its notice about it
             config["logger"] = CSVLogger(save_dir=root)
         plugins = config.get("plugins") or []
