@@ -52,6 +52,7 @@ commands:
   check-data   check a dataset before training: --config CFG | --layout L --root DIR
   phantoms     write a synthetic labelled dataset (nnU-Net layout): --out DIR --cases N --seed S
   bench        speed and memory benchmark: --config CFG [--model vit_b] [--image-size 512]
+  weights      fetch named pretrained weights into the cache: sautomed weights litemedsam [--out DIR]
 
 Run `sautomed <command> --help` for a command's options.
 """
@@ -217,6 +218,12 @@ def cmd_predict(argv: Sequence[str]) -> int:
     return predict_main(argv)
 
 
+def cmd_weights(argv: Sequence[str]) -> int:
+    from sautomed.models.sam.weights import weights_main
+
+    return weights_main(list(argv))
+
+
 def cmd_bench(argv: Sequence[str]) -> int:
     from sautomed.bench import bench_main
 
@@ -228,6 +235,7 @@ TOOLS: dict[str, Callable[[Sequence[str]], int]] = {
     "check-data": cmd_check_data,
     "phantoms": cmd_phantoms,
     "bench": cmd_bench,
+    "weights": cmd_weights,
 }
 
 
@@ -286,7 +294,8 @@ def main(args: Sequence[str] | None = None) -> int:
         if cmd in LIGHTNING_COMMANDS:
             return _lightning(argv)
         raise UserError(
-            f"unknown command {cmd!r}; commands: fit, validate, test, predict, check-data, phantoms, bench"
+            f"unknown command {cmd!r}; commands: fit, validate, test, predict, check-data, phantoms, bench, "
+            "weights"
         )
     except SystemExit as exc:  # argparse / jsonargparse: usage already printed
         code = exc.code
