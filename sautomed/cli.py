@@ -21,13 +21,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 
 from sautomed.data.datamodule import SegmentationDataModule
 from sautomed.data.io import VolumeError
 from sautomed.data.layouts import DatasetError
-from sautomed.guards import weights_from_elsewhere
+from sautomed.guards import check_encoder_finetune, weights_from_elsewhere
 from sautomed.module import SAutoMedModule
 from sautomed.run_folder import (
     AtomicCheckpointIO,
@@ -77,8 +78,8 @@ class SautomedCLI(LightningCLI):
         root = config.get("default_root_dir") or "."
         if self.subcommand == "fit":
             callbacks = [*callbacks, *run_callbacks(root)]
-        else:  # validate / test write no checkpoint (and restore no checkpoint callback's state)
-            config["enable_checkpointing"] = False
+        elif not any(isinstance(c, ModelCheckpoint) for c in callbacks):
+            config["enable_checkpointing"] = False  # validate / test save nothing, restore no callback state
         if config.get("logger") in (None, True):  # what Lightning would pick, without its notice about it
             config["logger"] = CSVLogger(save_dir=root)
         plugins = config.get("plugins") or []
@@ -92,7 +93,8 @@ class SautomedCLI(LightningCLI):
         """Parse, then resolve and check `--ckpt_path` before anything is seeded, built or logged.
 
         `last` / `best` become `<default_root_dir>/last.ckpt` / `best.ckpt`; a missing, truncated or corrupt
-        checkpoint is a UserError here, so the error is the only line the command prints.
+        checkpoint is a UserError here, so the error is the only line the command prints. So is LoRA on a
+        random encoder without a checkpoint to load (`guards.py`).
         """
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
@@ -101,6 +103,9 @@ class SautomedCLI(LightningCLI):
         config = self.config[subcommand]
         root = config.get("trainer", {}).get("default_root_dir") or "."
         config["ckpt_path"] = resolve_ckpt_path(config.get("ckpt_path"), root, subcommand)
+        network = (config.get("model") or {}).get("network")
+        if network is not None and not config["ckpt_path"]:  # the module checks it too; here before seeding
+            check_encoder_finetune(network.get("encoder_finetune"), network.get("sam_checkpoint"))
 
     def instantiate_classes(self) -> None:
         """With `--ckpt_path` the weights come from a trained checkpoint: construction guards that concern
