@@ -34,6 +34,7 @@ from sautomed.run_folder import (
     resolve_ckpt_path,
     run_callbacks,
 )
+from sautomed.tools.commands import TOOL_COMMANDS, TOOL_HELP
 
 TOP_HELP = """usage: sautomed <command> [options]
 
@@ -47,9 +48,10 @@ commands:
   check-data   check a dataset before training: --config CFG | --layout L --root DIR
   phantoms     write a synthetic labelled dataset (nnU-Net layout): --out DIR --cases N --seed S
   bench        speed and memory benchmark: --config CFG [--model vit_b] [--image-size 512]
+{tools}
 
 Run `sautomed <command> --help` for a command's options.
-"""
+""".format(tools=TOOL_HELP.rstrip("\n"))
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
 USER_ERRORS: tuple[type[BaseException], ...] = (
@@ -197,6 +199,7 @@ TOOLS: dict[str, Callable[[Sequence[str]], int]] = {
     "check-data": cmd_check_data,
     "phantoms": cmd_phantoms,
     "bench": cmd_bench,
+    **TOOL_COMMANDS,
 }
 
 
