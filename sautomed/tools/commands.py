@@ -23,14 +23,22 @@ def cmd_export(argv: Sequence[str]) -> int:
     return export_main(argv)
 
 
+def cmd_preview(argv: Sequence[str]) -> int:
+    from sautomed.tools.preview import preview_main
+
+    return preview_main(argv)
+
+
 TOOL_COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "evaluate": cmd_evaluate,
     "info": cmd_info,
     "export": cmd_export,
+    "preview": cmd_preview,
 }
 
 TOOL_HELP = """\
   evaluate     score label maps against references: --pred DIR --ref DIR [--layout L] [--out DIR]
   info         what a checkpoint holds (family, classes, preprocessing, training): info CKPT
   export       predictions in a challenge's format: --format chaos-png|segthor --pred P --out DIR
+  preview      PNG of a label map over its image: --image IMG --labels LAB --out PNG
 """

@@ -171,7 +171,7 @@ def compose(
     for k, (value, name) in enumerate(sorted(class_names.items())):
         lx, ly = PAD + (k % 3) * 200, y + (k // 3) * 20
         draw.rectangle((lx, ly + 2, lx + 14, ly + 16), fill=colour(value), outline=(255, 255, 255))
-        text = f"{value} {name}" + ("" if value in present else " (absent)")
+        text = f"{value} {name}".strip() + ("" if value in present else " (absent)")
         draw.text(
             (lx + 20, ly + 2),
             text,
@@ -193,6 +193,39 @@ def write_preview(
     """Render and write the preview PNG atomically; ``class_names`` are values 1..C or a value -> name map."""
     names = dict(class_names) if isinstance(class_names, Mapping) else dict(enumerate(class_names, start=1))
     present = {int(v) for v in np.unique(labels) if v > 0}
-    names.update({v: "not in the label table" for v in present if v not in names})
+    unnamed = "(not in the label table)" if names else ""  # without a table, values alone
+    names.update({v: unnamed for v in present if v not in names})
     picture = compose(views(image, labels, geom, window), names, present, title=title)
     return atomic_write(Path(out), lambda p: picture.save(p, format="PNG"))
+
+
+def preview_main(argv: Sequence[str]) -> int:
+    """`sautomed preview --image IMG --labels LAB --out PNG [--table JSON] [--window LOW HIGH]`."""
+    import argparse
+
+    from sautomed.data.io import read_label_volume, read_volume
+    from sautomed.tools.labels import LABELS_FILE, read_label_names
+
+    p = argparse.ArgumentParser(prog="sautomed preview", description=__doc__.splitlines()[0])
+    p.add_argument("--image", required=True, type=Path, help="image volume or DICOM series folder")
+    p.add_argument("--labels", required=True, type=Path, help="label map on the image's grid")
+    p.add_argument("--out", required=True, type=Path, help="PNG to write")
+    p.add_argument(
+        "--table", type=Path, default=None, help=f"class names (default: {LABELS_FILE} beside --labels)"
+    )
+    p.add_argument(
+        "--window", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"), help="e.g. CT -160 240"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing PNG")
+    a = p.parse_args(argv)
+    if a.out.exists() and not a.overwrite:
+        raise FileExistsError(f"{a.out}: exists (pass --overwrite to replace it)")
+    image, geom = read_volume(a.image)
+    labels = read_label_volume(a.labels, reference=geom)
+    table = a.table or (a.labels.parent / LABELS_FILE)
+    names = read_label_names(table) if a.table or table.is_file() else {}
+    write_preview(
+        image, labels, geom, names, a.out, tuple(a.window) if a.window else None, title=a.labels.name
+    )
+    print(f"wrote {a.out}")
+    return 0

@@ -66,6 +66,10 @@ def test_a_folder_of_another_models_predictions_is_refused(untrained_ckpt, input
     argv = ["predict", "--input", str(inputs), "--output", str(out), "--no-progress"]
     assert main([*argv, "--ckpt_path", str(untrained_ckpt)]) == 0
     before = (out / "labels.json").read_bytes()
+    mtime = (out / "labels.json").stat().st_mtime_ns
+    (out / next(inputs.iterdir()).name).unlink()  # predicted again by the same model: the table stays
+    assert main([*argv, "--ckpt_path", str(untrained_ckpt)]) == 0
+    assert (out / "labels.json").stat().st_mtime_ns == mtime
     other = tmp_path / "other.ckpt"
     ckpt = torch.load(untrained_ckpt, map_location="cpu", weights_only=True)
     ckpt["sautomed"]["class_names"] = ["a", "b", "c", "d", "e"]
