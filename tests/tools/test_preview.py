@@ -62,3 +62,25 @@ def test_written_png_shows_each_label_colour(tmp_path):
     assert not _has(body, 2).any()  # class 2 is absent
     assert _has(rgb[-40:], 2).sum() > 100  # ... but in the legend
     assert not list(tmp_path.glob(".x*"))  # no temporary left
+
+
+def test_real_mr_liver_on_the_image_left_and_spleen_on_the_right(shared, tmp_path, capsys):
+    from sautomed.cli import main
+    from sautomed.data.layouts import get_layout
+
+    root = shared / "chaos-mr"
+    layout = get_layout("nnunet", root)
+    case = layout.load(layout.cases()[0])  # the reference label stands in for a prediction
+    axial = np.stack([v.rgb for v in views(case.image, case.label, case.geom) if v.name.startswith("axial")])
+    width = axial.shape[2]
+    liver_cols = np.nonzero(_has(axial, 1))[2]
+    spleen_cols = np.nonzero(_has(axial, 4))[2]
+    assert np.mean(liver_cols < width / 2) > 0.9  # the patient's right is the image's left (radiological)
+    assert np.mean(spleen_cols > width / 2) > 0.9
+    out = tmp_path / "mr.png"
+    image = root / "imagesTr" / f"{case.case_id}_0000.nii.gz"
+    labels = root / "labelsTr" / f"{case.case_id}.nii.gz"
+    argv = ["preview", "--image", str(image), "--labels", str(labels), "--out", str(out)]
+    assert main([*argv, "--table", str(root / "dataset.json")]) == 0
+    assert Image.open(out).format == "PNG"
+    assert main(argv) == 1 and "exists" in capsys.readouterr().err  # never replaced silently
