@@ -29,11 +29,18 @@ def cmd_preview(argv: Sequence[str]) -> int:
     return preview_main(argv)
 
 
+def cmd_report(argv: Sequence[str]) -> int:
+    from sautomed.tools.report import report_main
+
+    return report_main(argv)
+
+
 TOOL_COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "evaluate": cmd_evaluate,
     "info": cmd_info,
     "export": cmd_export,
     "preview": cmd_preview,
+    "report": cmd_report,
 }
 
 TOOL_HELP = """\
@@ -41,4 +48,5 @@ TOOL_HELP = """\
   info         what a checkpoint holds (family, classes, preprocessing, training): info CKPT
   export       predictions in a challenge's format: --format chaos-png|segthor --pred P --out DIR
   preview      PNG of a label map over its image: --image IMG --labels LAB --out PNG
+  report       report.html from a folder's metrics.csv and summary.json (test, evaluate): report DIR
 """

@@ -1,11 +1,12 @@
 """`sautomed evaluate`: score a folder of label maps against a dataset's references, matched by case id.
 
 Scored on the reference grid with the policy and files of `sautomed test` (:mod:`sautomed.metrics`):
-``metrics.csv`` and ``summary.json``. A case without a prediction is scored as an empty prediction (each class
-present in the reference is *missed*), never dropped. A prediction on another grid is an error naming the
-case, or, with ``--resample``, is resampled onto the reference grid (nearest neighbour) with a note. A case
-that cannot be scored (unreadable file, other grid, unknown label values) is reported and left out, listed
-under ``failed`` in the summary, and the exit code is 1; the other cases are scored.
+``metrics.csv`` and ``summary.json``, plus ``report.html``. A case without a prediction is scored as an
+empty prediction (each class present in the reference is *missed*), never dropped. A prediction on another
+grid is an error naming the case, or, with ``--resample``, is resampled onto the reference grid (nearest
+neighbour) with a note. A case that cannot be scored (unreadable file, other grid, unknown label values) is
+reported and left out, listed under ``failed`` in the summary, and the exit code is 1; the other cases are
+scored.
 
 Prediction values: by class name when the predictions carry a label table (``--labels``, or
 ``PRED/labels.json`` written by `sautomed predict`), else they are the reference's class indices 1..C (the
@@ -40,9 +41,10 @@ from sautomed.data.io import (
 from sautomed.data.layouts import LAYOUTS, DatasetError, get_layout
 from sautomed.metrics import ClassResult, evaluate_case, summarize, write_metrics
 from sautomed.tools.labels import LABELS_FILE, read_label_names, value_map
+from sautomed.tools.report import write_report
 
 REF_LAYOUTS = (*[name for name in LAYOUTS if name != "folder"], "labels")
-OUTPUT_FILES = ("metrics.csv", "summary.json")
+OUTPUT_FILES = ("metrics.csv", "summary.json", "report.html")
 
 
 class EvaluateError(ValueError):
@@ -318,6 +320,7 @@ def evaluate_main(argv: Sequence[str]) -> int:
         unmatched_predictions=result.unmatched,
     )
     write_metrics(result.rows, summary, out)
+    write_report(out)
     mean = summary["mean_dsc"]
     print(
         f"evaluate: mean DSC {mean:.4f}, mean HD95 {summary['mean_hd95_mm']:.2f} mm over "
