@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     p.add_argument("--largest-component", action="store_true", default=None, help="keep largest component")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    predict_outputs.add_output_arguments(p)  # --statistics, --preview
+    predict_outputs.add_output_arguments(p)  # --statistics, --preview, --dicom-seg
     return p
 
 
@@ -73,6 +73,7 @@ def check_output_folder(folder: Path) -> None:
 
 def predict_main(argv: Sequence[str]) -> int:
     a = build_parser().parse_args(argv)
+    extras = predict_outputs.Extras.from_args(a)  # a missing optional dependency fails here, before the work
     ckpt = read_checkpoint(a.ckpt_path)
     module = SAutoMedModule.from_checkpoint_dict(ckpt)
     changes = {}
@@ -132,7 +133,7 @@ def predict_main(argv: Sequence[str]) -> int:
         return 0
     done = [(src, dst) for src, dst in plan.jobs if str(dst) in set(writer.written)]
     writer.failed += predict_outputs.write_extras(
-        done, a.output, module.class_names, module.preprocessing, a.statistics, a.preview
+        done, a.output, module.class_names, module.preprocessing, extras
     )
     for src, reason in writer.failed:
         print(f"sautomed: failed {src}: {reason}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""What `sautomed predict` writes beside the label maps: ``labels.json``, statistics and previews.
+"""What `sautomed predict` writes beside the label maps: ``labels.json``, statistics, previews, DICOM-SEG.
 
 ``labels.json`` is written (atomically) before any prediction, so an output folder holding another model's
 predictions is refused up front (see :func:`sautomed.tools.labels.write_label_table`). Statistics and
@@ -9,12 +9,17 @@ is reported and the others go on.
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sautomed import __version__
 from sautomed.data.io import VolumeError, read_label_volume, read_volume, volume_stem
-from sautomed.tools.labels import label_table, write_label_table
+from sautomed.tools.dicom_seg import require_highdicom, write_dicom_seg
+from sautomed.tools.labels import LABELS_FILE, label_table, write_label_table
 from sautomed.tools.preview import write_preview
 from sautomed.tools.statistics import case_statistics, update_statistics_csv, write_case_statistics
 
@@ -30,6 +35,27 @@ def add_output_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--preview", action="store_true", help="OUT/<case>.png: axial, coronal and sagittal views with labels"
     )
+    p.add_argument(
+        "--dicom-seg",
+        action="store_true",
+        help="OUT/<case>.seg.dcm for DICOM series inputs: a DICOM Segmentation (needs highdicom)",
+    )
+
+
+@dataclass(frozen=True)
+class Extras:
+    """Which extra files `predict` writes per case."""
+
+    statistics: bool = False
+    preview: bool = False
+    dicom_seg: bool = False
+
+    @classmethod
+    def from_args(cls, a: argparse.Namespace) -> Extras:
+        """The flags of :func:`add_output_arguments`; VolumeError now if --dicom-seg lacks highdicom."""
+        if a.dicom_seg:
+            require_highdicom()
+        return cls(a.statistics, a.preview, a.dicom_seg)
 
 
 def write_run_label_table(
@@ -48,12 +74,12 @@ def write_extras(
     out_dir: Path,
     class_names: Sequence[str],
     preprocessing: Mapping[str, Any] | None,
-    statistics: bool,
-    preview: bool,
-    report: Callable[[str], None] = lambda line: None,
+    extras: Extras,
+    report: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
 ) -> list[tuple[str, str]]:
-    """Statistics and previews for the (input, written label map) pairs; returns the failures (input, why)."""
-    if not (statistics or preview) or not done:
+    """Statistics, previews, DICOM-SEG for the (input, written label map) pairs; returns the failures."""
+    statistics, preview = extras.statistics, extras.preview
+    if not (statistics or preview or extras.dicom_seg) or not done:
         return []
     ct = _is_ct(preprocessing)
     window = tuple(preprocessing["window"]) if ct and "window" in preprocessing else None
@@ -71,15 +97,27 @@ def write_extras(
                 per_case[case] = stats
             if preview:
                 write_preview(image, labels, geom, class_names, out_dir / f"{case}.png", window, title=case)
+            if extras.dicom_seg and Path(src).is_dir():
+                version = _algorithm_version(out_dir)
+                write_dicom_seg(
+                    labels, geom, Path(src), class_names, out_dir / f"{case}.seg.dcm", version=version
+                )
+            elif extras.dicom_seg:
+                report(f"note: {src}: not a DICOM series; no DICOM-SEG written for it")
         except (VolumeError, OSError, ValueError) as exc:
-            failed.append((str(src), f"statistics / preview failed: {exc}"))
+            failed.append((str(src), f"statistics / preview / DICOM-SEG failed: {exc}"))
     if per_case:
         try:
             update_statistics_csv(out_dir, per_case)
         except (OSError, ValueError) as exc:
             failed.append((str(out_dir), f"statistics.csv not written: {exc}"))
-    done_count = len(done) - len(failed)
-    report(
-        f"wrote {'statistics ' if statistics else ''}{'previews ' if preview else ''}for {done_count} cases"
-    )
     return failed
+
+
+def _algorithm_version(out_dir: Path) -> str:
+    """sautomed's version and the checkpoint's hash (from OUT/labels.json), for DICOM-SEG provenance."""
+    try:
+        sha = json.loads((out_dir / LABELS_FILE).read_text())["checkpoint"]["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        sha = None
+    return f"{__version__} ckpt {sha[:16]}" if sha else __version__
