@@ -94,16 +94,23 @@ def write_label_table(out_dir: str | Path, table: dict[str, Any], overwrite: boo
     text = _dump(table)
     if out.exists() and not overwrite:
         try:
-            same = out.read_text() == text
-        except OSError as exc:
+            existing = json.loads(out.read_text())
+        except (OSError, ValueError) as exc:
             raise LabelTableError(f"{out}: cannot read the existing label table ({exc})") from exc
-        if same:
-            return out
+        if _same_model(existing, table):
+            return out  # the same classes from the same checkpoint bytes (wherever it lies now): kept
         raise LabelTableError(
             f"{out}: the folder holds predictions of another model or class table; "
             "predict into another --output folder, or pass --overwrite"
         )
     return atomic_write(out, lambda p: p.write_text(text))
+
+
+def _same_model(a: Any, b: dict[str, Any]) -> bool:
+    def sha(t: Any) -> Any:
+        return (t.get("checkpoint") or {}).get("sha256") if isinstance(t, dict) else None
+
+    return isinstance(a, dict) and a.get("labels") == b.get("labels") and sha(a) == sha(b)
 
 
 def read_label_names(path: str | Path) -> dict[int, str]:
