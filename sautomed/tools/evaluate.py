@@ -299,7 +299,15 @@ def evaluate_main(argv: Sequence[str]) -> int:
     class_names, refs = references(a.ref, layout, a.label_map, names)
     mapping = None
     if names is not None and layout != "labels":
-        mapping = value_map(names, {n: i for i, n in enumerate(class_names, 1)}, str(table))
+        extra = sorted(n for n in names.values() if n not in class_names)
+        if extra:  # the reference does not annotate them: they cannot be scored
+            print(
+                f"note: predicted classes {extra} are not in the reference; scored as background",
+                file=sys.stderr,
+            )
+        known = {v: n for v, n in names.items() if n in class_names}
+        mapping = value_map(known, {n: i for i, n in enumerate(class_names, 1)}, str(table))
+        mapping.update({v: 0 for v, n in names.items() if n not in class_names})
     elif names is not None:
         mapping = {v: k for k, v in enumerate(sorted(names), start=1)}
 
@@ -320,7 +328,8 @@ def evaluate_main(argv: Sequence[str]) -> int:
         unmatched_predictions=result.unmatched,
     )
     write_metrics(result.rows, summary, out)
-    write_report(out)
+    if result.rows:
+        write_report(out)
     mean = summary["mean_dsc"]
     print(
         f"evaluate: mean DSC {mean:.4f}, mean HD95 {summary['mean_hd95_mm']:.2f} mm over "

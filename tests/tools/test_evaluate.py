@@ -130,7 +130,7 @@ def test_prediction_on_another_grid_is_an_error_naming_the_case_or_resampled(
     assert summary["mean_dsc"] == pytest.approx(1.0)  # exact on the reference grid
 
 
-def test_prediction_values_follow_the_label_table_by_name(small_phantoms, tmp_path):
+def test_prediction_values_follow_the_label_table_by_name(small_phantoms, tmp_path, capsys):
     pred = tmp_path / "pred"
     pred.mkdir()
     order = ("spleen", "aorta", "liver", "right_kidney", "left_kidney")  # another model's class order
@@ -140,14 +140,25 @@ def test_prediction_values_follow_the_label_table_by_name(small_phantoms, tmp_pa
         out = np.zeros_like(arr)
         for value, name in enumerate(CLASSES, start=1):
             out[arr == value] = order.index(name) + 1
+        out[0, 0, :3] = 6  # a class the reference does not annotate (background there)
         img = sitk.GetImageFromArray(out)
         img.CopyInformation(ref)
         sitk.WriteImage(img, str(pred / label.name))
-    table = {"labels": {str(v): {"name": n} for v, n in enumerate(order, start=1)}}
+    table = {"labels": {str(v): {"name": n} for v, n in enumerate((*order, "bladder"), start=1)}}
     (pred / "labels.json").write_text(json.dumps(table))
     assert main(["evaluate", "--pred", str(pred), "--ref", str(small_phantoms)]) == 0
+    assert "['bladder'] are not in the reference" in capsys.readouterr().err
     summary = json.loads((pred / "summary.json").read_text())
     assert summary["mean_dsc"] == pytest.approx(1.0)
-    (pred / "labels.json").unlink()  # values then read as class indices: wrong classes, low DSC
+    (pred / "labels.json").unlink()  # values then read as class indices: value 6 is unknown ...
+    assert main(["evaluate", "--pred", str(pred), "--ref", str(small_phantoms), "--overwrite"]) == 1
+    assert "values [6]" in capsys.readouterr().err
+    for f in pred.glob("*.nii.gz"):  # ... and without it the classes are the wrong ones: low DSC
+        img = sitk.ReadImage(str(f))
+        arr = sitk.GetArrayFromImage(img)
+        arr[arr == 6] = 0
+        fixed = sitk.GetImageFromArray(arr)
+        fixed.CopyInformation(img)
+        sitk.WriteImage(fixed, str(f))
     assert main(["evaluate", "--pred", str(pred), "--ref", str(small_phantoms), "--overwrite"]) == 0
     assert json.loads((pred / "summary.json").read_text())["mean_dsc"] < 0.5
