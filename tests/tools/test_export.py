@@ -11,7 +11,7 @@ import SimpleITK as sitk
 from PIL import Image
 
 from sautomed.cli import main
-from sautomed.data.io import write_label_volume
+from sautomed.data.io import dicom_series_files, dicom_tags, read_volume, to_canonical, write_label_volume
 from sautomed.data.layouts import get_layout, read_png_stack
 from sautomed.tools.export import CHAOS_GREY, to_target_values
 
@@ -108,3 +108,61 @@ def test_segthor_export_maps_classes_by_name_and_keeps_the_grid(shared, tmp_path
     np.testing.assert_array_equal(sitk.GetArrayFromImage(written), truth)
     assert written.GetSpacing() == gt.GetSpacing() and written.GetOrigin() == gt.GetOrigin()
     assert written.GetDirection() == gt.GetDirection() and written.GetPixelID() == sitk.sitkUInt8
+
+
+def _write_mr_series(folder, volume, spacing=(1.5, 1.5, 6.0)):
+    """A synthetic MR DICOM series (CHAOS style: InstanceNumber grows as the slice position falls)."""
+    folder.mkdir(parents=True)
+    nz = volume.shape[0]
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for z in range(nz):
+        sl = sitk.GetImageFromArray(volume[z].astype(np.int16))
+        position = (0.0, 0.0, spacing[2] * (nz - 1 - z))
+        for tag, value in (
+            ("0008|0060", "MR"),
+            ("0020|000d", "1.2.826.0.1.3680043.2.1125.1"),
+            ("0020|000e", "1.2.826.0.1.3680043.2.1125.2"),
+            ("0020|0013", str(z + 1)),
+            ("0020|0032", "\\".join(f"{v:.3f}" for v in position)),
+            ("0020|0037", "1\\0\\0\\0\\1\\0"),
+            ("0028|0030", f"{spacing[1]}\\{spacing[0]}"),
+            ("0018|0050", str(spacing[2])),
+            ("0008|0018", f"1.2.826.0.1.3680043.2.1125.3.{z + 1}"),
+        ):
+            sl.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"IMG-0001-{z + 1:05d}.dcm"))
+        writer.Execute(sl)
+
+
+def test_chaos_mr_batch_export_reads_back_through_the_chaos_layout(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = np.zeros((6, 24, 20), np.uint8)
+    for value in range(1, 5):  # four organs, each at its own slices and rows
+        labels[value, 4 * value : 4 * value + 3, 2 : 6 + value] = value
+    root = tmp_path / "chaos" / "Train_Sets" / "MR"
+    series = root / "7" / "T2SPIR" / "DICOM_anon"
+    _write_mr_series(series, rng.integers(0, 500, labels.shape))
+    _, geom = read_volume(series)
+    instances = [int(dicom_tags(f, ("0020|0013",))["0020|0013"]) for f in dicom_series_files(series)]
+    assert instances == [6, 5, 4, 3, 2, 1]  # the series runs by position: InstanceNumber order reversed
+    canonical = to_canonical(labels[[i - 1 for i in instances]], geom)  # labels[k]: InstanceNumber k + 1
+    preds = tmp_path / "pred"
+    write_label_volume(canonical, geom, preds / "7_0000.nii.gz")
+    out = tmp_path / "out"
+    argv = ["export", "--format", "chaos-png", "--pred", str(preds), "--dicom", str(root), "--out", str(out)]
+    assert main(argv) == 0
+    results = out / "7" / "T2SPIR" / "Results"
+    pngs = sorted(results.iterdir(), key=_number)
+    assert len(pngs) == 6
+    for k, png in enumerate(pngs):  # imgK is the slice with the K-th smallest InstanceNumber
+        grey = np.asarray(Image.open(png))
+        expected = np.choose(labels[k], [0, 63, 126, 189, 252])
+        np.testing.assert_array_equal(grey, expected, err_msg=png.name)
+    ground = series.parent / "Ground"
+    ground.mkdir()
+    for png in pngs:
+        (ground / png.name).write_bytes(png.read_bytes())
+    layout = get_layout("chaos", root)
+    loaded = layout.load(layout.cases()[0])
+    np.testing.assert_array_equal(loaded.label, canonical)
