@@ -38,8 +38,9 @@ from sautomed.data.io import (
     to_canonical,
     volume_stem,
 )
-from sautomed.data.layouts import LAYOUTS, DatasetError, get_layout
+from sautomed.data.layouts import LAYOUTS, get_layout
 from sautomed.metrics import ClassResult, evaluate_case, summarize, write_metrics
+from sautomed.tools.errors import CASE_ERRORS, naming
 from sautomed.tools.labels import LABELS_FILE, read_label_names, value_map
 from sautomed.tools.report import write_report
 
@@ -235,9 +236,9 @@ def evaluate_folder(
     for ref in refs:
         try:
             truth, geom = ref.load()
-        except (VolumeError, DatasetError, OSError) as exc:
-            result.failed[ref.case_id] = f"reference unreadable: {exc}"
-            report(f"failed {ref.case_id}: reference unreadable: {exc}")
+        except CASE_ERRORS as exc:
+            result.failed[ref.case_id] = f"reference unreadable: {naming(exc, ref.path)}"
+            report(f"failed {ref.case_id}: {result.failed[ref.case_id]}")
             continue
         path = matched.get(ref.case_id)
         if path is None:
@@ -248,9 +249,9 @@ def evaluate_folder(
             try:
                 raw, was_resampled = read_prediction(path, geom, resample)
                 pred = to_class_indices(raw, mapping, len(class_names), str(path))
-            except (VolumeError, OSError) as exc:
-                result.failed[ref.case_id] = str(exc)
-                report(f"failed {ref.case_id}: {exc}")
+            except CASE_ERRORS as exc:
+                result.failed[ref.case_id] = naming(exc, path)
+                report(f"failed {ref.case_id}: {result.failed[ref.case_id]}")
                 continue
             if was_resampled:
                 result.resampled.append(ref.case_id)

@@ -33,7 +33,6 @@ import numpy as np
 from PIL import Image
 
 from sautomed.data.io import (
-    VolumeError,
     dicom_series_files,
     dicom_tags,
     from_canonical,
@@ -46,6 +45,7 @@ from sautomed.data.io import (
     write_volume,
 )
 from sautomed.data.layouts import CHAOS_CT_CLASSES, CHAOS_MR_CLASSES, SEGTHOR_CLASSES
+from sautomed.tools.errors import CASE_ERRORS, naming
 from sautomed.tools.labels import LABELS_FILE, read_label_names, value_map
 
 FORMATS = ("chaos-png", "segthor")
@@ -258,8 +258,8 @@ def export_main(argv: Sequence[str]) -> int:
     for p, job in jobs:
         try:
             written = job()
-        except (ExportError, VolumeError, OSError, ValueError) as exc:
-            print(f"sautomed: failed {p}: {' '.join(str(exc).split())}", file=sys.stderr)
+        except CASE_ERRORS as exc:  # ExportError is a ValueError
+            print(f"sautomed: failed {p}: {naming(exc, p)}", file=sys.stderr)
             failed += 1
             continue
         if written is None:

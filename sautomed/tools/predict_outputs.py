@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from sautomed import __version__
-from sautomed.data.io import VolumeError, read_label_volume, read_volume, volume_stem
+from sautomed.data.io import read_label_volume, read_volume, volume_stem
 from sautomed.tools.dicom_seg import require_highdicom, write_dicom_seg
+from sautomed.tools.errors import CASE_ERRORS, naming
 from sautomed.tools.labels import LABELS_FILE, label_table, write_label_table
 from sautomed.tools.preview import write_preview
 from sautomed.tools.statistics import case_statistics, update_statistics_csv, write_case_statistics
@@ -104,8 +105,8 @@ def write_extras(
                 )
             elif extras.dicom_seg:
                 report(f"note: {src}: not a DICOM series; no DICOM-SEG written for it")
-        except (VolumeError, OSError, ValueError) as exc:
-            failed.append((str(src), f"statistics / preview / DICOM-SEG failed: {exc}"))
+        except CASE_ERRORS as exc:
+            failed.append((str(src), f"statistics / preview / DICOM-SEG failed: {naming(exc, dst)}"))
     if per_case:
         try:
             update_statistics_csv(out_dir, per_case)

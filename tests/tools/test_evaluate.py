@@ -162,3 +162,17 @@ def test_prediction_values_follow_the_label_table_by_name(small_phantoms, tmp_pa
         sitk.WriteImage(fixed, str(f))
     assert main(["evaluate", "--pred", str(pred), "--ref", str(small_phantoms), "--overwrite"]) == 0
     assert json.loads((pred / "summary.json").read_text())["mean_dsc"] < 0.5
+
+
+def test_a_corrupt_prediction_is_reported_by_name_and_the_rest_are_scored(small_phantoms, tmp_path, capsys):
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    for label in (small_phantoms / "labelsTr").iterdir():
+        shutil.copy(label, pred / label.name)
+    (pred / "phantom_000.nii.gz").write_bytes(b"\x1f\x8b\x08 not a volume")  # gzip header, broken body
+    assert main(["evaluate", "--pred", str(pred), "--ref", str(small_phantoms)]) == 1
+    err = capsys.readouterr().err
+    assert f"failed phantom_000: {pred / 'phantom_000.nii.gz'}" in err and "Traceback" not in err
+    summary = json.loads((pred / "summary.json").read_text())
+    assert list(summary["failed"]) == ["phantom_000"] and summary["num_cases"] == 2
+    assert summary["mean_dsc"] == pytest.approx(1.0)

@@ -80,3 +80,30 @@ def test_a_folder_of_another_models_predictions_is_refused(untrained_ckpt, input
     assert "labels.json" in err and "another model" in err
     assert (out / "labels.json").read_bytes() == before
     assert len(list(out.glob("*.nii.gz"))) == 1  # nothing predicted into the mixed folder
+
+
+def test_a_bad_case_is_reported_and_the_others_go_on(small_phantoms, tmp_path):
+    from sautomed.tools.predict_outputs import Extras, write_extras
+
+    images = sorted((small_phantoms / "imagesTr").iterdir())[:2]
+    out = tmp_path / "out"
+    out.mkdir()
+    good = out / images[0].name
+    good.write_bytes((small_phantoms / "labelsTr" / images[0].name.replace("_0000", "")).read_bytes())
+    bad = out / images[1].name
+    bad.write_bytes(b"\x1f\x8b\x08 not a volume")
+    notes = []
+    failed = write_extras(
+        [(images[0], good), (images[1], bad)],
+        out,
+        ["liver", "right_kidney", "left_kidney", "spleen", "aorta"],
+        {"normalization": "ct", "window": [-125, 275]},
+        Extras(statistics=True, preview=True),
+        report=notes.append,
+    )
+    assert [src for src, _ in failed] == [str(images[1])]
+    assert str(bad) in failed[0][1]  # the reason names the bad file
+    case = images[0].name[: -len(".nii.gz")]
+    assert (out / f"{case}.statistics.json").is_file() and (out / f"{case}.png").is_file()
+    with open(out / "statistics.csv") as f:
+        assert {r["case"] for r in csv.DictReader(f)} == {case}
