@@ -35,6 +35,7 @@ from sautomed.run_folder import (
     run_callbacks,
 )
 from sautomed.tools.commands import TOOL_COMMANDS, TOOL_HELP
+from sautomed.tools.report import ReportWriter
 
 TOP_HELP = """usage: sautomed <command> [options]
 
@@ -74,6 +75,8 @@ class SautomedCLI(LightningCLI):
         root = config.get("default_root_dir") or "."
         if self.subcommand == "fit":
             callbacks = [*callbacks, *run_callbacks(root)]
+        if self.subcommand in ("validate", "test"):
+            callbacks = [*callbacks, ReportWriter()]  # report.html beside metrics.csv
         plugins = config.get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(hasattr(p, "save_checkpoint") for p in plugins):

@@ -6,6 +6,8 @@ positive cells marked), plus the cases listed as missing or failed in the summar
 in the folder is linked from its row. No scripts, no external files.
 
     sautomed report runs/btcv          # writes runs/btcv/report.html
+
+`sautomed validate` / `test` write it too, through :class:`ReportWriter` (a callback the CLI adds).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from lightning.pytorch.callbacks import Callback
 
 from sautomed.data.io import atomic_write
 
@@ -125,6 +129,22 @@ def write_report(folder: str | Path) -> Path:
     previews = {p.name[: -len(".png")] for p in folder.glob("*.png")}
     text = render(rows, summary, previews)
     return atomic_write(folder / REPORT_FILE, lambda p: p.write_text(text))
+
+
+class ReportWriter(Callback):
+    """After `validate` / `test` wrote metrics.csv and summary.json to the run folder: its report.html."""
+
+    def _write(self, trainer: Any) -> None:
+        if trainer.is_global_zero and trainer.state.fn in ("validate", "test"):
+            folder = Path(trainer.default_root_dir)
+            if (folder / "metrics.csv").is_file():
+                write_report(folder)
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        self._write(trainer)
+
+    def on_test_end(self, trainer: Any, pl_module: Any) -> None:
+        self._write(trainer)
 
 
 def report_main(argv: Sequence[str]) -> int:

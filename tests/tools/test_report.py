@@ -56,3 +56,36 @@ def test_report_without_metrics_is_a_clear_error(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert "no metrics" in err and str(tmp_path) in err
+
+
+def test_sautomed_test_writes_report_html_beside_its_metrics(untrained_ckpt, small_phantoms, tmp_path):
+    import yaml
+
+    run = tmp_path / "run"
+    cfg = {
+        "trainer": {
+            "default_root_dir": str(run),
+            "accelerator": "cpu",
+            "devices": 1,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "logger": False,
+        },
+        "model": {
+            "network": {"backbone": "tiny", "image_size": 32, "num_classes": 5, "box_decoder_ffn_dim": 64}
+        },
+        "data": {
+            "layout": "nnunet",
+            "root": str(small_phantoms),
+            "folds": 2,
+            "preprocessing": {"image_size": 32, "normalization": "ct"},
+            "cache_dir": str(tmp_path / "cache"),
+        },
+    }
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["test", "--config", str(path), "--ckpt_path", str(untrained_ckpt)]) == 0
+    text = (run / "report.html").read_text()
+    for case in ("phantom_000", "phantom_001", "phantom_002"):
+        assert case in text
+    assert str(untrained_ckpt) in text  # the summary's checkpoint heads the page
