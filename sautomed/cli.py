@@ -39,6 +39,8 @@ from sautomed.run_folder import (
     resolve_ckpt_path,
     run_callbacks,
 )
+from sautomed.tools.commands import TOOL_COMMANDS, TOOL_HELP
+from sautomed.tools.report import ReportWriter
 
 TOP_HELP = """usage: sautomed <command> [options]
 
@@ -53,9 +55,10 @@ commands:
   phantoms     write a synthetic labelled dataset (nnU-Net layout): --out DIR --cases N --seed S
   bench        speed and memory benchmark: --config CFG [--model vit_b] [--image-size 512]
   weights      fetch named pretrained weights into the cache: sautomed weights litemedsam [--out DIR]
+{tools}
 
 Run `sautomed <command> --help` for a command's options.
-"""
+""".format(tools=TOOL_HELP.rstrip("\n"))
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
 USER_ERRORS: tuple[type[BaseException], ...] = (
@@ -80,6 +83,8 @@ class SautomedCLI(LightningCLI):
             callbacks = [*callbacks, *run_callbacks(root)]
         elif not any(isinstance(c, ModelCheckpoint) for c in callbacks):
             config["enable_checkpointing"] = False  # validate / test save nothing, restore no callback state
+        if self.subcommand in ("validate", "test"):
+            callbacks = [*callbacks, ReportWriter()]  # report.html beside metrics.csv
         if config.get("logger") in (None, True):  # what Lightning would pick, without its notice about it
             config["logger"] = CSVLogger(save_dir=root)
         plugins = config.get("plugins") or []
@@ -236,6 +241,7 @@ TOOLS: dict[str, Callable[[Sequence[str]], int]] = {
     "phantoms": cmd_phantoms,
     "bench": cmd_bench,
     "weights": cmd_weights,
+    **TOOL_COMMANDS,
 }
 
 
@@ -293,10 +299,7 @@ def main(args: Sequence[str] | None = None) -> int:
             return TOOLS[cmd](rest)
         if cmd in LIGHTNING_COMMANDS:
             return _lightning(argv)
-        raise UserError(
-            f"unknown command {cmd!r}; commands: fit, validate, test, predict, check-data, phantoms, bench, "
-            "weights"
-        )
+        raise UserError(f"unknown command {cmd!r}; commands: {', '.join([*LIGHTNING_COMMANDS, *TOOLS])}")
     except SystemExit as exc:  # argparse / jsonargparse: usage already printed
         code = exc.code
         return code if isinstance(code, int) else (0 if code is None else 2)

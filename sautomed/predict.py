@@ -25,6 +25,7 @@ from sautomed.data.samplers import ShardSampler
 from sautomed.inference import MODES
 from sautomed.module import SAutoMedModule
 from sautomed.run_folder import UserError, read_checkpoint
+from sautomed.tools import predict_outputs
 from sautomed.writers import VolumeWriter, plan_predictions
 
 log = logging.getLogger("sautomed.predict")
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     p.add_argument("--largest-component", action="store_true", default=None, help="keep largest component")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    predict_outputs.add_output_arguments(p)  # --statistics, --preview, --dicom-seg
     return p
 
 
@@ -72,6 +74,7 @@ def check_output_folder(folder: Path) -> None:
 
 def predict_main(argv: Sequence[str]) -> int:
     a = build_parser().parse_args(argv)
+    extras = predict_outputs.Extras.from_args(a)  # a missing optional dependency fails here, before the work
     ckpt = read_checkpoint(a.ckpt_path)
     module = SAutoMedModule.from_checkpoint_dict(ckpt)
     changes = {}
@@ -104,6 +107,8 @@ def predict_main(argv: Sequence[str]) -> int:
         print("nothing to predict", file=sys.stderr)
         return 0
     check_output_folder(a.output)
+    family = ckpt["sautomed"].get("family")
+    predict_outputs.write_run_label_table(a.output, module.class_names, a.ckpt_path, family, a.overwrite)
 
     writer = VolumeWriter(overwrite=a.overwrite)
     devices = int(a.devices) if str(a.devices).isdigit() else a.devices
@@ -127,6 +132,10 @@ def predict_main(argv: Sequence[str]) -> int:
     trainer.predict(module, dataloaders=loader, return_predictions=False)
     if not trainer.is_global_zero:
         return 0
+    done = [(src, dst) for src, dst in plan.jobs if str(dst) in set(writer.written)]
+    writer.failed += predict_outputs.write_extras(
+        done, a.output, module.class_names, module.preprocessing, extras
+    )
     for src, reason in writer.failed:
         print(f"sautomed: failed {src}: {reason}", file=sys.stderr)
     print(f"wrote {len(writer.written)} of {len(plan.jobs)} outputs to {a.output}", file=sys.stderr)

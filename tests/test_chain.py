@@ -112,7 +112,9 @@ def test_a_trainable_encoder_is_never_served_from_the_cache():
 
 def _net(**kw) -> SAutoMedNet:
     torch.manual_seed(0)
-    return SAutoMedNet(NetworkConfig(backbone="tiny", image_size=S, num_classes=C, encoder_finetune="full", **kw))
+    return SAutoMedNet(
+        NetworkConfig(backbone="tiny", image_size=S, num_classes=C, encoder_finetune="full", **kw)
+    )
 
 
 def _logits_with(labels: torch.Tensor) -> torch.Tensor:

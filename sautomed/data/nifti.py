@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import zlib
 import os
 from pathlib import Path
 
@@ -74,7 +75,7 @@ def inspect_nifti(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
                 data = f.read()
         count = int(np.prod(dims[:3]))
         raw = np.frombuffer(data, end + _NIFTI_FLOATS[datatype], count=count, offset=offset)
-    except (OSError, EOFError, ValueError) as e:
+    except (OSError, EOFError, ValueError, zlib.error) as e:
         if isinstance(e, VolumeError):
             raise
         raise VolumeError(f"{path}: unreadable or corrupt NIfTI file ({e})") from e
