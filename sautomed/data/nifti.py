@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import gzip
-import zlib
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
