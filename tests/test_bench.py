@@ -9,15 +9,18 @@ from pathlib import Path
 import pytest
 
 from sautomed.bench import (
+    BACKBONE_KEYS,
     RESULT_KEYS,
     BenchSettings,
     build_net,
     build_parser,
     count_encoded,
     evaluate_targets,
+    format_report,
     naive_loop,
     run_bench,
     settings_from_args,
+    supervised_slices,
     synthetic_volume,
 )
 from sautomed.cli import main
@@ -25,6 +28,8 @@ from sautomed.inference import InferenceEngine
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"backbone": "tiny", "image_size": 32, "num_classes": 2, "box_decoder_ffn_dim": 64}
+# litemedsam without weights (the bench builds inside weights_from_elsewhere), frozen: its features cache
+LITE = {**TINY, "backbone": "litemedsam", "encoder_finetune": "frozen", "lora_rank": 0}
 
 
 @pytest.mark.parametrize("z", [1, 6])
@@ -115,6 +120,9 @@ def test_cli_writes_every_key(tmp_path, capsys):
         assert isinstance(r[key], float) and r[key] > 0, key
     assert r["encoded_slices_engine"] == 5 and r["encoded_slices_naive"] == 15
     assert r["complete"] is True and r["resumed"] == []
+    assert list(r["backbones"]) == ["tiny"]
+    for key in BACKBONE_KEYS:
+        assert r["backbones"]["tiny"][key] == r[key], key
     assert r["settings"]["backbone"] == "tiny" and r["settings"]["train_batch"] == 1
     assert {"cpu", "torch", "threads"} <= set(r["machine"]) and r["device"] == "cpu" and r["dtype"] == "fp32"
     assert len(r["targets"]) == 3 and all(isinstance(t["ratio"], float) for t in r["targets"])
@@ -156,3 +164,97 @@ def test_every_network_backbone_is_a_bench_model():
 
     assert BACKBONES == typing.get_args(typing.get_type_hints(NetworkConfig)["backbone"])
     assert "--model" in build_parser().format_help() and "tiny" in BACKBONES
+
+
+def test_supervised_slices_per_window_and_the_chains():
+    from sautomed.bench.chain import StepKind, chain_rate, chains, step_kinds
+
+    assert supervised_slices(6, 1.0) == 7 and supervised_slices(3, 0.5) == 4  # every step carries a loss
+    assert supervised_slices(6, 0.0) == 1 and supervised_slices(1, 0.0) == 1  # the target alone
+    s = BenchSettings(
+        network=LITE, train_batch=2, warmup_slices=4, warmup_min=2, feature_cache=True, loss={"warmup": 1.0}
+    )
+    before, after = chains(s, cached=True)
+    assert (before.warmups, before.warmup_loss, before.cached) == ((1, 3), 0.0, False)
+    assert (after.warmups, after.warmup_loss, after.cached) == ((2, 4), 1.0, True)
+    kinds = step_kinds(s, encoder_frozen=True)
+    assert len(kinds) == len({k.key for k in kinds}) == 1 + 1 + 3 + 2  # config (= after n=4), its other path
+    assert StepKind(4, 1.0, False) in kinds and StepKind(4, 1.0, True) == kinds[0]
+    assert all(not k.cached for k in step_kinds(s, encoder_frozen=False))  # a training encoder: no cache
+    steps = {k.key: 0.5 * k.warmups for k in kinds}
+    rate = chain_rate(after, 2, steps)  # n = 2, 3, 4: mean 4 slices per window, mean step 1.5 s
+    assert rate["supervised_slices_per_window"] == 4 and rate["supervised_slices_per_step"] == 8
+    assert rate["supervised_slices_per_s"] == pytest.approx(8 / 1.5)
+    assert chain_rate(before, 2, steps)["supervised_slices_per_step"] == 2  # 1 per window, batch 2
+
+
+def test_the_cached_step_runs_no_encoder_and_the_encoded_step_does():
+    from sautomed.bench.chain import StepKind
+    from sautomed.bench.worker import _Trainer
+
+    s = BenchSettings(network=LITE, train_batch=2, warmup_slices=2, feature_cache=True, loss={"warmup": 1.0})
+    trainer = _Trainer(s, checkpointed=False, warmup_loss=1.0)
+    assert trainer.encoder_frozen
+    cached, encoded = StepKind(2, 1.0, True), StepKind(2, 1.0, False)
+    trainer.batch(cached)  # fills the cache: 2 windows x 5 distinct slices
+    assert len(trainer.module._feature_cache) == 2 * 5
+    with count_encoded(trainer.module.net) as calls:
+        trainer.step(cached)
+    assert calls == []  # features from the cache: only the decoder chain runs
+    with count_encoded(trainer.module.net) as calls:
+        trainer.step(encoded)
+    assert sum(calls) == 2 * 5  # every slice of both windows encoded once
+
+
+def test_litemedsam_beside_tiny_in_one_run():
+    s = BenchSettings(
+        network=LITE,
+        slices=3,
+        out_size=32,
+        repeats=1,
+        warmup=0,
+        naive=False,
+        train_batch=2,
+        warmup_slices=3,
+        warmup_min=1,
+        feature_cache=True,
+        before_warmups=(1, 2),
+        loss={"warmup": 1.0},
+        compare=("tiny",),
+        case_slices=4,
+        threads=1,
+    )
+    r = run_bench(s)
+    assert list(r["backbones"]) == ["litemedsam", "tiny"]
+    for name, b in r["backbones"].items():
+        for key in BACKBONE_KEYS:
+            assert isinstance(b[key], float) and b[key] > 0, (name, key)
+        assert b["train_error"] is None and b["train_feature_cache"] is True  # frozen, augmented copies
+        assert b["train_step_s"] == b["train_step_cached_s"] and b["train_step_uncached_s"] > 0
+        assert b["train_supervised_slices_per_window"] == 3 + 1  # the warm-up loss: n + 1
+        assert b["train_supervised_slices_per_step"] == 2 * 4
+        assert b["train_supervised_slices_per_s"] == pytest.approx(8 / b["train_step_s"])
+        before, after = b["train_chain_before"], b["train_chain_after"]
+        assert before["supervised_slices_per_window"] == 1 and set(before["step_s"]) == {"1", "2"}
+        assert not before["feature_cache"] and after["feature_cache"] and after["warmups"] == [1, 3]
+        assert after["supervised_slices_per_window"] == pytest.approx((2 + 3 + 4) / 3)
+        assert after["step_s"]["3"] == b["train_step_s"]  # the config's step is the chain's n = 3 step
+    for key in RESULT_KEYS:
+        assert isinstance(r[key], float) and r[key] > 0, key
+    assert r["predict_case_s"] == r["backbones"]["litemedsam"]["predict_case_s"]
+    report = format_report(r)
+    assert "litemedsam" in report and "tiny" in report and "before: warm-ups 1..2" in report
+
+
+def test_compare_and_chain_flags():
+    args = ["--config", str(ROOT / "configs" / "chaos_mr_litemedsam.yaml"), "--compare", "tiny"]
+    s = settings_from_args(build_parser().parse_args(args))
+    assert s.network["backbone"] == "litemedsam" and s.compare == ("tiny",)
+    assert s.feature_cache and s.warmup_min == 1 and s.warmup_slices == 6 and s.loss["warmup"] == 1.0
+    assert s.before_warmups == (1, 3) and s.case_slices == 35 and s.mode == "mid_to_ends"
+    s = settings_from_args(build_parser().parse_args(["--model", "tiny", "--compare", "litemedsam,tiny"]))
+    assert s.compare == ("litemedsam",)  # the model itself is not compared with itself
+    with pytest.raises(ValueError, match="unknown backbone"):
+        settings_from_args(build_parser().parse_args(["--compare", "nope"]))
+    with pytest.raises(ValueError, match="before-warmups"):
+        settings_from_args(build_parser().parse_args(["--before-warmups", "3,1"]))

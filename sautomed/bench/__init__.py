@@ -2,6 +2,7 @@
 
     sautomed bench --config configs/btcv.yaml --model vit_b --image-size 512 --slices 16 --classes 8 \\
         --json bench.json
+    sautomed bench --config configs/chaos_mr_litemedsam.yaml --compare tiny --json bench.json
 
 Random weights (no SAM checkpoint), a synthetic volume, everything measured in one run: medians over
 ``--repeats`` after ``--warmup`` runs that are not counted. Measures that are compared run in turns (round k
@@ -25,10 +26,25 @@ What each number is:
   step), each in a fresh subprocess. Peak memory: on CUDA ``torch.cuda.max_memory_allocated``; on the CPU the
   process's peak resident set size (Linux ``VmHWM``, reset through ``/proc/self/clear_refs`` just before the
   step, else ``ru_maxrss``). ``train_step_mb`` is the growth of that peak over the memory held before the
-  step.
+  step. ``train_step_s`` is the step as the config runs it: with a frozen encoder and
+  ``data.windows.augmented_copies > 0`` the features come from the module's cache (filled before the timing),
+  so the step costs only the decoder chain; ``train_step_cached_s`` / ``train_step_uncached_s``: the step with
+  cached features (frozen encoders only) and with the encoder run on the window, timed in turns;
+- ``train_supervised_slices_per_s``: slices carrying a loss per second (batch x (n + 1) per step with
+  ``loss.warmup > 0``, batch x 1 without), for the config's step; ``..._before`` / ``..._after``: over a
+  training run's warm-up counts (n uniform in the range): ``before`` warm-ups 1..3 (``--before-warmups``), no
+  warm-up loss, encoder every step; ``after`` the config's chain (``warmup_min..n``, its warm-up loss, its
+  cache); details in ``train_chain_before`` / ``train_chain_after`` (`chain.py`);
+- ``encoder_s_per_slice``, ``predict_case_s``: the encoder per slice and ``InferenceEngine.segment`` (the
+  config's mode, as ``SAutoMedModule.engine(...).segment`` in ``predict``) on one synthetic
+  ``--case-slices`` (35) slice case;
+- ``--compare tiny``: the backbones named are measured beside ``--model`` with the same config in the same
+  run (the case measures in the model's group, in turns; training in a worker each): ``backbones[name]``
+  holds each one's ``BACKBONE_KEYS`` (the model's too), and the report prints them side by side.
 
 The package: ``settings`` (flags and config), ``workload`` (network, synthetic volume, naive loop, FLOPs),
-``timing`` (the harness), ``memory`` (peak memory), ``worker`` (the training step in a fresh process), ``run``
+``timing`` (the harness), ``memory`` (peak memory), ``chain`` (supervised slices, the steps a training chain
+needs), ``worker`` (the training steps in a fresh process), ``run``
 (the measures in groups), ``report`` (keys, targets, the table); ``bench_main`` is the command.
 """
 
@@ -40,7 +56,15 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from sautomed.bench.report import RESULT_KEYS, TARGETS, evaluate_targets, format_report, machine_info
+from sautomed.bench.chain import supervised_slices
+from sautomed.bench.report import (
+    BACKBONE_KEYS,
+    RESULT_KEYS,
+    TARGETS,
+    evaluate_targets,
+    format_report,
+    machine_info,
+)
 from sautomed.bench.run import run_bench
 from sautomed.bench.settings import BACKBONES, BenchSettings, build_parser, settings_from_args
 from sautomed.bench.timing import count_encoded, time_interleaved, time_it
@@ -49,6 +73,7 @@ from sautomed.data.io import atomic_write
 
 __all__ = [
     "BACKBONES",
+    "BACKBONE_KEYS",
     "RESULT_KEYS",
     "TARGETS",
     "BenchSettings",
@@ -63,6 +88,7 @@ __all__ = [
     "naive_loop",
     "run_bench",
     "settings_from_args",
+    "supervised_slices",
     "synthetic_volume",
     "time_interleaved",
     "time_it",

@@ -11,9 +11,13 @@ import torch
 
 from sautomed.bench.timing import mid_to_ends_batches
 
-# keys every full run writes (train_* are None only with --no-train, naive_loop_s only with --no-naive)
+# keys every full run writes (train_* are None only with --no-train, naive_loop_s only with --no-naive);
+# also written: train_step_cached_s (None where the encoder trains: no cache), the per-chain details
+# train_chain_before / train_chain_after, and r["backbones"][name] with the per-backbone keys of BACKBONE_KEYS
 RESULT_KEYS = (
     "encoder_only_s",
+    "encoder_s_per_slice",
+    "predict_case_s",
     "volume_mid_to_ends_s",
     "volume_end_to_end_s",
     "naive_loop_s",
@@ -24,6 +28,20 @@ RESULT_KEYS = (
     "train_step_s",
     "train_peak_mb",
     "train_peak_mb_checkpointed",
+    "train_step_uncached_s",
+    "train_supervised_slices_per_s",
+    "train_supervised_slices_per_s_before",
+    "train_supervised_slices_per_s_after",
+)
+# keys of every r["backbones"][name] (the model and each --compare backbone; train_* None with --no-train)
+BACKBONE_KEYS = (
+    "encoder_s_per_slice",
+    "predict_case_s",
+    "train_step_s",
+    "train_step_uncached_s",
+    "train_supervised_slices_per_s",
+    "train_supervised_slices_per_s_before",
+    "train_supervised_slices_per_s_after",
 )
 # (name, measured key, reference key, bar, goal, strict): measured <= bar * reference (< when strict)
 TARGETS = (
@@ -111,7 +129,8 @@ def format_report(r: dict[str, Any]) -> str:
         f"{'encoder':32s} {r['encoder_gflop']:10.1f} GFLOP, {r['encoder_gflops_per_s']:.1f} GFLOP/s; "
         f"slices encoded: engine {r['encoded_slices_engine']}, naive {r['encoded_slices_naive']}"
     )
-    what = f"(batch {st['train_batch']}, {st['train_warmup_slices']} warm-ups)"
+    cached = ", cached features" if r.get("train_feature_cache") else ""
+    what = f"(batch {st['train_batch']}, {st['train_warmup_slices']} warm-ups{cached})"
     for label, sfx, step_key in (
         ("train step", "", "train_step_s"),
         ("train step, checkpointed", "_checkpointed", "train_first_step_s_checkpointed"),
@@ -124,6 +143,7 @@ def format_report(r: dict[str, Any]) -> str:
             )
         if r.get(f"train_error{sfx}"):
             lines.append(f"{label:32s} {what} FAILED: {r[f'train_error{sfx}']}")
+    lines += _backbone_table(r)
     floor = f"{len(mid_to_ends_batches(st['slices']))}/{st['slices']}"
     lines.append(
         f"{'decoder step batch 1 / batch 2':32s} {r['step_batch1_s']:10.3f} / {r['step_batch2_s']:.3f} s "
@@ -147,3 +167,62 @@ def format_report(r: dict[str, Any]) -> str:
         goal = f" (goal {t['goal']})" if t["goal"] is not None else ""
         lines.append(f"{'PASS' if t['pass'] else 'FAIL'} {t['name']}: ratio {t['ratio']:.3f}{goal}")
     return "\n".join(lines)
+
+
+def _cell(v: float | None, fmt: str, width: int = 8) -> str:
+    """A right-aligned table cell; "-" where the measure is missing."""
+    return ("-" if v is None else format(v, fmt)).rjust(width)
+
+
+def _chain_words(c: dict[str, Any]) -> str:
+    lo, hi = c["warmups"]
+    loss = f"warm-up loss {c['warmup_loss']:g}" if c["warmup_loss"] > 0 else "no warm-up loss"
+    feats = "cached features" if c["feature_cache"] else "encoder every step"
+    return f"warm-ups {lo}..{hi}, {loss}, {feats}: {c['supervised_slices_per_window']:.2f} slices/window"
+
+
+def _backbone_table(r: dict[str, Any]) -> list[str]:
+    """Per backbone: encoder, predict on one case, the training step both ways, supervised slices per s."""
+    st, bbs = r["settings"], r.get("backbones") or {}
+    if not bbs:
+        return []
+    head = ("backbone", "enc s/slc", "predict s", "step s", "cached", "encoded", "sup/step", "sup/s")
+    lines = [
+        "",
+        f"backbones at S={st['image_size']}: predict = one {st['case_slices']}-slice case ({st['mode']}, to "
+        f"{st['out_size']}x{st['out_size']}); step = a training step (batch {st['train_batch']}, "
+        f"{st['train_warmup_slices']} warm-ups)",
+        "as the config runs it (*: cached features), with cached features, with the encoder run; sup: slices "
+        "with a loss, per step and per s (config, before, after; x: after / before)",
+        f"{head[0]:12s} "
+        + " ".join(h.rjust(9) for h in head[1:])
+        + f" {'before':>9s} {'after':>9s} {'x':>6s}",
+    ]
+    for name, b in bbs.items():
+        before, after = (
+            b.get("train_supervised_slices_per_s_before"),
+            b.get("train_supervised_slices_per_s_after"),
+        )
+        gain = None if before is None or after is None else after / before
+        mark = "*" if b.get("train_feature_cache") else " "
+        cells = [
+            _cell(b.get("encoder_s_per_slice"), ".4f", 9),
+            _cell(b.get("predict_case_s"), ".3f", 9),
+            _cell(b.get("train_step_s"), ".3f", 8) + mark,
+            _cell(b.get("train_step_cached_s"), ".3f", 9),
+            _cell(b.get("train_step_uncached_s"), ".3f", 9),
+            _cell(b.get("train_supervised_slices_per_step"), ".0f", 9),
+            _cell(b.get("train_supervised_slices_per_s"), ".1f", 9),
+            _cell(before, ".1f", 9),
+            _cell(after, ".1f", 9),
+            _cell(gain, ".2f", 6),
+        ]
+        lines.append(f"{name:12s} " + " ".join(cells))
+        if b.get("train_error"):
+            lines.append(f"{'':12s} training step FAILED: {b['train_error']}")
+    first = next((b for b in bbs.values() if b.get("train_chain_before")), None)
+    if first is not None:
+        lines.append("* the config's step uses cached encoder features (frozen encoder, augmented copies)")
+        lines.append(f"before: {_chain_words(first['train_chain_before'])}")
+        lines.append(f"after:  {_chain_words(first['train_chain_after'])} (the config's chain)")
+    return lines

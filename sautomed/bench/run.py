@@ -3,6 +3,10 @@
 A group of measures is a dict {name: function}; `Measures.timed` times it in turns and records
 ``<name>_s`` / ``<name>_all_s`` (and encoder calls for counted names). A new backbone needs nothing here
 (``--model`` takes every `NetworkConfig.backbone`); a new measure is one more entry in a group.
+
+``--compare`` backbones are measured beside the model with the same settings: the encoder and predict on
+one synthetic case in the same group as the model's (in turns), and their training steps in a worker each.
+Per backbone the results are in ``r["backbones"][name]``; the model's are also at the top level.
 """
 
 from __future__ import annotations
@@ -16,12 +20,35 @@ import torch
 from torch import Tensor
 
 from sautomed.bench import worker
+from sautomed.bench.chain import train_measures
 from sautomed.bench.report import evaluate_targets, machine_info
-from sautomed.bench.settings import BenchSettings, autocast, autocast_dtype
+from sautomed.bench.settings import BenchSettings, autocast, autocast_dtype, for_backbone
 from sautomed.bench.timing import count_encoded, loadavg, predicted_ratio, sync, time_interleaved
 from sautomed.bench.workload import build_net, encoder_gflop_per_slice, naive_loop, synthetic_volume
 from sautomed.inference import InferenceEngine
 from sautomed.models.sautomed.network import SAutoMedNet
+
+# what one backbone's training worker records (`Measures.training`; chain.train_measures)
+TRAIN_KEYS = (
+    "train_step_s",
+    "train_first_step_s",
+    "train_peak_mb",
+    "train_step_mb",
+    "train_memory_method",
+    "train_error",
+    "train_step_cached_s",
+    "train_step_uncached_s",
+    "train_feature_cache",
+    "train_encoder_frozen",
+    "train_supervised_slices_per_window",
+    "train_supervised_slices_per_step",
+    "train_supervised_slices_per_s",
+    "train_chain_before",
+    "train_chain_after",
+    "train_supervised_slices_per_s_before",
+    "train_supervised_slices_per_s_after",
+    "train_steps_s",
+)
 
 
 class Measures:
@@ -80,32 +107,43 @@ class Measures:
         self.partial(r)
         return {name: t["result"] for name, t in res.items()}
 
-    def training(self, checkpointed: bool) -> None:
-        """One training step in a worker: time and peak memory, or with checkpointing the peak only.
+    def training(self, checkpointed: bool, backbone: str | None = None) -> None:
+        """Training steps in a worker: times and peak memory, or with checkpointing the peak only.
 
-        A step that does not fit (the worker is killed, e.g. out of memory) is recorded in ``train_error``
+        ``backbone``: a compared backbone (``--compare``): its measures go to ``r["backbones"][backbone]``
+        only; the model's go to the top level and to ``r["backbones"][model]``. A step that does not fit
+        (the worker is killed, e.g. out of memory) is recorded in ``train_error``
         (``train_error_checkpointed``) and the bench goes on: the other measures stand.
         """
         s, r, old = self.s, self.r, self.old
         if not checkpointed:
-            if old.get("train_step_s") is not None or old.get("train_error") is not None:
-                keys = ("train_step_s", "train_first_step_s", "train_peak_mb", "train_step_mb")
-                r.update({k: old.get(k) for k in (*keys, "train_memory_method", "train_error")})
-                r["resumed"].append("train")
-                return
-            self.progress(f"training step (batch {s.train_batch}, {s.warmup_slices} warm-ups)")
-            try:
-                plain = worker.run_train_worker(s, checkpointed=False, timing=True)
-                r.update(
-                    train_step_s=plain["step_s"],
-                    train_first_step_s=plain["first_step_s"],
-                    train_peak_mb=plain["peak_mb"],
-                    train_step_mb=plain["step_mb"],
-                    train_memory_method=plain["memory_method"],
+            name = backbone or str(s.network.get("backbone"))
+            sb = for_backbone(s, backbone) if backbone else s
+            prev = old if backbone is None else (old.get("backbones") or {}).get(backbone) or {}
+            if prev.get("train_step_s") is not None or prev.get("train_error") is not None:
+                rec = {k: prev.get(k) for k in TRAIN_KEYS}
+                r["resumed"].append("train" if backbone is None else f"train_{backbone}")
+            else:
+                self.progress(
+                    f"{name} training steps (batch {s.train_batch}, {s.warmup_slices} warm-ups; "
+                    f"before/after chains)"
                 )
-            except RuntimeError as exc:
-                r["train_error"] = str(exc)
-                self.progress(f"training step failed: {exc}")
+                rec = dict.fromkeys(TRAIN_KEYS)
+                try:
+                    plain = worker.run_train_worker(sb, checkpointed=False, timing=True)
+                    rec.update(
+                        train_first_step_s=plain["first_step_s"],
+                        train_peak_mb=plain["peak_mb"],
+                        train_step_mb=plain["step_mb"],
+                        train_memory_method=plain["memory_method"],
+                        **train_measures(sb, plain),
+                    )
+                except RuntimeError as exc:
+                    rec["train_error"] = str(exc)
+                    self.progress(f"{name} training step failed: {exc}")
+            r["backbones"].setdefault(name, {}).update(rec)
+            if backbone is None:
+                r.update(rec)
             self.partial(r)
             return
         keys = ("train_peak_mb", "train_step_mb", "train_first_step_s")
@@ -135,6 +173,13 @@ def _settings_record(s: BenchSettings, image_size: int) -> dict[str, Any]:
         "encode_chunk": s.encode_chunk,
         "train_batch": s.train_batch,
         "train_warmup_slices": s.warmup_slices,
+        "train_warmup_min": s.warmup_min,
+        "train_warmup_loss": float(s.loss.get("warmup", 0.0)),
+        "train_feature_cache": s.feature_cache,
+        "before_warmups": list(s.before_warmups),
+        "compare": list(s.compare),
+        "case_slices": s.case_slices,
+        "mode": s.mode,
         "repeats": s.repeats,
         "naive_repeats": s.naive_repeats or s.repeats,
         "warmup": s.warmup,
@@ -183,7 +228,13 @@ def run_bench(
     ad = autocast_dtype(s.dtype)
     engines = {m: InferenceEngine(net, m, s.encode_chunk, ad) for m in ("mid_to_ends", "end_to_end")}
     settings = _settings_record(s, size)
-    r: dict[str, Any] = {"settings": settings, "load_average_start": loadavg(), "resumed": []}
+    model = str(s.network.get("backbone", "tiny"))
+    r: dict[str, Any] = {
+        "settings": settings,
+        "load_average_start": loadavg(),
+        "resumed": [],
+        "backbones": {b: {} for b in (model, *s.compare)},
+    }
     if resume is not None and resume.get("settings") != settings:
         raise ValueError("--resume: the partial results were measured with other settings")
     m = Measures(s, net, r, resume or {}, progress, partial)
@@ -220,10 +271,30 @@ def run_bench(
     r["encoder_gflops_per_s"] = r["encoder_gflop"] / r["encoder_only_s"]
     r["compile_s"] = compile_s
 
+    # the model beside the compared backbones: the encoder and predict on one case, in turns
+    nets = {model: net, **{b: build_net(for_backbone(s, b)).eval().to(dev) for b in s.compare}}
+    case = synthetic_volume(s.case_slices, size, s.seed, dev)  # (case_slices, S, S)
+    case_engines = {b: InferenceEngine(x, s.mode, s.encode_chunk, ad) for b, x in nets.items()}
+    group = {}
+    for b, eng in case_engines.items():
+        group[f"case_encoder_{b}"] = lambda e=eng: e.encode_volume(case)
+        group[f"predict_case_{b}"] = lambda e=eng: e.segment(case, out_hw)
+    m.timed(group)
+    for b in nets:
+        r["backbones"][b].update(
+            encoder_s_per_slice=r[f"case_encoder_{b}_s"] / s.case_slices,
+            predict_case_s=r[f"predict_case_{b}_s"],
+        )
+    r["encoder_s_per_slice"] = r["backbones"][model]["encoder_s_per_slice"]
+    r["predict_case_s"] = r["backbones"][model]["predict_case_s"]
+    del nets, case_engines
+
     r.update(dict.fromkeys(("train_step_s", "train_peak_mb", "train_step_mb", "train_peak_mb_checkpointed")))
     if s.train:
         m.training(checkpointed=False)
         m.training(checkpointed=True)
+        for b in s.compare:
+            m.training(checkpointed=False, backbone=b)
 
     r["targets"] = evaluate_targets(r)
     r["load_average_end"] = loadavg()

@@ -1,6 +1,7 @@
 """What one bench run depends on: the config's values overridden by the flags, and the flags themselves.
 
-The backbones are those `NetworkConfig.backbone` accepts, so a backbone added there is measurable at once.
+The backbones are those `NetworkConfig.backbone` accepts, so a backbone added there is measurable at once;
+``--compare`` measures more of them beside ``--model`` with the same config (`for_backbone`).
 """
 
 from __future__ import annotations
@@ -8,12 +9,13 @@ from __future__ import annotations
 import argparse
 import typing
 from contextlib import nullcontext
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from sautomed.inference import Mode
 from sautomed.models.sautomed.network import NetworkConfig
 
 BACKBONES: tuple[str, ...] = typing.get_args(typing.get_type_hints(NetworkConfig)["backbone"])
@@ -29,7 +31,13 @@ class BenchSettings:
     encode_chunk: int = 8
     train_batch: int = 8
     warmup_slices: int = 3  # n: the config's warmup_max
+    warmup_min: int = 1  # the config's warmup_min: the training chain's n is drawn from warmup_min..n
+    feature_cache: bool = False  # the data gives slice_key (augmented_copies > 0): a frozen encoder caches
+    before_warmups: tuple[int, int] = (1, 3)  # the "before" chain: these warm-ups, no warm-up loss, encoded
     loss: dict[str, Any] = field(default_factory=dict)
+    compare: tuple[str, ...] = ()  # backbones measured beside the model (same config)
+    case_slices: int = 35  # slices of the synthetic case of `predict_case_s`
+    mode: Mode = "mid_to_ends"  # the config's model.inference.mode (predict_case_s)
     device: str = "cpu"
     dtype: str = "fp32"
     repeats: int = 3
@@ -49,10 +57,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", type=Path, help="a sautomed config: network, batch size, warm-ups (defaults)")
     p.add_argument("--model", choices=BACKBONES, help="backbone (overrides the config)")
+    p.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="BACKBONE[,BACKBONE]",
+        help=f"backbones measured beside --model, same config, same run ({', '.join(BACKBONES)})",
+    )
     p.add_argument("--image-size", type=int, help="input size S (overrides the config)")
     p.add_argument("--slices", type=int, default=16, help="slices N of the synthetic volume")
     p.add_argument("--classes", type=int, help="foreground classes C (overrides the config)")
     p.add_argument("--out-size", type=int, default=512, help="in-plane size the labels are resized to")
+    p.add_argument("--case-slices", type=int, default=35, help="slices of the synthetic predict case")
     p.add_argument("--encode-chunk", type=int, help="slices per encoder call (default: the config's, or 8)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16 = bfloat16 autocast")
@@ -63,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--train-batch", type=int, help="training batch size (default: the config's)")
     p.add_argument("--warmup-slices", type=int, help="training warm-up slices n (default: warmup_max)")
+    p.add_argument(
+        "--before-warmups",
+        default="1,3",
+        metavar="MIN,MAX",
+        help="warm-ups of the 'before' training chain (no warm-up loss, encoder run every step)",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the encoder (compile time reported)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     p.add_argument("--no-naive", action="store_true", help="skip the naive per-slice baseline")
@@ -102,6 +124,13 @@ def settings_from_args(a: argparse.Namespace) -> BenchSettings:
     if a.classes is not None:
         network["num_classes"] = a.classes
     windows = data.get("windows") or {}
+    compare = tuple(b.strip() for arg in a.compare for b in arg.split(",") if b.strip())
+    unknown = [b for b in compare if b not in BACKBONES]
+    if unknown:
+        raise ValueError(f"--compare: unknown backbone {', '.join(unknown)} (one of {', '.join(BACKBONES)})")
+    before = tuple(int(v) for v in str(a.before_warmups).split(","))
+    if len(before) != 2 or not 1 <= before[0] <= before[1]:
+        raise ValueError(f"--before-warmups must be MIN,MAX with 1 <= MIN <= MAX, got {a.before_warmups}")
     s = BenchSettings(
         network=network,
         slices=a.slices,
@@ -109,7 +138,13 @@ def settings_from_args(a: argparse.Namespace) -> BenchSettings:
         encode_chunk=a.encode_chunk or int((model.get("inference") or {}).get("encode_chunk", 8)),
         train_batch=a.train_batch if a.train_batch is not None else int(data.get("batch_size", 8)),
         warmup_slices=a.warmup_slices if a.warmup_slices is not None else int(windows.get("warmup_max", 3)),
+        warmup_min=int(windows.get("warmup_min", 1)),
+        feature_cache=int(windows.get("augmented_copies", 0)) > 0,
+        before_warmups=(before[0], before[1]),
         loss=dict(model.get("loss") or {}),
+        compare=tuple(dict.fromkeys(b for b in compare if b != network.get("backbone", "tiny"))),
+        case_slices=a.case_slices,
+        mode=(model.get("inference") or {}).get("mode", "mid_to_ends"),
         device=a.device,
         dtype=a.dtype,
         repeats=a.repeats,
@@ -124,9 +159,24 @@ def settings_from_args(a: argparse.Namespace) -> BenchSettings:
     NetworkConfig(**s.network)  # unknown backbone / bad types fail here, before anything runs
     if s.slices < 1 or s.repeats < 1 or s.warmup < 0 or s.train_batch < 1 or s.warmup_slices < 0:
         raise ValueError("--slices, --repeats and --train-batch must be >= 1; --warmup, --warmup-slices >= 0")
+    if s.case_slices < 1:
+        raise ValueError("--case-slices must be >= 1")
+    if s.mode not in typing.get_args(Mode):
+        raise ValueError(f"model.inference.mode must be one of {typing.get_args(Mode)}, got {s.mode!r}")
     if s.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: CUDA is not available")
     return s
+
+
+def for_backbone(s: BenchSettings, backbone: str) -> BenchSettings:
+    """The same settings with another backbone (and nothing to compare)."""
+    return replace(s, network={**s.network, "backbone": backbone}, compare=())
+
+
+def settings_from_json(d: dict[str, Any]) -> BenchSettings:
+    """`BenchSettings` from its ``asdict`` JSON (tuples come back as lists)."""
+    before = tuple(d.get("before_warmups", (1, 3)))
+    return BenchSettings(**{**d, "compare": tuple(d.get("compare", ())), "before_warmups": before})
 
 
 def autocast_dtype(dtype: str) -> torch.dtype | None:

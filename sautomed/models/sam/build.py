@@ -68,13 +68,17 @@ class SamParts(NamedTuple):
     mask_decoder: MaskDecoder
 
 
-def build_sam_parts(backbone: Backbone, image_size: int, patch_size: int = 16) -> SamParts:
+def build_sam_parts(
+    backbone: Backbone, image_size: int, patch_size: int = 16, feature_pool: int = 1
+) -> SamParts:
     """Build SAM's three modules for input size ``image_size`` (a multiple of the patch size).
 
     ``patch_size`` other than 16 is for ``tiny`` only (official checkpoints are patch 16).
+    ``feature_pool`` k > 1: the network average-pools the encoder's features by k, so the prompt encoder's
+    grid is the encoder's divided by k.
     """
     if backbone == "litemedsam":
-        return build_litemedsam_parts(image_size)
+        return build_litemedsam_parts(image_size, feature_pool)
     if backbone not in SAM_VARIANTS:
         raise ValueError(f"unknown backbone {backbone!r}; choose from {list(BACKBONES)}")
     v = SAM_VARIANTS[backbone]
@@ -84,7 +88,7 @@ def build_sam_parts(backbone: Backbone, image_size: int, patch_size: int = 16) -
         v = replace(v, patch_size=patch_size)
     if image_size % v.patch_size:
         raise ValueError(f"image_size {image_size} must be a multiple of the patch size {v.patch_size}")
-    grid = image_size // v.patch_size
+    grid = image_size // v.patch_size // feature_pool
     image_encoder = ImageEncoderViT(
         depth=v.encoder_depth,
         embed_dim=v.encoder_embed_dim,
@@ -103,7 +107,7 @@ def build_sam_parts(backbone: Backbone, image_size: int, patch_size: int = 16) -
     return SamParts(image_encoder, prompt_encoder, mask_decoder)
 
 
-def build_litemedsam_parts(image_size: int) -> SamParts:
+def build_litemedsam_parts(image_size: int, feature_pool: int = 1) -> SamParts:
     """LiteMedSAM: TinyViT encoder (features S/4) + SAM's prompt encoder and mask decoder (SAM's sizes).
 
     LiteMedSAM was trained at S = 256 (64 x 64 features); any multiple of 16 builds (nothing in it depends
@@ -112,7 +116,9 @@ def build_litemedsam_parts(image_size: int) -> SamParts:
     if image_size % 16:
         raise ValueError(f"image_size {image_size} must be a multiple of 16 for litemedsam")
     encoder = TinyViTEncoder()
-    prompt_encoder, mask_decoder = _prompt_and_decoder(SAM_VARIANTS["vit_b"], image_size, image_size // 4)
+    prompt_encoder, mask_decoder = _prompt_and_decoder(
+        SAM_VARIANTS["vit_b"], image_size, image_size // 4 // feature_pool
+    )
     return SamParts(encoder, prompt_encoder, mask_decoder)
 
 

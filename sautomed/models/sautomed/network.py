@@ -71,6 +71,9 @@ class NetworkConfig:
         grad_checkpointing: activation checkpointing of the encoder blocks in training (saves memory).
         patch_size: patch side of the ``tiny`` encoder (16 as SAM; 8 gives a 4x finer token grid at 4x the
             encoder cost). The official ViTs and litemedsam keep their own.
+        feature_pool: average-pool the encoder's features by this factor before everything else (1 = off):
+            the decoder chain costs about k^2 less (litemedsam at S = 128: 32 x 32 -> 16 x 16 tokens, logits
+            at S/2), at the price of resolution. The encoder still sees the full S x S slice.
         state_presence_gate: the next slice's state keeps a class only where this slice's presence head says
             it is there (box prompts on); a stray pixel then no longer carries a class down the chain.
         state_min_area: the next state keeps a class only with at least this many pixels (logit grid).
@@ -96,6 +99,7 @@ class NetworkConfig:
     sam_checkpoint: str | None = None
     grad_checkpointing: bool = False
     patch_size: int = 16
+    feature_pool: int = 1
     state_presence_gate: bool = False
     state_min_area: int = 0
     state_largest_component: bool = False
@@ -122,7 +126,7 @@ class SAutoMedNet(nn.Module):
     def __init__(self, cfg: NetworkConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        parts = build_sam_parts(cfg.backbone, cfg.image_size, cfg.patch_size)
+        parts = build_sam_parts(cfg.backbone, cfg.image_size, cfg.patch_size, cfg.feature_pool)
         D = parts.prompt_encoder.embed_dim
         self.image_encoder = parts.image_encoder
         self.prompt_encoder = parts.prompt_encoder
@@ -218,7 +222,7 @@ class SAutoMedNet(nn.Module):
         enc = self.image_encoder
         if not isinstance(enc, ImageEncoderViT):  # an encoder object: (N, 3, S, S) in [0, 1] -> features
             enc.grad_checkpointing = self.cfg.grad_checkpointing
-            return enc(x)
+            return self._pool(enc(x))
         x = (x * 255.0 - self.pixel_mean) / self.pixel_std  # SAM's pixel normalisation
         x = enc.patch_embed(x)  # (N, S/16, S/16, E)
         if enc.pos_embed is not None:
@@ -226,7 +230,12 @@ class SAutoMedNet(nn.Module):
         use_ckpt = self.cfg.grad_checkpointing and self.training and torch.is_grad_enabled()
         for blk in enc.blocks:
             x = checkpoint(blk, x, use_reentrant=False) if use_ckpt else blk(x)
-        return enc.neck(x.permute(0, 3, 1, 2))  # (N, D, S/16, S/16)
+        return self._pool(enc.neck(x.permute(0, 3, 1, 2)))  # (N, D, S/16, S/16)
+
+    def _pool(self, feats: Tensor) -> Tensor:
+        """(N, D, h, w) -> (N, D, h/k, w/k) for ``feature_pool`` k (identity for k = 1)."""
+        k = self.cfg.feature_pool
+        return feats if k == 1 else torch.nn.functional.avg_pool2d(feats, k)
 
     def initial_state(self, batch: int, device: torch.device | None = None) -> State:
         """Initial history tokens, default anchors as boxes, nothing present."""
