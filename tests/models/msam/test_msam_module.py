@@ -101,7 +101,8 @@ def test_automatic_mode_returns_a_label_map_on_the_volume_grid():
     assert labels.shape == (20, 50, 50) and labels.dtype == np.uint8 and set(np.unique(labels)) <= {0, 1}
 
 
-def test_datamodule_makes_lesion_phantoms_and_crops(tmp_path):
+def test_datamodule_makes_lesion_phantoms_and_crops(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # without a trainer the split is written to the working directory
     dm = MSAMDataModule(
         crops=CropSettings(size=32, samples_per_epoch=6, foreground_fraction=1.0),
         root=str(tmp_path / "p"),
