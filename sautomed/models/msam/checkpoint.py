@@ -114,3 +114,96 @@ def export_sam_med3d(net: MSAMNet) -> dict[str, Tensor]:
 def msam_state_dict(net: MSAMNet) -> dict[str, Tensor]:
     """Every tensor of ``net`` under SAM-Med3D's names (+ ``lora_*`` and ``fusion.*``); loads back exactly."""
     return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+# -- the public M-SAM training checkpoint (``CombinedModel(lora_sam, bidatt)``) ------------------------
+
+_PUBLIC_ATTN = (
+    ("qkv.", "attn.qkv."),
+    ("proj.", "attn.proj."),
+    ("rel_pos_", "attn.rel_pos_"),
+    ("mlp.", "mlp.mlp."),
+)
+_PUBLIC_BRANCH = {  # public name inside a BiDirectionalAttention block -> ours inside MEABlock
+    "image_conv1.": "image.refine.conv1.",
+    "image_norm.": "image.refine.norm.",
+    "image_conv2.": "image.refine.conv2.",
+    "image_addnorm1.": "image.refine.addnorm.",
+    "image_multiheadattn.": "image.attn.",
+    "image_addnorm2.": "image.norm_attn.",
+    "mlp1.": "image.mlp.mlp.",
+    "image_addnorm3.": "image.norm_mlp.",
+    "prompt_conv1.": "mask.refine.conv1.",
+    "prompt_norm.": "mask.refine.norm.",
+    "prompt_conv2.": "mask.refine.conv2.",
+    "prompt_addnorm1.": "mask.refine.addnorm.",
+    "prompt_multiheadattn.": "mask.attn.",
+    "prompt_addnorm2.": "mask.norm_attn.",
+    "mlp2.": "mask.mlp.mlp.",
+    "prompt_addnorm3.": "mask.norm_mlp.",
+}
+_PUBLIC_TOP = {
+    "add_norm3.": "norm_image.",
+    "add_norm2.": "norm_mask.",
+    "multi_head_self_attention.": "attn.",
+    "add_norm.": "norm_out.",
+    "mlp.": "mlp.mlp.",
+}
+
+
+def _attn_key(rest: str) -> str:
+    """Inside the public MEA ``Attention`` (norm1, qkv, proj, rel_pos_*, norm2, mlp) -> our ``MaskedAttn``."""
+    for old, new in _PUBLIC_ATTN:
+        if rest.startswith(old):
+            return new + rest[len(old) :]
+    return rest  # norm1.*, norm2.*
+
+
+def public_mea_key(key: str) -> str | None:
+    """A key of the public ``BiDirectionalAttentionNetwork`` -> ours under ``fusion.`` (None: unused)."""
+    m = re.match(r"^bidirectional_attentions\.(\d+)\.(.*)$", key)
+    if m:
+        block, rest = m.groups()
+        for old, new in _PUBLIC_BRANCH.items():
+            if rest.startswith(old):
+                inner = rest[len(old) :]
+                if old.endswith("multiheadattn."):
+                    inner = _attn_key(inner)
+                return f"fusion.blocks.{block}.{new}{inner}"
+        return None
+    if key.startswith("add_norm4."):
+        return None  # built but never used by the public forward
+    for old, new in _PUBLIC_TOP.items():
+        if key.startswith(old):
+            inner = key[len(old) :]
+            return "fusion." + new + (_attn_key(inner) if old == "multi_head_self_attention." else inner)
+    return None
+
+
+def convert_public_msam(sd: Mapping[str, Tensor], lora_scaling: float = 1.0) -> dict[str, Tensor]:
+    """The public M-SAM ``CombinedModel`` state dict (``lora_sam.sam.*``, ``bidatt.*``) -> our names.
+
+    Its LoRA (``qkv.linear_a_q/b_q/a_v/b_v``, unscaled) becomes loralib's ``lora_A`` = [A_q; A_v] and
+    ``lora_B`` = [B_q; B_v] / ``lora_scaling`` (our ``lora_alpha / lora_rank``).
+    """
+    out: dict[str, Tensor] = {}
+    lora: dict[str, dict[str, Tensor]] = {}
+    for key, value in sd.items():
+        key = key.removeprefix("module.")
+        if key.startswith("bidatt."):
+            new = public_mea_key(key.removeprefix("bidatt."))
+            if new is not None:
+                out[new] = value
+            continue
+        key = key.removeprefix("lora_sam.").removeprefix("sam.")
+        m = re.match(r"^(image_encoder\.blocks\.\d+\.attn\.qkv)\.(qkv|linear_[ab]_[qv])\.weight$", key)
+        if m and m.group(2) != "qkv":
+            lora.setdefault(m.group(1), {})[m.group(2)] = value
+        elif m:
+            out[f"{m.group(1)}.weight"] = value
+        else:
+            out[key.replace(".qkv.qkv.", ".qkv.")] = value
+    for prefix, parts in lora.items():
+        out[f"{prefix}.lora_A"] = torch.cat([parts["linear_a_q"], parts["linear_a_v"]], 0)
+        out[f"{prefix}.lora_B"] = torch.cat([parts["linear_b_q"], parts["linear_b_v"]], 0) / lora_scaling
+    return out

@@ -55,7 +55,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     module = MSAMModule(
         network=MSAMConfig(variant="tiny", image_size=args.crop, fusion=args.fusion),
-        refinement=RefinementSettings(iterations=args.iterations, prompt_free_probability=0.3, seed=args.seed),
+        refinement=RefinementSettings(
+            iterations=args.iterations, prompt_free_probability=0.3, seed=args.seed
+        ),
         evaluation=EvaluationSettings(oracle_clicks=(1, 3, 5, 10)),
         automatic=AutoSettings(),
         lr=args.lr,
@@ -82,7 +84,9 @@ def main(argv: list[str] | None = None) -> dict:
         default_root_dir=str(args.out / "run"), accelerator="cpu", logger=False, enable_progress_bar=False
     )
     trainer.validate(module, datamodule=dm)
-    result = {k: v for k, v in module.last_summary.items() if k != "config" and not isinstance(v, dict | list)}
+    result = {
+        k: v for k, v in module.last_summary.items() if k != "config" and not isinstance(v, dict | list)
+    }
     result.update(train_seconds=round(train_s, 1), steps=args.steps, fusion=args.fusion, cases=args.cases)
     trainer.save_checkpoint(args.out / "msam_tiny.ckpt")
     (args.out / "result.json").write_text(json.dumps(result, indent=2) + "\n")

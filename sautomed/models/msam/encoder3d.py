@@ -20,6 +20,7 @@ one table, ``attn.rel_pos_d``, is added for depth; these are exactly SAM-Med3D's
 from __future__ import annotations
 
 from functools import partial
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -32,16 +33,26 @@ _vit = modeling.image_encoder  # segment_anything.modeling.image_encoder (alread
 get_rel_pos = _vit.get_rel_pos
 
 
+RelPosIndexing = Literal["sam_med3d", "decomposed"]
+
+
 def add_decomposed_rel_pos_3d(
     attn: Tensor,
     q: Tensor,
     rel_pos: tuple[Tensor, Tensor, Tensor],
     q_size: tuple[int, int, int],
     k_size: tuple[int, int, int],
+    indexing: RelPosIndexing = "sam_med3d",
 ) -> Tensor:
     """Decomposed relative positions (MViTv2) in 3D: attn + q.R_d + q.R_h + q.R_w.
 
     attn: (B*heads, Nq, Nk) with Nq = qd*qh*qw; q: (B*heads, Nq, head_dim); rel_pos: tables for d, h, w.
+
+    ``decomposed``: each term broadcast over the key axes it does not depend on (MViTv2's intent).
+    ``sam_med3d``: SAM-Med3D's (and M-SAM's) own broadcasting, which kept SAM's 2D index pattern: its
+    ``rel_h[:, :, :, None, :, None]`` on a 5D tensor lands the key-h table on the key-w axis (and likewise
+    for d and w), which only runs because the grids are cubes. Pretrained SAM-Med3D weights were learned
+    with it, so it is the default; it needs q_size == k_size with all sides equal.
     """
     (qd, qh, qw), (kd, kh, kw) = q_size, k_size
     rd = get_rel_pos(qd, kd, rel_pos[0])  # (qd, kd, head_dim)
@@ -52,13 +63,12 @@ def add_decomposed_rel_pos_3d(
     rel_d = torch.einsum("bdhwc,dkc->bdhwk", r_q, rd)  # (B*heads, qd, qh, qw, kd)
     rel_h = torch.einsum("bdhwc,hkc->bdhwk", r_q, rh)
     rel_w = torch.einsum("bdhwc,wkc->bdhwk", r_q, rw)
-    attn = (
-        attn.view(b, qd, qh, qw, kd, kh, kw)
-        + rel_d[..., :, None, None]
-        + rel_h[..., None, :, None]
-        + rel_w[..., None, None, :]
-    )
-    return attn.view(b, qd * qh * qw, kd * kh * kw)
+    a = attn.view(b, qd, qh, qw, kd, kh, kw)
+    if indexing == "sam_med3d":  # SAM-Med3D's exact expression (see above)
+        a = a + rel_d[:, :, :, :, None, None] + rel_h[:, :, :, None, :, None] + rel_w[:, :, :, None, None, :]
+    else:
+        a = a + rel_d[..., :, None, None] + rel_h[..., None, :, None] + rel_w[..., None, None, :]
+    return a.view(b, qd * qh * qw, kd * kh * kw)
 
 
 class Attention3D(_vit.Attention):
@@ -71,6 +81,7 @@ class Attention3D(_vit.Attention):
         use_rel_pos: add decomposed 3D relative positions.
         rel_pos_zero_init: (kept for SAM's signature) the tables start at zero.
         input_size: (D, H, W) token grid the tables are sized for.
+        rel_pos_indexing: ``sam_med3d`` (its pretrained weights' broadcasting) or ``decomposed``.
     """
 
     def __init__(
@@ -81,6 +92,7 @@ class Attention3D(_vit.Attention):
         use_rel_pos: bool = False,
         rel_pos_zero_init: bool = True,
         input_size: tuple[int, int, int] | None = None,
+        rel_pos_indexing: RelPosIndexing = "sam_med3d",
     ) -> None:
         super().__init__(
             dim,
@@ -93,6 +105,7 @@ class Attention3D(_vit.Attention):
         if use_rel_pos:
             assert input_size is not None, "input_size is needed for relative positions"
             self.rel_pos_d = nn.Parameter(torch.zeros(2 * input_size[0] - 1, dim // num_heads))
+        self.rel_pos_indexing = rel_pos_indexing
 
     def forward(self, x: Tensor) -> Tensor:
         b, d, h, w, _ = x.shape
@@ -102,7 +115,7 @@ class Attention3D(_vit.Attention):
         attn = (q * self.scale) @ k.transpose(-2, -1)  # (B*heads, N, N)
         if self.use_rel_pos:
             tables = (self.rel_pos_d, self.rel_pos_h, self.rel_pos_w)
-            attn = add_decomposed_rel_pos_3d(attn, q, tables, (d, h, w), (d, h, w))
+            attn = add_decomposed_rel_pos_3d(attn, q, tables, (d, h, w), (d, h, w), self.rel_pos_indexing)
         attn = attn.softmax(dim=-1)
         x = (attn @ v).view(b, self.num_heads, d, h, w, -1).permute(0, 2, 3, 4, 1, 5).reshape(b, d, h, w, -1)
         return self.proj(x)
@@ -146,6 +159,7 @@ class Block3D(_vit.Block):
         rel_pos_zero_init: tables start at zero.
         window_size: 0 = global attention; else cubic windows of this many tokens (grid zero-padded).
         input_size: (D, H, W) token grid (sizes the global blocks' tables).
+        rel_pos_indexing: see :func:`add_decomposed_rel_pos_3d`.
     """
 
     def __init__(
@@ -160,6 +174,7 @@ class Block3D(_vit.Block):
         rel_pos_zero_init: bool = True,
         window_size: int = 0,
         input_size: tuple[int, int, int] | None = None,
+        rel_pos_indexing: RelPosIndexing = "sam_med3d",
     ) -> None:
         super().__init__(
             dim,
@@ -178,6 +193,7 @@ class Block3D(_vit.Block):
             use_rel_pos=use_rel_pos,
             rel_pos_zero_init=rel_pos_zero_init,
             input_size=input_size if window_size == 0 else (window_size,) * 3,
+            rel_pos_indexing=rel_pos_indexing,
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -219,6 +235,7 @@ class ImageEncoder3D(nn.Module):
         window_size: window of the non-global blocks in tokens (14: one zero-padded window over 8^3).
         global_attn_indexes: blocks with global attention ((2, 5, 8, 11)).
         use_rel_pos: decomposed 3D relative positions in every block.
+        rel_pos_indexing: ``sam_med3d`` (default: what its pretrained weights expect) or ``decomposed``.
     """
 
     def __init__(
@@ -234,6 +251,7 @@ class ImageEncoder3D(nn.Module):
         window_size: int = 14,
         global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11),
         use_rel_pos: bool = True,
+        rel_pos_indexing: RelPosIndexing = "sam_med3d",
     ) -> None:
         super().__init__()
         if img_size % patch_size:
@@ -255,6 +273,7 @@ class ImageEncoder3D(nn.Module):
                 use_rel_pos=use_rel_pos,
                 window_size=0 if i in global_attn_indexes else window_size,
                 input_size=self.grid,
+                rel_pos_indexing=rel_pos_indexing,
             )
             for i in range(depth)
         )

@@ -27,7 +27,7 @@ from typing import Literal
 from torch import Tensor, nn
 
 from sautomed.models.msam.common import LayerNorm3d, channels_first, channels_last
-from sautomed.models.msam.encoder3d import Attention3D
+from sautomed.models.msam.encoder3d import Attention3D, RelPosIndexing
 from sautomed.models.sam.upstream import MLPBlock, modeling
 
 Fusion = Literal["mea", "sum", "cross_attention"]
@@ -53,12 +53,22 @@ class MaskedAttn(nn.Module):
         num_heads: heads of the self-attention.
         grid: (g, g, g), sizes the relative-position tables.
         mlp_ratio: MLP hidden / C.
+        rel_pos_indexing: relative-position broadcasting (see ``encoder3d.add_decomposed_rel_pos_3d``).
     """
 
-    def __init__(self, dim: int, num_heads: int, grid: tuple[int, int, int], mlp_ratio: float = 4.0) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        grid: tuple[int, int, int],
+        mlp_ratio: float = 4.0,
+        rel_pos_indexing: RelPosIndexing = "sam_med3d",
+    ) -> None:
         super().__init__()
         self.norm1 = LayerNorm3d(dim)
-        self.attn = Attention3D(dim, num_heads=num_heads, use_rel_pos=True, input_size=grid)
+        self.attn = Attention3D(
+            dim, num_heads=num_heads, use_rel_pos=True, input_size=grid, rel_pos_indexing=rel_pos_indexing
+        )
         self.norm2 = LayerNorm3d(dim)
         self.mlp = ChannelMLP(dim, int(dim * mlp_ratio))
 
@@ -85,10 +95,12 @@ class _ConvRefine(nn.Module):
 class _Branch(nn.Module):
     """One stream of an MEA block: ``O = LN(Attn(x1 + x + other) + x1); O = LN(MLP(O) + O)``."""
 
-    def __init__(self, dim: int, num_heads: int, grid: tuple[int, int, int], mlp_ratio: float) -> None:
+    def __init__(
+        self, dim: int, num_heads: int, grid: tuple[int, int, int], mlp_ratio: float, indexing: RelPosIndexing
+    ) -> None:
         super().__init__()
         self.refine = _ConvRefine(dim)
-        self.attn = MaskedAttn(dim, num_heads, grid, mlp_ratio)
+        self.attn = MaskedAttn(dim, num_heads, grid, mlp_ratio, indexing)
         self.norm_attn = LayerNorm3d(dim)
         self.mlp = ChannelMLP(dim, int(dim * mlp_ratio))
         self.norm_mlp = LayerNorm3d(dim)
@@ -102,10 +114,17 @@ class _Branch(nn.Module):
 class MEABlock(nn.Module):
     """One mutual-residual block: (I_k, M_k) -> (Oi, Om), each (B, C, g, g, g)."""
 
-    def __init__(self, dim: int, num_heads: int, grid: tuple[int, int, int], mlp_ratio: float = 4.0) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        grid: tuple[int, int, int],
+        mlp_ratio: float = 4.0,
+        indexing: RelPosIndexing = "sam_med3d",
+    ) -> None:
         super().__init__()
-        self.image = _Branch(dim, num_heads, grid, mlp_ratio)
-        self.mask = _Branch(dim, num_heads, grid, mlp_ratio)
+        self.image = _Branch(dim, num_heads, grid, mlp_ratio, indexing)
+        self.mask = _Branch(dim, num_heads, grid, mlp_ratio, indexing)
 
     def forward(self, image: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         return self.image(image, mask), self.mask(mask, image)
@@ -120,6 +139,7 @@ class MaskEnhancedAdapter(nn.Module):
         blocks: number of mutual-residual blocks (1 in the public code).
         num_heads: attention heads (6 in the public code).
         mlp_ratio: MLP hidden / C (4).
+        rel_pos_indexing: relative-position broadcasting of its attentions (the public code: ``sam_med3d``).
     """
 
     def __init__(
@@ -129,12 +149,15 @@ class MaskEnhancedAdapter(nn.Module):
         blocks: int = 1,
         num_heads: int = 6,
         mlp_ratio: float = 4.0,
+        rel_pos_indexing: RelPosIndexing = "sam_med3d",
     ) -> None:
         super().__init__()
         self.norm_image = LayerNorm3d(dim)
         self.norm_mask = LayerNorm3d(dim)
-        self.blocks = nn.ModuleList(MEABlock(dim, num_heads, grid, mlp_ratio) for _ in range(blocks))
-        self.attn = MaskedAttn(dim, num_heads, grid, mlp_ratio)
+        self.blocks = nn.ModuleList(
+            MEABlock(dim, num_heads, grid, mlp_ratio, rel_pos_indexing) for _ in range(blocks)
+        )
+        self.attn = MaskedAttn(dim, num_heads, grid, mlp_ratio, rel_pos_indexing)
         self.norm_out = LayerNorm3d(dim)
         self.mlp = ChannelMLP(dim, int(dim * mlp_ratio))
 
@@ -187,11 +210,16 @@ class CrossAttentionFusion(nn.Module):
 
 
 def build_fusion(
-    kind: Fusion, dim: int, grid: tuple[int, int, int], blocks: int = 1, num_heads: int = 6
+    kind: Fusion,
+    dim: int,
+    grid: tuple[int, int, int],
+    blocks: int = 1,
+    num_heads: int = 6,
+    rel_pos_indexing: RelPosIndexing = "sam_med3d",
 ) -> nn.Module:
     """The fusion module for the ``fusion`` switch."""
     if kind == "mea":
-        return MaskEnhancedAdapter(dim, grid, blocks=blocks, num_heads=num_heads)
+        return MaskEnhancedAdapter(dim, grid, blocks, num_heads, rel_pos_indexing=rel_pos_indexing)
     if kind == "sum":
         return SumFusion()
     if kind == "cross_attention":

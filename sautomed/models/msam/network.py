@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sautomed.models.msam.decoder3d import MaskDecoder3D
-from sautomed.models.msam.encoder3d import ImageEncoder3D
+from sautomed.models.msam.encoder3d import ImageEncoder3D, RelPosIndexing
 from sautomed.models.msam.mea import Fusion, SumFusion, build_fusion
 from sautomed.models.msam.prompt3d import PromptEncoder3D
 from sautomed.models.sam.lora import lora_qkv, set_encoder_trainable
@@ -79,6 +79,9 @@ class MSAMConfig:
             LoRA trains; the public code), ``full``, or ``frozen`` (the rebuttal's wording).
         sam_med3d_checkpoint: path of a SAM-Med3D checkpoint (``image_encoder.*``, ``prompt_encoder.*``,
             ``mask_decoder.*``) loaded at construction; None: random init.
+        rel_pos_indexing: how the encoder's (and the MEA's) relative-position terms broadcast:
+            ``sam_med3d`` (SAM-Med3D's own expression, which its pretrained weights expect; needs cubic token
+            grids) or ``decomposed`` (MViTv2's intended decomposition); see ``encoder3d``.
         input_norm: ``zscore_nonzero`` (each crop z-scored over its non-zero voxels, as SAM-Med3D's
             ``tio.ZNormalization(masking_method=x > 0)``) or ``none``.
     """
@@ -92,6 +95,7 @@ class MSAMConfig:
     lora_alpha: float = 4.0
     encoder_finetune: Literal["auto", "lora", "full", "frozen"] = "auto"
     sam_med3d_checkpoint: str | None = None
+    rel_pos_indexing: RelPosIndexing = "sam_med3d"
     input_norm: Literal["zscore_nonzero", "none"] = "zscore_nonzero"
 
 
@@ -129,6 +133,7 @@ class MSAMNet(nn.Module):
             out_chans=v.prompt_embed_dim,
             window_size=v.window_size,
             global_attn_indexes=v.encoder_global_attn_indexes,
+            rel_pos_indexing=config.rel_pos_indexing,
         )
         grid = self.image_encoder.grid
         self.grid = grid
@@ -141,7 +146,12 @@ class MSAMNet(nn.Module):
             iou_head_hidden_dim=v.iou_head_hidden_dim,
         )
         self.fusion = build_fusion(
-            config.fusion, v.prompt_embed_dim, grid, config.mea_blocks, config.mea_heads
+            config.fusion,
+            v.prompt_embed_dim,
+            grid,
+            config.mea_blocks,
+            config.mea_heads,
+            config.rel_pos_indexing,
         )
         if config.lora_rank > 0:
             for block in self.image_encoder.blocks:
