@@ -6,6 +6,9 @@ state dict) loads into :class:`MSAMNet` through the shared strict loader (``sam/
 absolute position embedding is resized trilinearly and the global blocks' relative-position tables linearly
 (as SAM-Med3D's own ``load_from`` does); windowed blocks keep their tables.
 
+Also in: the public M-SAM training checkpoint (``CombinedModel``: ``lora_sam.sam.*`` with its own LoRA
+layers, ``bidatt.*`` the MEA) is converted to our names (:func:`convert_public_msam`) and loaded the same way.
+
 Out: :func:`export_sam_med3d` gives the state dict SAM-Med3D's ``Sam3D`` loads: LoRA folded into the qkv
 weights, ``fusion.*`` left out (SAM-Med3D has no MEA; M-SAM's own adapter travels in our Lightning
 checkpoint). :func:`msam_state_dict` keeps everything (LoRA unmerged), the format M-SAM loads back exactly.
@@ -65,9 +68,14 @@ def adapt_to(net: MSAMNet, sd: Mapping[str, Tensor]) -> tuple[dict[str, Tensor],
 
 
 def load_sam_med3d(net: MSAMNet, source: str | os.PathLike | Mapping[str, Tensor]) -> LoadReport:
-    """Load a SAM-Med3D checkpoint (path or state dict) into ``net``; strict about everything but new keys."""
+    """Load a SAM-Med3D checkpoint (path or state dict) into ``net``; strict about everything but new keys.
+
+    The public M-SAM training checkpoint (``lora_sam.sam.*``, ``bidatt.*``) is recognised and converted.
+    """
     name = os.fspath(source) if isinstance(source, str | os.PathLike) else "<state dict>"
     sd = read_sam_med3d(source) if isinstance(source, str | os.PathLike) else dict(source)
+    if any(k.startswith(("lora_sam.", "bidatt.")) for k in sd):  # the public M-SAM training checkpoint
+        sd = convert_public_msam(sd, net.config.lora_alpha / max(1, net.config.lora_rank))
     sd, resized = adapt_to(net, sd)
     own = net.state_dict()
     report = LoadReport(source=name, interpolated=resized)

@@ -12,7 +12,7 @@ import itertools
 import torch
 from msam_helpers import blob_batch, make_net
 
-from sautomed.models.msam.checkpoint import convert_public_msam, load_sam_med3d, public_mea_key
+from sautomed.models.msam.checkpoint import load_sam_med3d, public_mea_key
 from sautomed.models.msam.encoder3d import add_decomposed_rel_pos_3d
 
 
@@ -63,9 +63,7 @@ def test_public_lora_converts_to_loralib():
             public[f"lora_sam.sam.{stem}.linear_{ab}_q.weight"] = v[:half]
             public[f"lora_sam.sam.{stem}.linear_{ab}_v.weight"] = v[half:]
     dst = make_net(seed=1, fusion="sum")
-    load_sam_med3d(
-        dst, convert_public_msam(public, lora_scaling=src.config.lora_alpha / src.config.lora_rank)
-    )
+    load_sam_med3d(dst, public)  # recognised as the public format and converted (convert_public_msam)
     image, _ = blob_batch(1)
     with torch.no_grad():
         assert torch.allclose(src.encode(image), dst.encode(image), atol=1e-6)
