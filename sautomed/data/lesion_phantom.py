@@ -4,7 +4,9 @@ Each case is a head (a bright scalp/skull ring around textured brain tissue with
 one or two lesions in BraTS's label scheme: 2 oedema (a large irregular halo, bright as in FLAIR), inside it
 the tumour core: 4 enhancing rim, 1 necrosis at its centre, and sometimes 3 non-enhancing tumour. Lesions are
 smoothly deformed ellipsoids (``phantom._blob``) placed at random inside the brain, with random sizes, so the
-whole tumour (labels > 0) is a small, variable, blob-like target, as in lesion segmentation. Intensities are
+whole tumour (labels > 0) is a small, variable, blob-like target, as in lesion segmentation. Optionally
+(``mimics``) unlabelled lesion-like blobs (homogeneous, no halo, in the lesion intensity range) make the
+image alone ambiguous, as cysts or vessels do: then clicks carry information the image lacks. Intensities are
 arbitrary MR-like units (use percentile normalisation). Spacing is isotropic 1 mm; voxel orders vary as in
 ``phantom.py`` (its geometry and writer functions are reused). Output is deterministic for a seed.
 """
@@ -44,7 +46,17 @@ def _lesion(rng: np.random.Generator, grid, brain: np.ndarray, warp, label: np.n
     image[necrosis] = 380.0 + rng.uniform(-30, 30)
 
 
-def _case(rng: np.random.Generator, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+def _mimic(rng: np.random.Generator, grid, brain: np.ndarray, warp, label: np.ndarray, image: np.ndarray):
+    """Paint one unlabelled lesion-like blob where there is no lesion."""
+    centre = tuple(rng.uniform(0.3, 0.7, 3))
+    radii = tuple(rng.uniform(0.06, 0.14) * rng.uniform(0.8, 1.25, 3))
+    blob = _blob(rng, grid, centre, radii, warp) & brain & (label == 0)
+    image[blob] = rng.uniform(500.0, 640.0)
+
+
+def _case(
+    rng: np.random.Generator, shape: tuple[int, int, int], mimics: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """One canonical (z, y, x) int16 image and uint8 label volume."""
     grid = np.meshgrid(*(np.linspace(0, 1, n) for n in shape), indexing="ij")
     z, y, x = grid
@@ -61,13 +73,19 @@ def _case(rng: np.random.Generator, shape: tuple[int, int, int]) -> tuple[np.nda
     label = np.zeros(shape, np.uint8)
     for _ in range(1 if rng.random() < 0.7 else 2):
         _lesion(rng, grid, brain, warp, label, image)
+    for _ in range(int(rng.integers(0, mimics + 1)) if mimics else 0):
+        _mimic(rng, grid, brain, warp, label, image)
     image = ndimage.gaussian_filter(image, sigma=0.7)  # partial volume
     image += rng.normal(0.0, 15.0, shape)
     return np.clip(np.round(image), 0, 4000).astype(np.int16), label
 
 
-def make_lesion_phantoms(out: Path, cases: int, seed: int, size: tuple[int, int, int] = (64, 64, 64)) -> Path:
+def make_lesion_phantoms(
+    out: Path, cases: int, seed: int, size: tuple[int, int, int] = (64, 64, 64), mimics: int = 0
+) -> Path:
     """Write ``cases`` lesion phantoms as an nnU-Net raw dataset in ``out``; returns ``out``.
+
+    ``mimics``: each case gets 0..``mimics`` unlabelled lesion-like blobs (0: none, the default).
 
     Files: ``dataset.json``, ``imagesTr/lesion_XXX_0000.nii.gz`` (int16), ``labelsTr/lesion_XXX.nii.gz``
     (labels 0..4 as BraTS). ``size`` is the canonical (z, y, x) size; spacing is 1 mm.
@@ -79,7 +97,7 @@ def make_lesion_phantoms(out: Path, cases: int, seed: int, size: tuple[int, int,
         raise ValueError(f"lesion phantom size {size} is too small (at least 16 voxels per axis)")
     for i in range(cases):
         rng = np.random.default_rng([seed, i])
-        image, label = _case(rng, tuple(size))
+        image, label = _case(rng, tuple(size), mimics)
         axes, flips, degrees = _STORAGE[i % len(_STORAGE)]
         case_id = f"lesion_{i:03d}"
         path = out / "imagesTr" / f"{case_id}_0000.nii.gz"
@@ -88,7 +106,7 @@ def make_lesion_phantoms(out: Path, cases: int, seed: int, size: tuple[int, int,
         write_label_volume(label, geom, out / "labelsTr" / f"{case_id}.nii.gz", overwrite=True)
     spec = {
         "name": "sautomed lesion phantoms",
-        "description": f"synthetic MR-like heads with tumour-like lesions, seed {seed}",
+        "description": f"synthetic MR-like heads with tumour-like lesions, seed {seed}, mimics {mimics}",
         "channel_names": {"0": "FLAIR"},
         "labels": {"background": 0, **LESION_LABELS},
         "numTraining": cases,

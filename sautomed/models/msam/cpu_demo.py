@@ -32,9 +32,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--cases", type=int, default=15)
     ap.add_argument("--size", type=int, default=48, help="phantom edge (voxels)")
     ap.add_argument("--crop", type=int, default=32)
+    ap.add_argument(
+        "--mimics", type=int, default=0, help="up to this many unlabelled lesion-like blobs per case"
+    )
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--iterations", type=int, default=6, help="refinement iterations per training crop")
     ap.add_argument("--fusion", default="mea", choices=["mea", "sum", "cross_attention"])
+    ap.add_argument("--accumulate-clicks", action="store_true", help="give every click so far each iteration")
+    ap.add_argument("--folds", type=int, default=3, help="cross-validation folds (fold 0 is validated)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -42,12 +47,12 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     data = args.out / "lesions"
     if not (data / "dataset.json").is_file():
-        make_lesion_phantoms(data, args.cases, seed=args.seed, size=(args.size,) * 3)
+        make_lesion_phantoms(data, args.cases, seed=args.seed, size=(args.size,) * 3, mimics=args.mimics)
     dm = MSAMDataModule(
         crops=CropSettings(size=args.crop, samples_per_epoch=args.steps * 2),
         layout="nnunet",
         root=str(data),
-        folds=5,
+        folds=args.folds,
         preprocessing=Preprocessing(image_size=args.size, normalization="percentile"),
         batch_size=2,
         cache_dir=str(args.out / "cache"),
@@ -87,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         k: v for k, v in module.last_summary.items() if k != "config" and not isinstance(v, dict | list)
     }
-    result.update(train_seconds=round(train_s, 1), steps=args.steps, fusion=args.fusion, cases=args.cases)
+    result.update(train_seconds=round(train_s, 1), **{k: str(v) for k, v in vars(args).items()})
     trainer.save_checkpoint(args.out / "msam_tiny.ckpt")
     (args.out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -183,7 +183,9 @@ class MSAMModule(L.LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         image, target = batch["image"], batch["label"]  # (B, 1, S, S, S) each
         r = self.refinement
-        gen = torch.Generator().manual_seed(r.seed * 1_000_003 + int(self.global_step))
+        gen = torch.Generator().manual_seed(
+            r.seed * 1_000_003 + int(self.global_step) * 64 + self.global_rank
+        )
         prompt_free = int(float(torch.rand(1, generator=gen)) < r.prompt_free_probability)
         res = refine_with_clicks(
             self.net, image, target, r.iterations, gen, prompt_free, r.accumulate_clicks, r.detach_between

@@ -23,3 +23,15 @@ def test_lesion_phantoms(tmp_path):
         fraction = (a.label > 0).mean()
         assert 0.001 < fraction < 0.3  # a lesion: small but present
         assert {2, 4} <= set(np.unique(a.label))
+
+
+def test_mimics_change_the_image_not_the_labels(tmp_path):
+    make_lesion_phantoms(tmp_path / "plain", 3, seed=2, size=(32, 32, 32))
+    make_lesion_phantoms(tmp_path / "mimic", 3, seed=2, size=(32, 32, 32), mimics=3)
+    plain, mimic = (get_layout("nnunet", str(tmp_path / n), None) for n in ("plain", "mimic"))
+    changed = 0
+    for cp, cm in zip(plain.cases(), mimic.cases()):
+        a, b = plain.load(cp), mimic.load(cm)
+        assert np.array_equal(a.label, b.label)
+        changed += int(not np.array_equal(a.image, b.image))
+    assert changed >= 1
