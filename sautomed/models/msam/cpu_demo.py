@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--accumulate-clicks", action="store_true", help="give every click so far each iteration")
     ap.add_argument("--folds", type=int, default=3, help="cross-validation folds (fold 0 is validated)")
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--rel-pos", default="sam_med3d", choices=["sam_med3d", "decomposed"])
+    ap.add_argument("--pe-order", default="sam_med3d", choices=["sam_med3d", "consistent"])
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
@@ -59,7 +61,13 @@ def main(argv: list[str] | None = None) -> dict:
         seed=args.seed,
     )
     module = MSAMModule(
-        network=MSAMConfig(variant="tiny", image_size=args.crop, fusion=args.fusion),
+        network=MSAMConfig(
+            variant="tiny",
+            image_size=args.crop,
+            fusion=args.fusion,
+            rel_pos_indexing=args.rel_pos,
+            dense_pe_order=args.pe_order,
+        ),
         refinement=RefinementSettings(
             iterations=args.iterations, prompt_free_probability=0.3, seed=args.seed
         ),

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from sautomed.models.msam.decoder3d import MaskDecoder3D
 from sautomed.models.msam.encoder3d import ImageEncoder3D, RelPosIndexing
 from sautomed.models.msam.mea import Fusion, SumFusion, build_fusion
-from sautomed.models.msam.prompt3d import PromptEncoder3D
+from sautomed.models.msam.prompt3d import PEAxisOrder, PromptEncoder3D
 from sautomed.models.sam.lora import lora_qkv, set_encoder_trainable
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,8 @@ class MSAMConfig:
         rel_pos_indexing: how the encoder's (and the MEA's) relative-position terms broadcast:
             ``sam_med3d`` (SAM-Med3D's own expression, which its pretrained weights expect; needs cubic token
             grids) or ``decomposed`` (MViTv2's intended decomposition); see ``encoder3d``.
+        dense_pe_order: the dense positional grid's axis order: ``sam_med3d`` (its first two axes swapped
+            against the points', as SAM-Med3D's pretrained weights have it) or ``consistent``.
         input_norm: ``zscore_nonzero`` (each crop z-scored over its non-zero voxels, as SAM-Med3D's
             ``tio.ZNormalization(masking_method=x > 0)``) or ``none``.
     """
@@ -96,6 +98,7 @@ class MSAMConfig:
     encoder_finetune: Literal["auto", "lora", "full", "frozen"] = "auto"
     sam_med3d_checkpoint: str | None = None
     rel_pos_indexing: RelPosIndexing = "sam_med3d"
+    dense_pe_order: PEAxisOrder = "sam_med3d"
     input_norm: Literal["zscore_nonzero", "none"] = "zscore_nonzero"
 
 
@@ -138,7 +141,9 @@ class MSAMNet(nn.Module):
         grid = self.image_encoder.grid
         self.grid = grid
         self.low_res_size = tuple(4 * g for g in grid)  # (4g, 4g, 4g)
-        self.prompt_encoder = PromptEncoder3D(v.prompt_embed_dim, grid, (s, s, s), v.mask_in_chans)
+        self.prompt_encoder = PromptEncoder3D(
+            v.prompt_embed_dim, grid, (s, s, s), v.mask_in_chans, pe_axis_order=config.dense_pe_order
+        )
         self.mask_decoder = MaskDecoder3D(
             transformer_dim=v.prompt_embed_dim,
             transformer_heads=v.decoder_num_heads,

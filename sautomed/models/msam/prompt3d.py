@@ -13,7 +13,9 @@ so N = 0 (a prompt-free iteration) gives exactly that one token. Labels: 1 posit
 
 Dense grid positions follow SAM-Med3D exactly, including its axis order: the grid encoding's first coordinate
 runs along axis 1 and its second along axis 0 (the 2D SAM's (x, y) order carried over to (D, H, W) grids),
-while points use (D, H, W) order. Pretrained SAM-Med3D weights were learned with this, so it is kept.
+while points use (D, H, W) order, so a click's encoding matches the grid cell with d and h swapped. Pretrained
+SAM-Med3D weights were learned with this, so it is the default; ``consistent`` orders both alike (for
+training from scratch).
 
 Coarse mask: the previous low-res logits (B, 1, 4g, 4g, 4g) -> Conv3d(1->c/4, k2 s2), LN, GELU,
 Conv3d(c/4->c, k2 s2), LN, GELU, Conv3d 1x1 (c->dim) -> E_M (B, dim, g, g, g); c = ``mask_in_chans`` (16).
@@ -22,6 +24,7 @@ Conv3d(c/4->c, k2 s2), LN, GELU, Conv3d 1x1 (c->dim) -> E_M (B, dim, g, g, g); c
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +33,7 @@ from sautomed.models.msam.common import LayerNorm3d
 from sautomed.models.sam.upstream import PromptEncoder, modeling
 
 PositionEmbeddingRandom = modeling.prompt_encoder.PositionEmbeddingRandom
+PEAxisOrder = Literal["sam_med3d", "consistent"]
 
 
 class PositionEmbeddingRandom3D(PositionEmbeddingRandom):
@@ -38,10 +42,15 @@ class PositionEmbeddingRandom3D(PositionEmbeddingRandom):
     Args:
         num_pos_feats: F, columns of the Gaussian matrix (dim // 3).
         scale: standard deviation of the Gaussian matrix.
+        axis_order: ``sam_med3d`` (the grid's first two coordinates swapped, as its pretrained weights have
+            it) or ``consistent`` (grid coordinates in (D, H, W) order, the points' order).
     """
 
-    def __init__(self, num_pos_feats: int = 128, scale: float | None = None) -> None:
+    def __init__(
+        self, num_pos_feats: int = 128, scale: float | None = None, axis_order: PEAxisOrder = "sam_med3d"
+    ) -> None:
         super().__init__(num_pos_feats, scale)
+        self.axis_order = axis_order
         scale = 1.0 if scale is None or scale <= 0.0 else scale
         self.positional_encoding_gaussian_matrix = scale * torch.randn((3, num_pos_feats))  # (3, F) buffer
 
@@ -54,8 +63,11 @@ class PositionEmbeddingRandom3D(PositionEmbeddingRandom):
         """Encoding of the voxel centres of a (X, Y, Z) grid -> (3F, X, Y, Z), SAM-Med3D's axis order."""
         gx, gy, gz = size
         grid = torch.ones(size, device=self.positional_encoding_gaussian_matrix.device, dtype=torch.float32)
-        first = (grid.cumsum(dim=1) - 0.5) / gx  # SAM-Med3D's "x_embed": runs along axis 1
-        second = (grid.cumsum(dim=0) - 0.5) / gy  # its "y_embed": runs along axis 0
+        if self.axis_order == "consistent":
+            first, second = (grid.cumsum(dim=0) - 0.5) / gx, (grid.cumsum(dim=1) - 0.5) / gy
+        else:
+            first = (grid.cumsum(dim=1) - 0.5) / gx  # SAM-Med3D's "x_embed": runs along axis 1
+            second = (grid.cumsum(dim=0) - 0.5) / gy  # its "y_embed": runs along axis 0
         third = (grid.cumsum(dim=2) - 0.5) / gz
         pe = self._pe_encoding(torch.stack([first, second, third], dim=-1))  # (X, Y, Z, 3F)
         return pe.permute(3, 0, 1, 2)
@@ -75,6 +87,7 @@ class PromptEncoder3D(PromptEncoder):
         input_image_size: crop size (S, S, S) the point coordinates refer to.
         mask_in_chans: hidden channels of the mask branch (16).
         activation: activation of the mask branch.
+        pe_axis_order: axis order of the dense grid encoding (see :class:`PositionEmbeddingRandom3D`).
     """
 
     def __init__(
@@ -84,13 +97,14 @@ class PromptEncoder3D(PromptEncoder):
         input_image_size: tuple[int, int, int],
         mask_in_chans: int = 16,
         activation: type[nn.Module] = nn.GELU,
+        pe_axis_order: PEAxisOrder = "sam_med3d",
     ) -> None:
         if embed_dim % 3:
             raise ValueError(f"embed_dim {embed_dim} must be a multiple of 3 (3D random-Fourier positions)")
         super().__init__(embed_dim, image_embedding_size[:2], input_image_size[:2], mask_in_chans, activation)
         self.input_image_size = tuple(input_image_size)
         self.image_embedding_size = tuple(image_embedding_size)
-        self.pe_layer = PositionEmbeddingRandom3D(embed_dim // 3)
+        self.pe_layer = PositionEmbeddingRandom3D(embed_dim // 3, axis_order=pe_axis_order)
         self.num_point_embeddings = 2  # positive / negative point (SAM-Med3D has no box corners)
         self.point_embeddings = nn.ModuleList(nn.Embedding(1, embed_dim) for _ in range(2))
         self.mask_input_size = tuple(4 * s for s in image_embedding_size)

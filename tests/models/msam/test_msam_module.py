@@ -118,3 +118,14 @@ def test_datamodule_makes_lesion_phantoms_and_crops(tmp_path, monkeypatch):
     batch = next(iter(dm.train_dataloader()))
     assert batch["image"].shape == (3, 1, 32, 32, 32) and batch["label"].shape == (3, 1, 32, 32, 32)
     assert bool((batch["label"].flatten(1).sum(1) > 0).all())  # lesion-centred crops hold lesion
+
+
+def test_predict_step_returns_labels_on_the_input_grid():
+    from types import SimpleNamespace
+
+    module = _module()
+    geom = SimpleNamespace(shape_zyx=(24, 36, 36))
+    batch = {"image": torch.rand(24, 32, 32), "geom": geom, "output": "out.nii.gz", "source": "in.nii.gz"}
+    out = module.predict_step(batch, 0)
+    assert out["labels"].shape == (24, 36, 36) and out["geom"] is geom
+    assert module.predict_step({"error": "broken", "source": "x"}, 0) == {"error": "broken", "source": "x"}

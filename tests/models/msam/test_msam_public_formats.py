@@ -84,3 +84,17 @@ def test_decomposed_rel_pos_matches_brute_force_and_sam_med3d_mode_differs():
     assert torch.allclose(out, ref, atol=1e-5)
     upstream = add_decomposed_rel_pos_3d(attn, q, tables, (g, g, g), (g, g, g), "sam_med3d")
     assert not torch.allclose(upstream, ref, atol=1e-3)
+
+
+def test_dense_pe_axis_order():
+    from sautomed.models.msam.prompt3d import PositionEmbeddingRandom3D
+
+    torch.manual_seed(0)
+    for order in ("sam_med3d", "consistent"):
+        pe = PositionEmbeddingRandom3D(16, axis_order=order)
+        dense = pe((4, 4, 4))  # (48, 4, 4, 4)
+        i, j, k = 0, 3, 1
+        point = torch.tensor([[[(i + 0.5) * 8, (j + 0.5) * 8, (k + 0.5) * 8]]])  # centre of cell (i, j, k)
+        enc = pe.forward_with_coords(point, (32, 32, 32))[0, 0]
+        cell = (j, i, k) if order == "sam_med3d" else (i, j, k)  # SAM-Med3D: d and h swapped in the grid
+        assert torch.allclose(enc, dense[:, cell[0], cell[1], cell[2]], atol=1e-5), order
