@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--fusion", default="mea", choices=["mea", "sum", "cross_attention"])
     ap.add_argument("--accumulate-clicks", action="store_true", help="give every click so far each iteration")
     ap.add_argument("--folds", type=int, default=3, help="cross-validation folds (fold 0 is validated)")
+    ap.add_argument("--click-mode", default="random", choices=["random", "center"])
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--rel-pos", default="sam_med3d", choices=["sam_med3d", "decomposed"])
     ap.add_argument("--pe-order", default="sam_med3d", choices=["sam_med3d", "consistent"])
@@ -69,7 +70,11 @@ def main(argv: list[str] | None = None) -> dict:
             dense_pe_order=args.pe_order,
         ),
         refinement=RefinementSettings(
-            iterations=args.iterations, prompt_free_probability=0.3, seed=args.seed
+            iterations=args.iterations,
+            prompt_free_probability=0.3,
+            accumulate_clicks=args.accumulate_clicks,
+            click_mode=args.click_mode,
+            seed=args.seed,
         ),
         evaluation=EvaluationSettings(oracle_clicks=(1, 3, 5, 10)),
         automatic=AutoSettings(),

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from sautomed.metrics import ClassResult, dice, evaluate_case, summarize, write_metrics
 from sautomed.models.msam.automatic import AutoSettings, segment_automatic
+from sautomed.models.msam.clicks import ClickMode
 from sautomed.models.msam.loss import LossSettings, refinement_loss
 from sautomed.models.msam.network import MSAMConfig, MSAMNet
 from sautomed.models.msam.patches import binary_target, crop_or_pad, crop_start
@@ -57,6 +58,8 @@ class RefinementSettings:
             point), so the network learns the automatic mode's prompt-free first pass.
         accumulate_clicks: every click so far instead of only the newest (the public default).
         detach_between: cut gradients between iterations (the public code keeps them).
+        click_mode: ``random`` error voxel (the public code) or ``center`` of the largest error; used by the
+            oracle evaluation too.
         seed: seed of the simulated clicks (combined with the step / the case).
     """
 
@@ -64,6 +67,7 @@ class RefinementSettings:
     prompt_free_probability: float = 0.0
     accumulate_clicks: bool = False
     detach_between: bool = False
+    click_mode: ClickMode = "random"
     seed: int = 0
 
 
@@ -188,7 +192,15 @@ class MSAMModule(L.LightningModule):
         )
         prompt_free = int(float(torch.rand(1, generator=gen)) < r.prompt_free_probability)
         res = refine_with_clicks(
-            self.net, image, target, r.iterations, gen, prompt_free, r.accumulate_clicks, r.detach_between
+            self.net,
+            image,
+            target,
+            r.iterations,
+            gen,
+            prompt_free,
+            r.accumulate_clicks,
+            r.detach_between,
+            r.click_mode,
         )
         loss = refinement_loss(res.logits, target, self.loss_settings)
         bs = image.shape[0]
@@ -255,6 +267,7 @@ class MSAMModule(L.LightningModule):
             max(self.evaluation.oracle_clicks),
             gen,
             accumulate_clicks=self.refinement.accumulate_clicks,
+            click_mode=self.refinement.click_mode,
         )
         return [dice((out[0, 0] > 0).cpu().numpy(), tgt) for out in res.logits]
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from sautomed.models.msam.clicks import sample_error_clicks
+from sautomed.models.msam.clicks import ClickMode, sample_clicks
 from sautomed.models.msam.network import MSAMNet
 
 
@@ -52,6 +52,7 @@ def refine_with_clicks(
     prompt_free: int = 0,
     accumulate_clicks: bool = False,
     detach_between: bool = False,
+    click_mode: ClickMode = "random",
 ) -> RefinementResult:
     """Oracle-click refinement of a batch of crops.
 
@@ -65,6 +66,7 @@ def refine_with_clicks(
         accumulate_clicks: give every click so far (SAM-Med3D's ``multi_click``) instead of only the newest
             (the public M-SAM default).
         detach_between: cut the gradient between iterations (the public code keeps it).
+        click_mode: ``random`` error voxel (the public code) or ``center`` of the largest error (clicks.py).
     """
     if iterations < 1:
         raise ValueError(f"iterations must be >= 1, got {iterations}")
@@ -78,7 +80,7 @@ def refine_with_clicks(
         if t < prompt_free:
             points = None
         else:
-            p, lab = sample_error_clicks(pred, target > 0, generator)  # (B, 1, 3), (B, 1)
+            p, lab = sample_clicks(pred, target > 0, generator, click_mode)  # (B, 1, 3), (B, 1)
             all_points.append(p)
             all_labels.append(lab)
             points = (torch.cat(all_points, 1), torch.cat(all_labels, 1)) if accumulate_clicks else (p, lab)

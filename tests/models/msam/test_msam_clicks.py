@@ -86,3 +86,17 @@ def test_prompt_free_iterations_and_accumulated_clicks():
     assert seen[0] is None  # the automatic mode's iteration: only the padding point
     assert [p[0].shape[1] for p in seen[1:]] == [1, 2, 3]
     assert res.points.shape == (1, 3, 3)
+
+
+def test_center_clicks_lie_deep_inside_the_largest_error():
+    from sautomed.models.msam.clicks import sample_clicks
+
+    target = torch.zeros(1, 1, 12, 12, 12, dtype=torch.bool)
+    target[..., 2:9, 2:9, 2:9] = True  # a 7^3 cube, nothing predicted: the centre is (5, 5, 5)
+    pred = torch.zeros_like(target)
+    pred[..., 10:12, 10:12, 10:12] = True  # a small false alarm elsewhere
+    points, labels = sample_clicks(pred, target, torch.Generator().manual_seed(0), mode="center")
+    assert points[0, 0].tolist() == [5, 5, 5] and int(labels[0, 0]) == 1
+    same = torch.zeros_like(target)
+    points, labels = sample_clicks(same, same, torch.Generator().manual_seed(0), mode="center")  # empty
+    assert points.shape == (1, 1, 3) and int(labels[0, 0]) == 0
