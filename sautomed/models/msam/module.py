@@ -1,0 +1,330 @@
+"""The M-SAM LightningModule: wires the network, the click refinement, the loss and the automatic mode.
+
+Training step (batches of ``MSAMDataModule``'s crops: ``image``, ``label`` (B, 1, S^3)): the crops are
+encoded once and refined for ``refinement.iterations`` iterations with simulated clicks (clicks.py); the loss
+is Dice + BCE over the iterations (loss.py).
+
+Validation / test (the shared volume batches: ``image`` (Z, S, S), ``label`` (Z, Y, X), ``geom``,
+``case_id``), per case:
+
+* **oracle-prompted** (the paper's protocol, needs the ground truth): one S^3 crop centred on the lesion's
+  bounding box, clicks from the error region; DSC inside the crop after 1, 3, 5 and 10 clicks, logged as
+  ``val/oracle_dsc@k``;
+* **automatic** (what ``predict`` does): ``automatic.segment_automatic`` on the whole volume, scored with the
+  shared metrics on the original grid (``val/mean_dsc``, per-case CSV and summary JSON in validate / test).
+
+The target is binary: labels in ``foreground_labels`` (None: all labels > 0, the whole tumour); predictions
+are written as label 1 (``lesion``). The checkpoint carries the whole config (``checkpoint["sautomed"]``,
+family ``msam``), so :meth:`MSAMModule.from_checkpoint_dict` rebuilds the module from it alone.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sautomed.metrics import ClassResult, dice, evaluate_case, summarize, write_metrics
+from sautomed.models.msam.automatic import AutoSettings, segment_automatic
+from sautomed.models.msam.clicks import ClickMode
+from sautomed.models.msam.loss import LossSettings, refinement_loss
+from sautomed.models.msam.network import MSAMConfig, MSAMNet
+from sautomed.models.msam.patches import binary_target, crop_or_pad, crop_start
+from sautomed.models.msam.refinement import refine_with_clicks
+
+FAMILY = "msam"
+CLASS_NAMES = ("lesion",)
+
+
+class CheckpointFamilyError(ValueError):
+    """A checkpoint of another model family (or not a sautomed checkpoint)."""
+
+
+@dataclass(frozen=True)
+class RefinementSettings:
+    """Click refinement in training.
+
+    Attributes:
+        iterations: decoder iterations per crop (11 in the public code, 10 in the rebuttal).
+        prompt_free_probability: chance that a crop's first iteration gets no click (only the padding
+            point), so the network learns the automatic mode's prompt-free first pass.
+        accumulate_clicks: every click so far instead of only the newest (the public default).
+        detach_between: cut gradients between iterations (the public code keeps them).
+        click_mode: ``random`` error voxel (the public code) or ``center`` of the largest error; used by the
+            oracle evaluation too.
+        seed: seed of the simulated clicks (combined with the step / the case).
+    """
+
+    iterations: int = 11
+    prompt_free_probability: float = 0.0
+    accumulate_clicks: bool = False
+    detach_between: bool = False
+    click_mode: ClickMode = "random"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    """What validation / test report.
+
+    Attributes:
+        oracle_clicks: click counts at which the oracle-prompted DSC is reported.
+        oracle: run the oracle-prompted evaluation.
+        automatic: run the automatic whole-volume evaluation.
+    """
+
+    oracle_clicks: tuple[int, ...] = (1, 3, 5, 10)
+    oracle: bool = True
+    automatic: bool = True
+
+
+class MSAMModule(L.LightningModule):
+    """M-SAM training and evaluation.
+
+    Args:
+        network: the network's settings (variant, crop size, fusion switch, LoRA, SAM-Med3D checkpoint).
+        refinement: click refinement in training.
+        loss: loss weights, and whether the loss takes all iterations or the last.
+        evaluation: oracle / automatic evaluation settings.
+        automatic: the automatic mode (sliding windows, self-prompting).
+        foreground_labels: labels forming the binary target (None: all > 0).
+        lr: AdamW learning rate of the adapter and the encoder's LoRA (8e-4 in the public code).
+        decoder_lr_scale: factor on ``lr`` for the prompt encoder and mask decoder (0.1 in the public code).
+        weight_decay: AdamW weight decay (0.1 in the public code).
+        scheduler: ``none`` or ``cosine`` over the run's steps.
+    """
+
+    def __init__(
+        self,
+        network: MSAMConfig = MSAMConfig(),  # noqa: B008
+        refinement: RefinementSettings = RefinementSettings(),  # noqa: B008
+        loss: LossSettings = LossSettings(),  # noqa: B008
+        evaluation: EvaluationSettings = EvaluationSettings(),  # noqa: B008
+        automatic: AutoSettings = AutoSettings(),  # noqa: B008
+        foreground_labels: list[int] | None = None,
+        lr: float = 8e-4,
+        decoder_lr_scale: float = 0.1,
+        weight_decay: float = 0.1,
+        scheduler: Literal["none", "cosine"] = "none",
+    ) -> None:
+        super().__init__()
+        self.network_cfg, self.refinement, self.loss_settings = network, refinement, loss
+        self.evaluation, self.automatic = evaluation, automatic
+        self.foreground_labels = None if foreground_labels is None else list(foreground_labels)
+        self.lr, self.decoder_lr_scale, self.weight_decay, self.scheduler = (
+            lr,
+            decoder_lr_scale,
+            weight_decay,
+            scheduler,
+        )
+        self.net = MSAMNet(network)
+        self.class_names: tuple[str, ...] = CLASS_NAMES
+        self.preprocessing: dict[str, Any] | None = None
+        self._rows: list[ClassResult] = []
+        self._oracle: list[list[float]] = []
+
+    # -- construction from a checkpoint ----------------------------------------------------------------
+    @classmethod
+    def from_checkpoint_dict(cls, ckpt: dict[str, Any]) -> MSAMModule:
+        """Rebuild the module from an M-SAM checkpoint alone (its config travels inside)."""
+        cfg = ckpt.get("sautomed") or {}
+        if cfg.get("family") != FAMILY:
+            raise CheckpointFamilyError(f"checkpoint of model family {cfg.get('family')!r}, expected 'msam'")
+        evaluation = dict(cfg["evaluation"])
+        evaluation["oracle_clicks"] = tuple(evaluation["oracle_clicks"])
+        module = cls(
+            network=MSAMConfig(**{**cfg["network"], "sam_med3d_checkpoint": None}),
+            refinement=RefinementSettings(**cfg["refinement"]),
+            loss=LossSettings(**cfg["loss"]),
+            evaluation=EvaluationSettings(**evaluation),
+            automatic=AutoSettings(**cfg["automatic"]),
+            foreground_labels=cfg["foreground_labels"],
+        )
+        module.load_state_dict(ckpt["state_dict"])
+        module.class_names = tuple(cfg["class_names"])
+        module.preprocessing = cfg.get("preprocessing")
+        return module
+
+    def msam_config(self) -> dict[str, Any]:
+        return {
+            "family": FAMILY,
+            "network": asdict(self.network_cfg),
+            "refinement": asdict(self.refinement),
+            "loss": asdict(self.loss_settings),
+            "evaluation": asdict(self.evaluation),
+            "automatic": asdict(self.automatic),
+            "foreground_labels": self.foreground_labels,
+            "class_names": list(self.class_names),
+            "preprocessing": self.preprocessing,
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["sautomed"] = self.msam_config()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        family = (checkpoint.get("sautomed") or {}).get("family")
+        if family != FAMILY:
+            raise CheckpointFamilyError(f"checkpoint of model family {family!r}, expected 'msam'")
+        self.preprocessing = checkpoint["sautomed"].get("preprocessing")
+
+    def on_fit_start(self) -> None:
+        self._sync_from_datamodule()
+
+    def _sync_from_datamodule(self) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None and hasattr(dm, "preprocessing"):
+            self.preprocessing = asdict(dm.preprocessing)
+
+    # -- training ----------------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        image, target = batch["image"], batch["label"]  # (B, 1, S, S, S) each
+        r = self.refinement
+        gen = torch.Generator().manual_seed(
+            r.seed * 1_000_003 + int(self.global_step) * 64 + self.global_rank
+        )
+        prompt_free = int(float(torch.rand(1, generator=gen)) < r.prompt_free_probability)
+        res = refine_with_clicks(
+            self.net,
+            image,
+            target,
+            r.iterations,
+            gen,
+            prompt_free,
+            r.accumulate_clicks,
+            r.detach_between,
+            r.click_mode,
+        )
+        loss = refinement_loss(res.logits, target, self.loss_settings)
+        bs = image.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        with torch.no_grad():
+            pred = res.logits[-1] > 0
+            inter = (pred & (target > 0)).sum()
+            dsc = 2 * inter / (pred.sum() + (target > 0).sum()).clamp_min(1)
+        self.log("train/dsc_last_iteration", dsc, batch_size=bs)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        net = self.net
+        groups = [
+            {"params": [p for p in net.image_encoder.parameters() if p.requires_grad], "lr": self.lr},
+            {"params": [p for p in net.fusion.parameters() if p.requires_grad], "lr": self.lr},
+            {
+                "params": [
+                    p
+                    for m in (net.prompt_encoder, net.mask_decoder)
+                    for p in m.parameters()
+                    if p.requires_grad
+                ],
+                "lr": self.lr * self.decoder_lr_scale,
+            },
+        ]
+        groups = [g for g in groups if g["params"]]
+        opt = torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay)
+        if self.scheduler == "none":
+            return opt
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total) or total <= 0:
+            raise ValueError("scheduler 'cosine' needs trainer.max_epochs or trainer.max_steps")
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=int(total))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        if isinstance(batch, dict):  # volume batches carry their Geometry: move only the tensors
+            return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    # -- evaluation -----------------------------------------------------------------------------------------
+    def segment_volume(self, image: Tensor, out_shape: tuple[int, int, int]) -> np.ndarray:
+        """(Z, S, S) preprocessed volume -> (Z, Y, X) uint8 labels (1 = lesion) on the original grid."""
+        logits = segment_automatic(self.net, image, self.automatic)  # (Z, S, S)
+        if tuple(logits.shape) != tuple(out_shape):
+            logits = F.interpolate(logits[None, None], size=out_shape, mode="trilinear")[0, 0]
+        return (logits > 0).cpu().numpy().astype(np.uint8)
+
+    @torch.no_grad()
+    def oracle_dsc(self, image: Tensor, target: np.ndarray, case_id: str) -> list[float]:
+        """Oracle-prompted DSC after each of max(oracle_clicks) clicks, in a crop centred on the lesion."""
+        s = self.network_cfg.image_size
+        where = np.argwhere(target)
+        centre = (where.min(0) + where.max(0)) // 2
+        start = crop_start(centre, target.shape, s)
+        img = torch.from_numpy(crop_or_pad(image.float().cpu().numpy(), start, s)).to(image.device)
+        tgt = crop_or_pad(target, start, s)
+        gen = torch.Generator().manual_seed(zlib.crc32(case_id.encode()) ^ self.refinement.seed)
+        res = refine_with_clicks(
+            self.net,
+            img[None, None],
+            torch.from_numpy(tgt.astype(np.float32))[None, None].to(image.device),
+            max(self.evaluation.oracle_clicks),
+            gen,
+            accumulate_clicks=self.refinement.accumulate_clicks,
+            click_mode=self.refinement.click_mode,
+        )
+        return [dice((out[0, 0] > 0).cpu().numpy(), tgt) for out in res.logits]
+
+    def _evaluate(self, batch: dict[str, Any]) -> None:
+        if batch["label"] is None:
+            raise ValueError(f"case {batch['case_id']} has no label: it cannot be evaluated")
+        ref = binary_target(batch["label"].cpu().numpy(), self.foreground_labels).astype(np.uint8)
+        image = batch["image"]  # (Z, S, S)
+        if self.evaluation.oracle and ref.any():
+            ref_img = ref
+            if ref.shape != tuple(image.shape):  # the label on the image's (in-plane resized) grid
+                t = torch.from_numpy(ref)[None, None].float()
+                ref_img = F.interpolate(t, size=tuple(image.shape), mode="nearest")[0, 0].numpy() > 0
+            self._oracle.append(self.oracle_dsc(image, ref_img.astype(bool), batch["case_id"]))
+        if self.evaluation.automatic:
+            pred = self.segment_volume(image, ref.shape)
+            self._rows += evaluate_case(
+                batch["case_id"], pred, ref, batch["geom"].spacing_zyx, self.class_names
+            )
+
+    def on_validation_epoch_start(self) -> None:
+        self._sync_from_datamodule()
+        self._rows, self._oracle = [], []
+
+    on_test_epoch_start = on_validation_epoch_start
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch)
+
+    def _finish(self, prefix: str) -> None:
+        summary: dict[str, Any] = {}
+        if self._oracle:
+            for k in self.evaluation.oracle_clicks:
+                value = float(np.mean([case[k - 1] for case in self._oracle]))
+                summary[f"oracle_dsc@{k}"] = value
+                self.log(f"{prefix}/oracle_dsc@{k}", value)
+        if self._rows:
+            summary.update(summarize(self._rows, self.class_names))
+            mean = summary["mean_dsc"]
+            self.log(f"{prefix}/mean_dsc", 0.0 if math.isnan(mean) else mean)
+        if self.trainer.state.fn in ("validate", "test") and self.trainer.is_global_zero and self._rows:
+            summary["config"] = self.msam_config()
+            write_metrics(self._rows, summary, Path(self.trainer.default_root_dir))
+        self.last_summary = summary
+
+    def on_validation_epoch_end(self) -> None:
+        self._finish("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._finish("test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        if "error" in batch:
+            return {"error": batch["error"], "source": batch["source"]}
+        geom = batch["geom"]
+        labels = self.segment_volume(batch["image"], tuple(geom.shape_zyx))
+        return {"labels": labels, "geom": geom, "output": batch["output"], "source": batch["source"]}
