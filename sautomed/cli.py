@@ -6,6 +6,7 @@
     sautomed check-data --layout nnunet --root DATA
     sautomed phantoms --out DIR --cases N --seed S
     sautomed bench --config configs/btcv.yaml --model vit_b --image-size 512
+    sautomed compare runs/btcv runs/unet3d_btcv
 
 A user error exits non-zero with one line on stderr and no traceback.
 """
@@ -23,10 +24,10 @@ from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
 
-from sautomed.data.datamodule import SegmentationDataModule
 from sautomed.data.io import VolumeError
 from sautomed.data.layouts import DatasetError
-from sautomed.module import CheckpointMismatchError, SAutoMedModule
+from sautomed.families import family_for_args
+from sautomed.module import CheckpointMismatchError
 from sautomed.run_folder import (
     AtomicCheckpointIO,
     RunFolderConfig,
@@ -47,6 +48,7 @@ commands:
   check-data   check a dataset before training: --config CFG | --layout L --root DIR
   phantoms     write a synthetic labelled dataset (nnU-Net layout): --out DIR --cases N --seed S
   bench        speed and memory benchmark: --config CFG [--model vit_b] [--image-size 512]
+  compare      the summary.json of several test runs as one table: sautomed compare RUN_DIR...
 
 Run `sautomed <command> --help` for a command's options.
 """
@@ -109,9 +111,11 @@ class SautomedCLI(LightningCLI):
 
 
 def _lightning(argv: Sequence[str]) -> int:
+    family, by_class_path = family_for_args(argv)  # no model.class_path: 3D-SAutoMed
     SautomedCLI(
-        SAutoMedModule,
-        SegmentationDataModule,
+        family.module,
+        family.datamodule,
+        subclass_mode_model=by_class_path,
         args=list(argv),
         save_config_callback=RunFolderConfig,
         seed_everything_default=0,
@@ -186,6 +190,12 @@ def cmd_predict(argv: Sequence[str]) -> int:
     return predict_main(argv)
 
 
+def cmd_compare(argv: Sequence[str]) -> int:
+    from sautomed.compare import compare_main
+
+    return compare_main(argv)
+
+
 def cmd_bench(argv: Sequence[str]) -> int:
     from sautomed.bench import bench_main
 
@@ -197,6 +207,7 @@ TOOLS: dict[str, Callable[[Sequence[str]], int]] = {
     "check-data": cmd_check_data,
     "phantoms": cmd_phantoms,
     "bench": cmd_bench,
+    "compare": cmd_compare,
 }
 
 
@@ -228,9 +239,7 @@ def main(args: Sequence[str] | None = None) -> int:
             return TOOLS[cmd](rest)
         if cmd in LIGHTNING_COMMANDS:
             return _lightning(argv)
-        raise UserError(
-            f"unknown command {cmd!r}; commands: fit, validate, test, predict, check-data, phantoms, bench"
-        )
+        raise UserError(f"unknown command {cmd!r}; commands: {', '.join([*LIGHTNING_COMMANDS, *TOOLS])}")
     except SystemExit as exc:  # argparse / jsonargparse: usage already printed
         code = exc.code
         return code if isinstance(code, int) else (0 if code is None else 2)
