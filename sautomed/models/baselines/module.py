@@ -276,8 +276,9 @@ class BaselineModule(L.LightningModule):
         self.class_names = names
         self.preprocessing = asdict(dm.preprocessing)
 
-    def on_fit_start(self) -> None:
-        self._sync_from_datamodule()
+    def setup(self, stage: str) -> None:
+        if stage == "fit":  # before the optimiser is configured: a data mismatch stops the run at once
+            self._sync_from_datamodule()
 
     def sautomed_config(self) -> dict[str, Any]:
         return {
