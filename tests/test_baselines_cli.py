@@ -15,6 +15,7 @@ import yaml
 from sautomed.cli import main
 from sautomed.families import DEFAULT, FAMILIES, family_for_args, module_from_checkpoint, requested_class_path
 from sautomed.models.baselines.module import BaselineModule
+from sautomed.models.baselines.network import UNetSettings, network_plan
 from sautomed.models.sautomed.network import NetworkConfig
 from sautomed.module import SAutoMedModule
 
@@ -94,7 +95,14 @@ def test_family_comes_from_the_config_class_path(tmp_path):
     assert requested_class_path(["--config", str(named), "--model.class_path", "SAutoMedModule"]) == (
         "SAutoMedModule"
     )
-    assert family_for_args(["fit", "--config", str(named), "--config", str(plain)])[0].module is BaselineModule
+    both = [
+        "fit",
+        "--config",
+        str(named),
+        "--config",
+        str(plain),
+    ]  # the second names no class: the first holds
+    assert family_for_args(both)[0].module is BaselineModule
     assert family_for_args(["fit", "--model.class_path=BaselineModule"])[0].module is BaselineModule
 
 
@@ -103,12 +111,24 @@ def test_every_shipped_config_names_the_family_it_means():
     for cfg in sorted(configs.glob("*.yaml")):
         family, _ = family_for_args(["fit", "--config", str(cfg)])
         assert family.name == ("baseline" if cfg.name.startswith("unet") else "sautomed"), cfg.name
+        if family.name != "baseline":
+            continue
+        raw = yaml.safe_load(cfg.read_text())
+        args, data = raw["model"]["init_args"], raw["data"]
+        unet = UNetSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in args["unet"].items()})
+        network_plan(args["network"], unet)  # plannable: the patch is divisible by its strides
+        size = data["preprocessing"]["image_size"]
+        if args["network"] == "unet3d":
+            assert tuple(data["patches"]["size"]) == unet.patch_size, cfg.name
+            assert unet.patch_size[1] <= size and unet.patch_size[2] <= size, cfg.name
+        else:
+            assert "patches" not in data and unet.patch_size == (size, size), cfg.name
 
 
 def test_unknown_class_path_is_one_line(tmp_path, capsys):
     assert main(["fit", "--model.class_path", "torch.nn.Linear"]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("sautomed: error: model.class_path 'torch.nn.Linear' is not a sautomed model family")
+    assert err.startswith("sautomed: error: model.class_path 'torch.nn.Linear' is not a sautomed model")
     assert len(err.strip().splitlines()) == 1
 
 
@@ -138,8 +158,8 @@ def test_predict_writes_labels_on_the_input_grid(baseline_run, tiny_phantoms, tm
     _, _, run = baseline_run
     images = tiny_phantoms / "test" / "imagesTr"
     out = tmp_path / "out"
-    assert main(["predict", "--ckpt_path", str(run / "last.ckpt"), "--input", str(images), "--output", str(out),
-                 "--no-progress"]) == 0  # fmt: skip
+    argv = ["predict", "--ckpt_path", str(run / "last.ckpt"), "--input", str(images), "--output", str(out)]
+    assert main([*argv, "--no-progress"]) == 0
     for src in sorted(images.iterdir()):
         a, b = sitk.ReadImage(str(src)), sitk.ReadImage(str(out / src.name))
         assert a.GetSize() == b.GetSize() and a.GetSpacing() == b.GetSpacing()
@@ -208,8 +228,8 @@ def test_training_batches_are_patches_or_windows_and_repeat_for_a_seed(baseline_
         "training_step",
         lambda self, batch, i: seen.append(tuple(batch["image"].shape)) or original(self, batch, i),
     )
-    assert main(["fit", "--config", str(cfg), "--trainer.default_root_dir", str(run.parent / "again"),
-                 "--trainer.limit_val_batches", "0"]) == 0  # fmt: skip
+    again = ["--trainer.default_root_dir", str(run.parent / "again"), "--trainer.limit_val_batches", "0"]
+    assert main(["fit", "--config", str(cfg), *again]) == 0
     expected = (2, 1, 8, 32, 32) if kind == "unet3d" else (2, 4, 32, 32)  # 2D: windows of n + 3 = 4 slices
     assert seen and all(s == expected for s in seen)
     a = torch.load(run / "last.ckpt", weights_only=True)["state_dict"]
