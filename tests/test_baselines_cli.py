@@ -236,3 +236,15 @@ def test_training_batches_are_patches_or_windows_and_repeat_for_a_seed(baseline_
     b = torch.load(run.parent / "again" / "last.ckpt", weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)  # seeded: the same run twice gives the same weights
     assert np.isfinite([float(v.float().sum()) for v in a.values()]).all()
+
+
+def test_predict_names_a_checkpoint_family_it_does_not_know(sautomed_ckpt, tiny_phantoms, tmp_path, capsys):
+    ckpt = torch.load(sautomed_ckpt, weights_only=True)
+    ckpt["sautomed"]["family"] = "msam"
+    path = tmp_path / "other.ckpt"
+    torch.save(ckpt, path)
+    src = next((tiny_phantoms / "test" / "imagesTr").iterdir())
+    out = tmp_path / "o"
+    assert main(["predict", "--ckpt_path", str(path), "--input", str(src), "--output", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "unknown model family 'msam'" in err and len(err.strip().splitlines()) == 1
