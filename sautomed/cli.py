@@ -6,7 +6,6 @@
     sautomed check-data --layout nnunet --root DATA
     sautomed phantoms --out DIR --cases N --seed S
     sautomed bench --config configs/btcv.yaml --model vit_b --image-size 512
-    sautomed compare runs/btcv runs/unet3d_btcv
 
 A user error exits non-zero with one line on stderr and no traceback.
 """
@@ -22,19 +21,25 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger
 
 from sautomed.data.io import VolumeError
 from sautomed.data.layouts import DatasetError
 from sautomed.families import family_for_args
-from sautomed.module import CheckpointMismatchError
+from sautomed.guards import check_encoder_finetune, weights_from_elsewhere
 from sautomed.run_folder import (
     AtomicCheckpointIO,
+    CheckpointMismatchError,
     RunFolderConfig,
     UserError,
+    earlier_checkpoints,
     resolve_ckpt_path,
     run_callbacks,
 )
+from sautomed.tools.commands import TOOL_COMMANDS, TOOL_HELP
+from sautomed.tools.report import ReportWriter
 
 TOP_HELP = """usage: sautomed <command> [options]
 
@@ -48,10 +53,11 @@ commands:
   check-data   check a dataset before training: --config CFG | --layout L --root DIR
   phantoms     write a synthetic labelled dataset (nnU-Net layout): --out DIR --cases N --seed S
   bench        speed and memory benchmark: --config CFG [--model vit_b] [--image-size 512]
-  compare      the summary.json of several test runs as one table: sautomed compare RUN_DIR...
+  weights      fetch named pretrained weights into the cache: sautomed weights litemedsam [--out DIR]
+{tools}
 
 Run `sautomed <command> --help` for a command's options.
-"""
+""".format(tools=TOOL_HELP.rstrip("\n"))
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
 USER_ERRORS: tuple[type[BaseException], ...] = (
@@ -74,6 +80,12 @@ class SautomedCLI(LightningCLI):
         root = config.get("default_root_dir") or "."
         if self.subcommand == "fit":
             callbacks = [*callbacks, *run_callbacks(root)]
+        elif not any(isinstance(c, ModelCheckpoint) for c in callbacks):
+            config["enable_checkpointing"] = False  # validate / test save nothing, restore no callback state
+        if self.subcommand in ("validate", "test"):
+            callbacks = [*callbacks, ReportWriter()]  # report.html beside metrics.csv
+        if config.get("logger") in (None, True):  # what Lightning would pick, without its notice about it
+            config["logger"] = CSVLogger(save_dir=root)
         plugins = config.get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(hasattr(p, "save_checkpoint") for p in plugins):
@@ -85,7 +97,8 @@ class SautomedCLI(LightningCLI):
         """Parse, then resolve and check `--ckpt_path` before anything is seeded, built or logged.
 
         `last` / `best` become `<default_root_dir>/last.ckpt` / `best.ckpt`; a missing, truncated or corrupt
-        checkpoint is a UserError here, so the error is the only line the command prints.
+        checkpoint is a UserError here, so the error is the only line the command prints. So is LoRA on a
+        random encoder without a checkpoint to load (`guards.py`).
         """
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
@@ -94,6 +107,19 @@ class SautomedCLI(LightningCLI):
         config = self.config[subcommand]
         root = config.get("trainer", {}).get("default_root_dir") or "."
         config["ckpt_path"] = resolve_ckpt_path(config.get("ckpt_path"), root, subcommand)
+        network = (config.get("model") or {}).get("network")
+        if network is not None and not config["ckpt_path"]:  # the module checks it too; here before seeding
+            check_encoder_finetune(network.get("encoder_finetune"), network.get("sam_checkpoint"))
+
+    def instantiate_classes(self) -> None:
+        """With `--ckpt_path` the weights come from a trained checkpoint: construction guards that concern
+        random initial weights (`guards.py`) do not apply."""
+        subcommand = self.config.get("subcommand")
+        if subcommand in LIGHTNING_COMMANDS and self.config[subcommand].get("ckpt_path"):
+            with weights_from_elsewhere():
+                super().instantiate_classes()
+        else:
+            super().instantiate_classes()
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI's version torch.loads the checkpoint to read `hyper_parameters` (sautomed checkpoints
@@ -106,6 +132,14 @@ class SautomedCLI(LightningCLI):
         if subcommand in ("validate", "test") and kwargs.get("ckpt_path") is None:
             logging.getLogger("sautomed").warning(
                 "%s without --ckpt_path evaluates the model as configured (untrained weights)", subcommand
+            )
+        root = self.trainer.default_root_dir
+        if subcommand == "fit" and kwargs.get("ckpt_path") is None and earlier_checkpoints(root):
+            logging.getLogger("sautomed").warning(
+                "fit starts afresh in %s over %s of an earlier run, which this run overwrites as it saves "
+                "its own (--ckpt_path last resumes instead)",
+                root,
+                " and ".join(earlier_checkpoints(root)),
             )
         return kwargs
 
@@ -190,10 +224,10 @@ def cmd_predict(argv: Sequence[str]) -> int:
     return predict_main(argv)
 
 
-def cmd_compare(argv: Sequence[str]) -> int:
-    from sautomed.compare import compare_main
+def cmd_weights(argv: Sequence[str]) -> int:
+    from sautomed.models.sam.weights import weights_main
 
-    return compare_main(argv)
+    return weights_main(list(argv))
 
 
 def cmd_bench(argv: Sequence[str]) -> int:
@@ -207,7 +241,8 @@ TOOLS: dict[str, Callable[[Sequence[str]], int]] = {
     "check-data": cmd_check_data,
     "phantoms": cmd_phantoms,
     "bench": cmd_bench,
-    "compare": cmd_compare,
+    "weights": cmd_weights,
+    **TOOL_COMMANDS,
 }
 
 
@@ -222,14 +257,40 @@ def _format_warning(message: Any, category: type, filename: str, lineno: int, li
     return f"warning: {message}\n"  # one line, the message names the file; no source excerpt
 
 
+class _NoAdvertising(logging.Filter):
+    """Drops Lightning's "💡 Tip: try installing ..." lines: advertising, not information about the run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+# Lightning's warnings that say nothing true or useful about a sautomed run (the causes that are ours are
+# fixed: the run folder's checkpoints, the batch transfer, the default logger)
+_NOT_OURS = (
+    ".*does not have many workers.*",  # volumes are read in the main process by design
+    "LightningCLI.s args parameter",  # `main(args)` is the tested entry point
+    r".*isinstance\(treespec, LeafSpec\)` is deprecated",  # Lightning on a newer torch: not the user's
+    "Be aware that when using `ckpt_path`, callbacks",  # validate / test restore weights, not callbacks
+)
+
+
+def quiet_lightning() -> None:
+    """Filter the warnings and info lines of Lightning that are not about the user's run."""
+    for message in _NOT_OURS:
+        warnings.filterwarnings("ignore", message=message)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        target = logging.getLogger(name)
+        if not any(isinstance(f, _NoAdvertising) for f in target.filters):
+            target.addFilter(_NoAdvertising())
+
+
 def main(args: Sequence[str] | None = None) -> int:
     """Entry point of the `sautomed` console script; returns the exit code."""
     argv = list(sys.argv[1:] if args is None else args)
     if args is None:  # run as the program (not called from Python): warnings as one line each
         warnings.formatwarning = _format_warning
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message="LightningCLI.s args parameter")
+    quiet_lightning()
     try:
         if not argv or argv[0] in ("-h", "--help", "help"):
             print(TOP_HELP)

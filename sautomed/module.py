@@ -21,21 +21,30 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sautomed.data.splits import split_provenance
+from sautomed.guards import check_encoder_finetune, weights_from_elsewhere
 from sautomed.inference import InferenceEngine, Mode
 from sautomed.losses import LossWeights, SAutoMedLoss
 from sautomed.metrics import ClassResult, evaluate_case, summarize, write_metrics
 from sautomed.models.sautomed.network import NetworkConfig, SAutoMedNet
+from sautomed.models.sautomed.window import encode_window, encode_window_cached, neighbours
 from sautomed.postprocess import keep_largest_component
+from sautomed.run_folder import CheckpointMismatchError, check_checkpoint_config
+from sautomed.schedule import Schedule, ScheduleBy
+
+__all__ = ["FAMILY", "CheckpointMismatchError", "InferenceSettings", "SAutoMedModule"]
 
 log = logging.getLogger(__name__)
 
 FAMILY = "sautomed"
 # settings that may differ between a checkpoint and the model it is loaded into
-_NON_STRUCTURAL = {"sam_checkpoint", "grad_checkpointing"}
-
-
-class CheckpointMismatchError(ValueError):
-    """A checkpoint of another model configuration."""
+_NON_STRUCTURAL = {
+    "sam_checkpoint",
+    "grad_checkpointing",
+    "state_presence_gate",  # how the chain hands on its state: an inference choice, no weights
+    "state_min_area",
+    "state_largest_component",
+}
 
 
 @dataclass(frozen=True)
@@ -64,8 +73,17 @@ class SAutoMedModule(L.LightningModule):
         lr: AdamW learning rate (1e-4 in the paper).
         weight_decay: AdamW weight decay (1e-4 in the paper).
         scheduler: learning-rate schedule over `trainer.max_epochs` / `max_steps`: none, or cosine (after a
-            linear warm-up over 5% of the steps, at most 100).
+            linear warm-up over `warmup_fraction` of the steps, at most `warmup_max_steps`, at least 1).
+        warmup_fraction: fraction of the steps in the scheduler's linear warm-up (cosine only).
+        warmup_max_steps: upper bound of the scheduler's warm-up steps (cosine only).
+        schedule_by: `steps` (the schedule spans max_epochs / max_steps; repeats exactly for a seed) or
+            `clock` (it spans the `trainer.max_time` guard less `schedule_margin_s` when that comes first,
+            and the run stops at its end: a budgeted run ends its schedule on any machine; `schedule.py`).
+        schedule_margin_s: seconds of max_time kept for the last validation and checkpoint (clock only).
         inference: how volumes are segmented in validate / test / predict.
+
+    Refuses `network.encoder_finetune: lora` without `network.sam_checkpoint` (`guards.py`), unless the
+    weights come from a trained checkpoint (`from_checkpoint_dict`, `--ckpt_path`).
     """
 
     def __init__(
@@ -75,9 +93,23 @@ class SAutoMedModule(L.LightningModule):
         lr: float = 1e-4,
         weight_decay: float = 1e-4,
         scheduler: Literal["none", "cosine"] = "none",
+        warmup_fraction: float = 0.05,
+        warmup_max_steps: int = 100,
+        schedule_by: ScheduleBy = "steps",
+        schedule_margin_s: float = 60.0,
         inference: InferenceSettings = InferenceSettings(),
     ) -> None:
         super().__init__()
+        check_encoder_finetune(network.encoder_finetune, network.sam_checkpoint)
+        if not 0.0 <= warmup_fraction <= 1.0 or warmup_max_steps < 1:
+            raise ValueError(
+                f"model.warmup_fraction must be in [0, 1] and model.warmup_max_steps >= 1, got "
+                f"{warmup_fraction} and {warmup_max_steps}"
+            )
+        self.warmup_fraction, self.warmup_max_steps = warmup_fraction, warmup_max_steps
+        self.schedule_by, self.schedule_margin_s = schedule_by, schedule_margin_s
+        self.schedule: Schedule | None = None
+        self._feature_cache: dict[int, Tensor] = {}  # frozen encoder: slice_key -> features (window.py)
         self.network_cfg = network
         self.loss_weights = loss
         self.lr, self.weight_decay, self.scheduler = lr, weight_decay, scheduler
@@ -86,6 +118,7 @@ class SAutoMedModule(L.LightningModule):
         self.criterion = SAutoMedLoss(loss, network.num_classes)
         self.class_names: tuple[str, ...] = tuple(f"class_{i}" for i in range(1, network.num_classes + 1))
         self.preprocessing: dict[str, Any] | None = None
+        self.fit_split: dict[str, dict[str, str]] | None = None  # the loaded checkpoint's fit (data.splits)
         self._rows: list[ClassResult] = []
 
     # -- construction from a checkpoint (predict, bench) ---------------------------------------------------
@@ -94,11 +127,12 @@ class SAutoMedModule(L.LightningModule):
         """Rebuild the module from a sautomed checkpoint alone (its config travels inside)."""
         cfg = ckpt["sautomed"]
         net = NetworkConfig(**{**cfg["network"], "sam_checkpoint": None})
-        module = cls(
-            network=net,
-            loss=LossWeights(**cfg["loss"]),
-            inference=InferenceSettings(**cfg["inference"]),
-        )
+        with weights_from_elsewhere():
+            module = cls(
+                network=net,
+                loss=LossWeights(**cfg["loss"]),
+                inference=InferenceSettings(**cfg["inference"]),
+            )
         module.load_state_dict(ckpt["state_dict"])
         module.class_names = tuple(cfg["class_names"])
         module.preprocessing = dict(cfg["preprocessing"])
@@ -110,56 +144,30 @@ class SAutoMedModule(L.LightningModule):
         return InferenceEngine(self.net, mode or s.mode, s.encode_chunk, torch.bfloat16 if use_bf16 else None)
 
     # -- training -----------------------------------------------------------------------------------------
-    def _encode_window(self, image: Tensor, index: Tensor, n: int) -> Tensor:
-        """(B, L, S, S) window -> (B, L, D, h, w) features, each distinct slice encoded exactly once.
-
-        Positions 0..n-1 are needed only by warm-ups (no grad); n..n+2 (the target's slices) carry grad.
-        Clamped windows repeat a slice index; a repeat reuses the first encoding.
-        """
-        b, length = index.shape
-        src = torch.arange(length).expand(b, length).clone()  # position whose encoding each position uses
-        for k in range(1, length):
-            same = index[:, k] == index[:, k - 1]
-            src[same, k] = src[same, k - 1]
-        grad_src = src[:, n:]  # (B, 3)
-        no_grad_sel = [(i, k) for i in range(b) for k in range(n) if src[i, k] == k and k not in grad_src[i]]
-        grad_sel = [(i, k) for i in range(b) for k in sorted(set(grad_src[i].tolist()))]
-        feats: dict[tuple[int, int], Tensor] = {}
-        if no_grad_sel:
-            with torch.no_grad():
-                f = self.net.encode(torch.stack([image[i, k] for i, k in no_grad_sel]))
-            feats.update(zip(no_grad_sel, f))
-        f = self.net.encode(torch.stack([image[i, k] for i, k in grad_sel]))
-        feats.update(zip(grad_sel, f))
-        return torch.stack(
-            [torch.stack([feats[(i, int(src[i, k]))] for k in range(length)]) for i in range(b)]
-        )
-
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         image, index, label = (
             batch["image"],
             batch["index"],
             batch["label"],
         )  # (B, n+3, S, S), (B, n+3), (B, S, S)
-        direction = batch["direction"].to(image.device).view(-1, 1, 1, 1)  # (B, 1, 1, 1): +1 or -1
+        direction = batch["direction"]  # (B,): +1 or -1
         n = image.shape[1] - 3
-        feats = self._encode_window(image, index, n)  # (B, n+3, D, h, w)
-
-        def neighbours(k: int) -> tuple[Tensor, Tensor]:
-            # spatial t-1 / t+1 of the slice at processing position k
-            before, after = feats[:, k - 1], feats[:, k + 1]
-            return torch.where(direction > 0, before, after), torch.where(direction > 0, after, before)
+        keys = batch.get("slice_key")  # (B, n+3) stable slice identities (data.windows.augmented_copies)
+        if keys is not None and not any(p.requires_grad for p in self.net.image_encoder.parameters()):
+            feats = encode_window_cached(self.net, image, keys, self._feature_cache)  # frozen: cached
+        else:
+            feats = encode_window(self.net, image, index, n)  # (B, n+3, D, h, w)
 
         # Warm-ups: their slices were encoded without gradients; their (cheap) decoder steps keep gradients,
         # otherwise the initial history tokens and the history filter would never receive one.
         state = self.net.initial_state(image.shape[0], image.device)
         warmup_outs = []
         for k in range(1, n + 1):
-            prev, nxt = neighbours(k)
+            prev, nxt = neighbours(feats, direction, k)
             step = self.net.step(prev, feats[:, k], nxt, state)
             warmup_outs.append(step)
             state = step.state
-        prev, nxt = neighbours(n + 1)
+        prev, nxt = neighbours(feats, direction, n + 1)
         out = self.net.step(prev, feats[:, n + 1], nxt, state)
         terms = self.criterion(out, label)
         bs = image.shape[0]
@@ -188,21 +196,30 @@ class SAutoMedModule(L.LightningModule):
         if not math.isfinite(total) or total <= 0:
             raise ValueError("scheduler 'cosine' needs trainer.max_epochs or trainer.max_steps")
         total = int(total)
-        warmup = max(1, min(100, total // 20))  # a short linear warm-up, then cosine to zero
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        # a short linear warm-up, then cosine to zero (over the steps, or the clock: schedule.py)
+        warmup = max(1, min(self.warmup_max_steps, int(total * self.warmup_fraction)))
+        self.schedule = Schedule(self.trainer, total, warmup, self.schedule_by, self.schedule_margin_s)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, self.schedule.factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        # volume batches carry their Geometry (a frozen dataclass): move only the tensors
-        if isinstance(batch, dict):
-            return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.schedule is not None and self.schedule.ended() and not self.trainer.should_stop:
+            self.trainer.should_stop = True  # the clock ran the schedule to its end: stop inside the guard
+
+    def on_train_end(self) -> None:
+        if self.schedule is None:
+            return
+        step, total = self.trainer.global_step, self.schedule.total
+        log.info(
+            "training ended at epoch %d, step %d of the %d that max_epochs / max_steps plan (%.0f%%); "
+            "schedule %.0f%% through (by %s)",
+            self.current_epoch,
+            step,
+            total,
+            100.0 * step / max(1, total),
+            100.0 * self.schedule.progress(step),
+            self.schedule_by,
+        )
 
     # -- evaluation on whole volumes -------------------------------------------------------------------------
     def segment_volume(self, image: Tensor, out_hw: tuple[int, int], mode: Mode | None = None) -> np.ndarray:
@@ -252,6 +269,19 @@ class SAutoMedModule(L.LightningModule):
         if self.trainer.state.fn in ("validate", "test") and self.trainer.is_global_zero:
             ckpt = self.trainer.ckpt_path
             summary["checkpoint"] = str(ckpt) if ckpt else None
+            dm = self._datamodule()
+            stage = "val" if self.trainer.state.fn == "validate" else "test"
+            evaluated = dm.case_fingerprints(stage) if hasattr(dm, "case_fingerprints") else {}
+            summary.update(split_provenance(self.fit_split if ckpt else None, evaluated))
+            if summary["overlaps_training"]:
+                cases = summary["overlaps_training"]
+                log.warning(
+                    "%s: %d of the %d cases are training cases of the checkpoint (%s): not held-out scores",
+                    prefix,
+                    len(cases),
+                    summary["num_cases"],
+                    ", ".join(cases),
+                )
             summary["config"] = self.sautomed_config()
             write_metrics(rows, summary, Path(self.trainer.default_root_dir))
             self.print(
@@ -282,8 +312,11 @@ class SAutoMedModule(L.LightningModule):
         return {"labels": labels, "geom": geom, "output": batch["output"], "source": batch["source"]}
 
     # -- the checkpoint carries its config ------------------------------------------------------------------
+    def _datamodule(self) -> Any:
+        return getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+
     def _sync_from_datamodule(self) -> None:
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        dm = self._datamodule()
         if dm is None or not hasattr(dm, "class_names"):
             return
         names = tuple(dm.class_names)
@@ -310,25 +343,14 @@ class SAutoMedModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["sautomed"] = self.sautomed_config()
+        dm = self._datamodule()
+        if hasattr(dm, "case_fingerprints"):  # the fit's cases, so evaluations can name training cases
+            split = {k: dm.case_fingerprints(k) for k in ("train", "val")}
+            checkpoint["sautomed"]["split"] = split
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         cfg = checkpoint.get("sautomed")
-        if cfg is None:
-            raise CheckpointMismatchError("not a sautomed checkpoint (no 'sautomed' config inside)")
-        if cfg.get("family") != FAMILY:
-            raise CheckpointMismatchError(
-                f"checkpoint of model family {cfg.get('family')!r}, expected {FAMILY!r}"
-            )
-        mine = asdict(self.network_cfg)
-        theirs = cfg["network"]
-        diffs = [
-            f"{k}: checkpoint {theirs.get(k)!r} vs config {mine.get(k)!r}"
-            for k in sorted(set(mine) | set(theirs))
-            if k not in _NON_STRUCTURAL and theirs.get(k) != mine.get(k)
-        ]
-        if diffs:
-            raise CheckpointMismatchError(
-                "checkpoint was trained with another network configuration: " + "; ".join(diffs)
-            )
+        check_checkpoint_config(cfg, FAMILY, asdict(self.network_cfg), _NON_STRUCTURAL)
         self.class_names = tuple(cfg["class_names"])
         self.preprocessing = cfg.get("preprocessing")
+        self.fit_split = cfg.get("split")

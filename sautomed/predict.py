@@ -17,12 +17,14 @@ from pathlib import Path
 import lightning as L
 from torch.utils.data import DataLoader
 
-from sautomed.data.datamodule import PredictDataset, ShardSampler, _single
+from sautomed.data.datasets import PredictDataset, collate_single
 from sautomed.data.io import stale_temporaries
 from sautomed.data.preprocess import Preprocessing
+from sautomed.data.samplers import ShardSampler
 from sautomed.families import module_from_checkpoint, with_inference_changes
 from sautomed.inference import MODES
 from sautomed.run_folder import UserError, read_checkpoint
+from sautomed.tools import predict_outputs
 from sautomed.writers import VolumeWriter, plan_predictions
 
 log = logging.getLogger("sautomed.predict")
@@ -47,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     p.add_argument("--largest-component", action="store_true", default=None, help="keep largest component")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    predict_outputs.add_output_arguments(p)  # --statistics, --preview, --dicom-seg
     return p
 
 
@@ -70,6 +73,7 @@ def check_output_folder(folder: Path) -> None:
 
 def predict_main(argv: Sequence[str]) -> int:
     a = build_parser().parse_args(argv)
+    extras = predict_outputs.Extras.from_args(a)  # a missing optional dependency fails here, before the work
     ckpt = read_checkpoint(a.ckpt_path)
     module = module_from_checkpoint(ckpt)
     changes = {}
@@ -102,6 +106,8 @@ def predict_main(argv: Sequence[str]) -> int:
         print("nothing to predict", file=sys.stderr)
         return 0
     check_output_folder(a.output)
+    family = ckpt["sautomed"].get("family")
+    predict_outputs.write_run_label_table(a.output, module.class_names, a.ckpt_path, family, a.overwrite)
 
     writer = VolumeWriter(overwrite=a.overwrite)
     devices = int(a.devices) if str(a.devices).isdigit() else a.devices
@@ -120,11 +126,15 @@ def predict_main(argv: Sequence[str]) -> int:
         PredictDataset(plan.jobs, preprocessing),
         batch_size=1,
         sampler=ShardSampler(len(plan.jobs)),
-        collate_fn=_single,
+        collate_fn=collate_single,
     )
     trainer.predict(module, dataloaders=loader, return_predictions=False)
     if not trainer.is_global_zero:
         return 0
+    done = [(src, dst) for src, dst in plan.jobs if str(dst) in set(writer.written)]
+    writer.failed += predict_outputs.write_extras(
+        done, a.output, module.class_names, module.preprocessing, extras
+    )
     for src, reason in writer.failed:
         print(f"sautomed: failed {src}: {reason}", file=sys.stderr)
     print(f"wrote {len(writer.written)} of {len(plan.jobs)} outputs to {a.output}", file=sys.stderr)

@@ -11,6 +11,7 @@ import os
 import pickle
 import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,40 @@ from sautomed.data.io import pid_alive
 
 class UserError(Exception):
     """An error caused by the user's input: reported as one line, no traceback."""
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint of another model family or configuration."""
+
+
+def check_checkpoint_config(
+    cfg: dict[str, Any] | None, family: str, network: dict[str, Any], non_structural: set[str]
+) -> None:
+    """Refuse a checkpoint whose recorded config is not of `family` or whose network settings differ.
+
+    Args:
+        cfg: the checkpoint's `sautomed` entry (None when it has none).
+        family: the model family loading it.
+        network: the loading model's network settings (a dataclass's `asdict`).
+        non_structural: settings that may differ (e.g. the SAM checkpoint path).
+
+    Raises `CheckpointMismatchError` naming every differing setting.
+    """
+    if cfg is None:
+        raise CheckpointMismatchError("not a sautomed checkpoint (no 'sautomed' config inside)")
+    if cfg.get("family") != family:
+        found = cfg.get("family")
+        raise CheckpointMismatchError(f"checkpoint of model family {found!r}, expected {family!r}")
+    theirs = cfg.get("network") or {}
+    diffs = [
+        f"{k}: checkpoint {theirs.get(k)!r} vs config {network.get(k)!r}"
+        for k in sorted(set(network) | set(theirs))
+        if k not in non_structural and theirs.get(k) != network.get(k)
+    ]
+    if diffs:
+        raise CheckpointMismatchError(
+            "checkpoint was trained with another network configuration: " + "; ".join(diffs)
+        )
 
 
 def _umask() -> int:
@@ -93,9 +128,24 @@ class RunFolderConfig(SaveConfigCallback):
             raise
 
 
+class RunFolderCheckpoint(ModelCheckpoint):
+    """A ModelCheckpoint writing into the run folder, which holds config.yaml and splits.json by design:
+    Lightning's warning that the folder is not empty says nothing there (`earlier_checkpoints` does)."""
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+            super().setup(trainer, pl_module, stage)
+
+
+def earlier_checkpoints(root: str | Path) -> list[str]:
+    """Names of the checkpoints an earlier run left in the run folder (a fresh fit replaces them)."""
+    return [name for name in ("last.ckpt", "best.ckpt") if (Path(root) / name).is_file()]
+
+
 def run_callbacks(root: str | Path) -> list[ModelCheckpoint]:
     """`last.ckpt` at every epoch end and `best.ckpt` by validation mean DSC, both in the run folder."""
-    last = ModelCheckpoint(
+    last = RunFolderCheckpoint(
         dirpath=root,
         filename="last",
         save_top_k=1,
@@ -104,7 +154,7 @@ def run_callbacks(root: str | Path) -> list[ModelCheckpoint]:
         save_on_train_epoch_end=True,
         enable_version_counter=False,
     )
-    best = ModelCheckpoint(
+    best = RunFolderCheckpoint(
         dirpath=root,
         filename="best",
         monitor="val/mean_dsc",

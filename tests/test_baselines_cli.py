@@ -71,7 +71,9 @@ def baseline_run(request, tiny_phantoms, tmp_path_factory) -> tuple[str, Path, P
 @pytest.fixture(scope="module")
 def sautomed_ckpt(tmp_path_factory) -> Path:
     """An (untrained) tiny 3D-SAutoMed checkpoint as the run folder would hold it."""
-    module = SAutoMedModule(NetworkConfig(backbone="tiny", image_size=64, num_classes=5))
+    module = SAutoMedModule(
+        NetworkConfig(backbone="tiny", image_size=64, num_classes=5, encoder_finetune="full")
+    )
     module.class_names = tuple(CLASSES)
     module.preprocessing = {"image_size": 64, "normalization": "ct"}
     ckpt = {"state_dict": module.state_dict(), "epoch": 0, "global_step": 0}
@@ -137,7 +139,8 @@ def test_fit_records_the_family_in_checkpoint_and_config(baseline_run):
     for name in ("config.yaml", "last.ckpt", "best.ckpt", "splits.json"):
         assert (run / name).is_file(), name
     carried = torch.load(run / "last.ckpt", map_location="cpu", weights_only=True)["sautomed"]
-    assert carried["family"] == "baseline" and carried["network"] == kind
+    assert carried["family"] == "baseline" and carried["network"]["kind"] == kind
+    assert carried["split"]["train"] and carried["split"]["val"]  # the fit's cases, by image hash
     assert carried["class_names"] == CLASSES and carried["preprocessing"]["image_size"] == 32
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["model"]["class_path"] == CLASS_PATH and saved["model"]["init_args"]["network"] == kind

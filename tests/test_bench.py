@@ -129,13 +129,14 @@ def test_cli_error_exits_non_zero(tmp_path):
 
 def test_a_training_step_that_does_not_fit_is_recorded_and_the_bench_goes_on(monkeypatch):
     import sautomed.bench as bench
+    from sautomed.bench import worker as bench_worker
 
     def worker(s, checkpointed, timing):
         if not checkpointed:  # as when the kernel kills the worker for memory
             raise RuntimeError("training-step worker failed (-9) (killed: out of memory?): ")
         return {"peak_mb": 123.0, "step_mb": 100.0, "first_step_s": 0.5, "memory_method": "VmHWM"}
 
-    monkeypatch.setattr(bench, "_run_train_worker", worker)
+    monkeypatch.setattr(bench_worker, "run_train_worker", worker)
     s = BenchSettings(network=TINY, slices=3, out_size=32, repeats=1, warmup=0, naive=False, train=True)
     r = run_bench(s)
     assert r["train_step_s"] is None and "out of memory" in r["train_error"]
@@ -145,3 +146,13 @@ def test_a_training_step_that_does_not_fit_is_recorded_and_the_bench_goes_on(mon
     assert "FAILED" in report and "checkpointed" in report
     again = run_bench(s, resume=r)  # a resumed run keeps the failure instead of running it again
     assert "train" in again["resumed"] and again["train_error"] == r["train_error"]
+
+
+def test_every_network_backbone_is_a_bench_model():
+    import typing
+
+    from sautomed.bench import BACKBONES
+    from sautomed.models.sautomed.network import NetworkConfig
+
+    assert BACKBONES == typing.get_args(typing.get_type_hints(NetworkConfig)["backbone"])
+    assert "--model" in build_parser().format_help() and "tiny" in BACKBONES

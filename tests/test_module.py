@@ -75,3 +75,16 @@ def test_warmup_loss_needs_the_warmup_labels():
     _module(0.0).training_step(batch, 0)  # the paper's loss does not need them
     with pytest.raises(ValueError, match="warmup_label"):
         _module(1.0).training_step(batch, 0)
+
+
+def test_cosine_warmup_follows_the_init_arguments():
+    from types import SimpleNamespace
+
+    cfg = NetworkConfig(backbone="tiny", image_size=S, num_classes=C, encoder_finetune="full")
+    m = SAutoMedModule(network=cfg, lr=1.0, scheduler="cosine", warmup_fraction=0.1, warmup_max_steps=15)
+    m._trainer = SimpleNamespace(estimated_stepping_batches=200)
+    sched = m.configure_optimizers()["lr_scheduler"]["scheduler"]
+    factors = [f(k) for f in sched.lr_lambdas for k in (0, 14, 16)]
+    assert factors[:2] == [1 / 15, 1.0] and factors[2] < 1.0  # min(15, 0.1 * 200) = 15 warm-up steps
+    with pytest.raises(ValueError, match="warmup_fraction"):
+        SAutoMedModule(network=cfg, warmup_fraction=1.5)

@@ -1,8 +1,8 @@
 """LightningDataModule: slice windows for training, whole volumes for validate / test / predict.
 
 No I/O happens in `__init__`; cases are discovered and preprocessed (through the content-hash cache) in
-`setup`. Every random choice of a training sample is derived from (seed, epoch, index), so a run repeats
-exactly for a seed, and a resumed run sees the data order it would have seen.
+`setup`; `prepare_data` makes synthetic phantoms when configured and missing. The samplers are in
+`samplers.py`, the datasets in `datasets.py`.
 """
 
 from __future__ import annotations
@@ -12,211 +12,31 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import lightning as L
-import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader
 
-from sautomed.data.augment import Augmentation, augment_window
-from sautomed.data.io import VolumeError, read_volume
+from sautomed.data.augment import Augmentation
+from sautomed.data.datasets import PredictDataset, VolumeDataset, WindowDataset, collate_single
 from sautomed.data.layouts import Layout, get_layout
-from sautomed.data.preprocess import Prepared, Preprocessing, VolumeCache, preprocess
+from sautomed.data.preprocess import Preprocessing, VolumeCache, path_sha256
+from sautomed.data.samplers import ShardSampler, WindowBatchSampler
 from sautomed.data.splits import resolve_split
 
+__all__ = [
+    "PhantomSettings",
+    "PredictDataset",
+    "SegmentationDataModule",
+    "ShardSampler",
+    "VolumeDataset",
+    "WindowBatchSampler",
+    "WindowDataset",
+    "Windows",
+    "collate_single",
+]
+
 log = logging.getLogger(__name__)
-
-
-def _rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-class _Epoch:
-    """Holds the epoch; Lightning finds it as `batch_sampler.sampler` and calls `set_epoch`."""
-
-    def __init__(self) -> None:
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-
-class WindowBatchSampler(Sampler[list[tuple[int, int, int]]]):
-    """Batches of (epoch, item, warm-ups) keys; the warm-up count n is drawn once per batch.
-
-    A seeded permutation of the items per epoch, sharded across DDP ranks without padding. Every key
-    carries what the dataset needs to derive its randomness, so workers need no shared state and a
-    resumed run (Lightning calls `set_epoch`) reproduces the data order.
-    """
-
-    def __init__(self, n: int, batch_size: int, warmups: tuple[int, int], seed: int) -> None:
-        if not 1 <= warmups[0] <= warmups[1]:
-            raise ValueError(f"warm-up range must satisfy 1 <= min <= max, got {warmups}")
-        self.n, self.batch_size, self.warmups, self.seed = n, batch_size, warmups, seed
-        self.sampler = _Epoch()
-
-    def _batches(self) -> list[list[tuple[int, int, int]]]:
-        rank, world = _rank_world()
-        epoch = self.sampler.epoch
-        perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)[rank::world]
-        batches = []
-        for b, start in enumerate(range(0, len(perm), self.batch_size)):
-            warm = int(
-                np.random.default_rng([self.seed, epoch, rank, b]).integers(
-                    self.warmups[0], self.warmups[1] + 1
-                )
-            )
-            batches.append([(epoch, int(i), warm) for i in perm[start : start + self.batch_size]])
-        return batches
-
-    def __iter__(self):
-        # lazily: when Lightning resumes from a checkpoint it creates the epoch's batch iterator before it
-        # calls set_epoch, so the batches must be drawn at the first next(), not at iter()
-        yield from self._batches()
-
-    def __len__(self) -> int:
-        rank, world = _rank_world()
-        return -(-len(range(rank, self.n, world)) // self.batch_size)
-
-
-class ShardSampler(Sampler[int]):
-    """Every item exactly once over all ranks (rank r takes r, r + world, ...): no padding duplicates."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __iter__(self):
-        rank, world = _rank_world()
-        return iter(range(rank, self.n, world))
-
-    def __len__(self) -> int:
-        rank, world = _rank_world()
-        return len(range(rank, self.n, world))
-
-
-def _class_slices(label: np.ndarray) -> dict[int, np.ndarray]:
-    """(Z, S, S) labels -> {class: sorted indices of the slices holding it}, background left out."""
-    per_slice = label.reshape(label.shape[0], -1)
-    return {int(k): np.flatnonzero((per_slice == k).any(1)) for k in np.unique(per_slice) if k != 0}
-
-
-class WindowDataset(Dataset):
-    """Training windows. Key (epoch, item, n): target t, direction d, slices t-(n+1)d .. t+d (clamped).
-
-    Item: `image` (n+3, S, S) float in processing order (n warm-ups at positions 1..n, the target at n+1,
-    its far neighbour at n+2), `index` (n+3,) slice indices, `direction` (+1/-1), `label` (S, S) long of
-    the target slice and `warmup_label` (n, S, S) long of the warm-up slices (for the optional warm-up loss).
-    """
-
-    def __init__(
-        self,
-        volumes: list[Prepared],
-        samples_per_epoch: int,
-        seed: int,
-        augmentation: Augmentation,
-        foreground_fraction: float,
-        class_balanced: bool = False,
-    ) -> None:
-        if not volumes:
-            raise ValueError("no training volumes")
-        self.volumes = volumes
-        self.n = samples_per_epoch
-        self.seed = seed
-        self.augmentation = augmentation
-        self.foreground_fraction = foreground_fraction
-        self.class_balanced = class_balanced
-        # per volume: {class: slices holding it}; their union is the volume's foreground slices
-        self.class_slices = [_class_slices(v.label) for v in volumes]
-        self.fg_slices = [
-            np.unique(np.concatenate(list(cs.values()))) if cs else np.zeros(0, np.int64)
-            for cs in self.class_slices
-        ]
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, key: tuple[int, int, int]) -> dict[str, Any]:
-        epoch, i, n = key
-        rng = np.random.default_rng([self.seed, epoch, i])
-        c = int(rng.integers(len(self.volumes)))
-        vol = self.volumes[c]
-        z = vol.image.shape[0]
-        fg = self.fg_slices[c]
-        if len(fg) and rng.random() < self.foreground_fraction:
-            if self.class_balanced:  # a class present in this volume, uniformly, then one of its slices
-                slices = list(self.class_slices[c].values())
-                cls_slices = slices[int(rng.integers(len(slices)))]
-                t = int(cls_slices[rng.integers(len(cls_slices))])
-            else:
-                t = int(fg[rng.integers(len(fg))])
-        else:
-            t = int(rng.integers(z))
-        # warm-ups come from before t in the processing direction; prefer a side where they fit
-        fits_up, fits_down = t - (n + 1) >= 0, t + (n + 1) <= z - 1
-        if fits_up == fits_down:
-            d = 1 if rng.random() < 0.5 else -1
-        else:
-            d = 1 if fits_up else -1
-        idx = np.clip(t + (np.arange(n + 3) - (n + 1)) * d, 0, z - 1)
-        image = torch.from_numpy(np.ascontiguousarray(vol.image[idx], dtype=np.float32))
-        labels = torch.from_numpy(vol.label[idx[1 : n + 2]].astype(np.int64))  # (n+1, S, S): warm-ups, target
-        image, labels = augment_window(image, labels, rng, self.augmentation)
-        return {
-            "image": image,
-            "label": labels[n],
-            "warmup_label": labels[:n],
-            "index": torch.from_numpy(idx),
-            "direction": d,
-        }
-
-
-class VolumeDataset(Dataset):
-    """Whole preprocessed volumes with their original-grid labels and geometry (validate / test)."""
-
-    def __init__(self, layout: Layout, cases: list, cache: VolumeCache, preprocessing: Preprocessing) -> None:
-        self.layout, self.cases, self.cache, self.preprocessing = layout, cases, cache, preprocessing
-
-    def __len__(self) -> int:
-        return len(self.cases)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        prep = self.cache.get(self.layout, self.cases[i], self.preprocessing)
-        return {
-            "case_id": prep.case_id,
-            "image": torch.from_numpy(np.asarray(prep.image, dtype=np.float32)),
-            "label": None if prep.label_full is None else torch.from_numpy(prep.label_full.astype(np.uint8)),
-            "geom": prep.geom,
-        }
-
-
-class PredictDataset(Dataset):
-    """Volumes read from paths for prediction; a broken input becomes an item carrying its error."""
-
-    def __init__(self, inputs: list[tuple[Path, Path]], preprocessing: Preprocessing) -> None:
-        self.inputs, self.preprocessing = inputs, preprocessing
-
-    def __len__(self) -> int:
-        return len(self.inputs)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        src, out = self.inputs[i]
-        item: dict[str, Any] = {"case_id": src.name, "source": str(src), "output": str(out)}
-        try:
-            image, geom = read_volume(src)
-            pre, _ = preprocess(image, None, self.preprocessing)
-        except (VolumeError, OSError, RuntimeError, ValueError) as exc:
-            item["error"] = str(exc)
-            return item
-        item.update(image=torch.from_numpy(pre), geom=geom)
-        return item
-
-
-def _single(batch: list[dict[str, Any]]) -> dict[str, Any]:
-    """Volumes differ in depth: one volume per batch, passed through unstacked."""
-    return batch[0]
 
 
 @dataclass(frozen=True)
@@ -238,6 +58,8 @@ class Windows:
     warmup_max: int = 3
     foreground_fraction: float = 0.8
     class_balanced: bool = False  # foreground targets: a class uniformly first, then a slice holding it
+    augmented_copies: int = 0  # K > 0: K fixed copies per volume (augmented once), cacheable features
+    end_fraction: float = 0.0  # share of foreground targets 1-2 slices past an organ's end
 
 
 class SegmentationDataModule(L.LightningDataModule):
@@ -299,6 +121,7 @@ class SegmentationDataModule(L.LightningDataModule):
         self._cache: VolumeCache | None = None
         self.train_cases: list = []
         self.val_cases: list = []
+        self.test_cases: list = []
 
     # -- discovery -----------------------------------------------------------------------------------
     @property
@@ -374,6 +197,8 @@ class SegmentationDataModule(L.LightningDataModule):
             self.augmentation,
             self.windows.foreground_fraction,
             self.windows.class_balanced,
+            self.windows.augmented_copies,
+            self.windows.end_fraction,
         )
         w = self.windows
         sampler = WindowBatchSampler(len(ds), self.batch_size, (w.warmup_min, w.warmup_max), self.seed)
@@ -381,11 +206,21 @@ class SegmentationDataModule(L.LightningDataModule):
 
     def _volume_loader(self, layout: Layout, cases: list) -> DataLoader:
         ds = VolumeDataset(layout, cases, self.cache, self.preprocessing)
-        return DataLoader(ds, batch_size=1, sampler=ShardSampler(len(ds)), collate_fn=_single, num_workers=0)
+        return DataLoader(
+            ds, batch_size=1, sampler=ShardSampler(len(ds)), collate_fn=collate_single, num_workers=0
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._volume_loader(self.layout, self.val_cases)
 
     def test_dataloader(self) -> DataLoader:
         layout = get_layout(self.test_layout or self.layout_name, self.test_root or self.root, self.label_map)
-        return self._volume_loader(layout, layout.cases())
+        self.test_cases = layout.cases()
+        return self._volume_loader(layout, self.test_cases)
+
+    def case_fingerprints(self, which: Literal["train", "val", "test"]) -> dict[str, str]:
+        """{case id: sha256 of the image's bytes} of the fold's training or validation cases, or of the cases
+        `test` evaluates (after `test_dataloader`). A checkpoint records those of its fit, so that an
+        evaluation can name the cases it was trained on whatever their ids or folders."""
+        cases = {"train": self.train_cases, "val": self.val_cases, "test": self.test_cases}[which]
+        return {c.case_id: path_sha256(c.image) for c in cases}

@@ -12,7 +12,6 @@ spacing, origin and direction from the stored :class:`Geometry`, so written labe
 from __future__ import annotations
 
 import glob
-import gzip
 import itertools
 import os
 import re
@@ -25,11 +24,14 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from .dicom import check_slice_spacing, dicom_series_files, dicom_tags, is_dicom_file
+from .errors import VolumeError
+from .nifti import inspect_nifti
+
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 
 
-class VolumeError(ValueError):
-    """A volume cannot be read or written; the message names the file and the problem."""
+__all__ = ["VolumeError", "dicom_series_files", "dicom_tags"]  # kept importable from here
 
 
 @dataclass(frozen=True)
@@ -132,23 +134,12 @@ def is_volume_file(path: Path) -> bool:
     return path.is_file() and path.name.lower().endswith(VOLUME_SUFFIXES)
 
 
-def _is_dicom_file(path: Path) -> bool:
-    if path.suffix.lower() in (".dcm", ".dicom", ".ima"):
-        return True
-    try:
-        with open(path, "rb") as f:
-            f.seek(128)
-            return f.read(4) == b"DICM"
-    except OSError:
-        return False
-
-
 def is_dicom_dir(path: Path) -> bool:
     """True for a folder that directly holds DICOM files (by extension or the DICM preamble)."""
     path = Path(path)
     if not path.is_dir():
         return False
-    return any(p.is_file() and not p.name.startswith(".") and _is_dicom_file(p) for p in path.iterdir())
+    return any(p.is_file() and not p.name.startswith(".") and is_dicom_file(p) for p in path.iterdir())
 
 
 def volume_stem(path: Path) -> str:
@@ -163,151 +154,13 @@ def volume_stem(path: Path) -> str:
 # ------------------------------------------------------------------------------------------- reading
 
 
-def dicom_series_files(folder: str | Path) -> list[str]:
-    """Files of the DICOM series in ``folder``, in slice-position order (SimpleITK/GDCM's order).
-
-    With several series the one with the most files is taken, with a warning naming the choice.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise VolumeError(f"{folder}: DICOM folder does not exist")
-    try:
-        ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
-    except RuntimeError as e:
-        raise VolumeError(f"{folder}: cannot scan for DICOM series: {e}") from e
-    if not ids:
-        raise VolumeError(f"{folder}: folder holds no readable DICOM series")
-    series = {sid: list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid)) for sid in ids}
-    chosen = max(ids, key=lambda sid: (len(series[sid]), sid))
-    if len(ids) > 1:
-        counts = ", ".join(f"{sid} ({len(series[sid])} files)" for sid in ids)
-        warnings.warn(
-            f"{folder}: {len(ids)} DICOM series ({counts}); using {chosen}, the one with most files",
-            stacklevel=2,
-        )
-    return series[chosen]
-
-
-def dicom_tags(file: str | Path, tags: tuple[str, ...]) -> dict[str, str]:
-    """Header values (stripped strings) of one DICOM file, e.g. ``("0020|0013", "0020|0032")``."""
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(file))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as e:
-        raise VolumeError(f"{file}: unreadable DICOM header: {e}") from e
-    return {t: reader.GetMetaData(t).strip() for t in tags if reader.HasMetaDataKey(t)}
-
-
-def _check_slice_spacing(folder: Path, files: list[str]) -> None:
-    if len(files) < 3:
-        return
-    positions = []
-    for f in files:
-        tags = dicom_tags(f, ("0020|0032", "0020|0037"))
-        if "0020|0032" not in tags or "0020|0037" not in tags:
-            return
-        pos = np.array([float(v) for v in tags["0020|0032"].split("\\")])
-        cosines = np.array([float(v) for v in tags["0020|0037"].split("\\")])
-        normal = np.cross(cosines[:3], cosines[3:])
-        positions.append(float(pos @ normal))
-    gaps = np.abs(np.diff(positions))
-    step = float(np.median(gaps))
-    if step > 0 and np.max(np.abs(gaps - step)) > 0.01 * step + 1e-3:
-        worst = int(np.argmax(np.abs(gaps - step)))
-        warnings.warn(
-            f"{folder}: uneven DICOM slice spacing (gaps {gaps.min():.3g}..{gaps.max():.3g} mm, "
-            f"typical {step:.3g} mm, e.g. between slices {worst} and {worst + 1}): a missing slice? "
-            "The volume is read with the typical spacing, which is then wrong near the gap",
-            stacklevel=3,
-        )
-
-
-_NIFTI_FLOATS = {16: "f4", 64: "f8"}  # NIfTI datatype code -> numpy float type
-
-
-def _nifti_header(path: Path, opener) -> tuple[str, int, tuple[int, ...], int, int, float, float]:
-    """(endianness, vox_offset, dims, datatype, bitpix, scl_slope, scl_inter) of a NIfTI-1/2 file."""
-    with opener(path, "rb") as f:
-        head = f.read(540)
-    if len(head) < 348:
-        raise VolumeError(f"{path}: truncated NIfTI header ({len(head)} bytes)")
-    for end in "<>":
-        size = int(np.frombuffer(head[:4], end + "i4")[0])
-        if size == 348:
-            dims = np.frombuffer(head[40:56], end + "i2")
-            datatype, bitpix = (int(v) for v in np.frombuffer(head[70:74], end + "i2"))
-            offset = int(np.frombuffer(head[108:112], end + "f4")[0])
-            slope, inter = (float(v) for v in np.frombuffer(head[112:120], end + "f4"))
-            break
-        if size == 540 and len(head) == 540:
-            dims = np.frombuffer(head[16:80], end + "i8")
-            datatype, bitpix = (int(v) for v in np.frombuffer(head[12:16], end + "i2"))
-            offset = int(np.frombuffer(head[168:176], end + "i8")[0])
-            slope, inter = (float(v) for v in np.frombuffer(head[176:192], end + "f8"))
-            break
-    else:
-        raise VolumeError(f"{path}: not a NIfTI file (bad header size field)")
-    n = int(dims[0])
-    if not 1 <= n <= 7:
-        raise VolumeError(f"{path}: corrupt NIfTI header (dim[0] = {n})")
-    return end, max(offset, 348), tuple(int(v) for v in dims[1 : n + 1]), datatype, bitpix, slope, inter
-
-
-def _inspect_nifti(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
-    """Check a NIfTI file holds all its voxel bytes; for float data find the non-finite voxels.
-
-    ITK's NIfTI reader neither reports truncated data nor keeps NaN/inf (it reads them as 0), so this reads
-    the raw bytes itself. Returns (mask, values) in stored numpy order: where the file holds NaN/inf and
-    what (after scl_slope/scl_inter), or None when there is none.
-    """
-    gz = path.name.lower().endswith(".gz")
-    opener = gzip.open if gz else open
-    try:
-        end, offset, dims, datatype, bitpix, slope, inter = _nifti_header(path, opener)
-        required = offset + int(np.prod(dims, dtype=np.int64)) * max(bitpix, 8) // 8
-        floating = datatype in _NIFTI_FLOATS
-        if not gz:
-            have = path.stat().st_size
-        else:
-            with open(path, "rb") as f:
-                f.seek(-4, os.SEEK_END)
-                isize = int.from_bytes(f.read(4), "little")  # uncompressed size mod 2**32 (gzip trailer)
-            have = required if (required < 2**32 and isize == required % 2**32 and not floating) else None
-            if have is None or floating:
-                with gzip.open(path, "rb") as f:
-                    data = f.read()
-                have = len(data)
-        if have < required:
-            raise VolumeError(f"{path}: truncated NIfTI file (holds {have} of {required} bytes)")
-        if not floating:
-            return None
-        if not gz:
-            with open(path, "rb") as f:
-                data = f.read()
-        count = int(np.prod(dims[:3]))
-        raw = np.frombuffer(data, end + _NIFTI_FLOATS[datatype], count=count, offset=offset)
-    except (OSError, EOFError, ValueError) as e:
-        if isinstance(e, VolumeError):
-            raise
-        raise VolumeError(f"{path}: unreadable or corrupt NIfTI file ({e})") from e
-    bad = ~np.isfinite(raw)
-    if not bad.any():
-        return None
-    values = raw.astype(np.float64)
-    if slope != 0.0 and np.isfinite(slope):
-        values = values * slope  # +-inf keeps or swaps sign, NaN stays NaN
-    shape = tuple(reversed(dims[:3]))
-    return bad.reshape(shape), values.reshape(shape)
-
-
 def _read_image(path: Path) -> sitk.Image:
     if not path.exists():
         raise VolumeError(f"{path}: file does not exist")
     try:
         if path.is_dir():
             files = dicom_series_files(path)
-            _check_slice_spacing(path, files)
+            check_slice_spacing(path, files)
             reader = sitk.ImageSeriesReader()
             reader.SetFileNames(files)
             return reader.Execute()
@@ -328,7 +181,7 @@ def read_array(path: str | Path) -> tuple[np.ndarray, Geometry]:
     path = Path(path)
     nonfinite = None
     if path.is_file() and path.name.lower().endswith((".nii", ".nii.gz")) and path.stat().st_size > 0:
-        nonfinite = _inspect_nifti(path)
+        nonfinite = inspect_nifti(path)
     image = _read_image(path)
     if image.GetDimension() != 3:
         raise VolumeError(

@@ -83,10 +83,14 @@ def resize_slices(volume: np.ndarray, size: int | tuple[int, int], nearest: bool
 def preprocess(
     image: np.ndarray, label: np.ndarray | None, p: Preprocessing
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Normalised, resized float32 image (z, S, S) in [0, 1] and uint8 label (z, S, S) or None."""
+    """Normalised, resized float16 image (z, S, S) in [0, 1] and uint8 label (z, S, S) or None.
+
+    float16 is what the cache stores; fit, validate, test and predict all feed the model these values, so
+    `test` and `predict` give the same labels for the same case and checkpoint.
+    """
     out = np.clip(resize_slices(normalize(image, p), p.image_size, nearest=False), 0.0, 1.0)
     lab = None if label is None else resize_slices(np.asarray(label, np.uint8), p.image_size, nearest=True)
-    return out.astype(np.float32, copy=False), lab
+    return out.astype(np.float16), lab
 
 
 @dataclass(frozen=True)
@@ -183,7 +187,7 @@ class VolumeCache:
                 warnings.warn(f"{path}: unusable cache file ({e}); recomputing", stacklevel=2)
         loaded = layout.load(case)
         image, label = preprocess(loaded.image, loaded.label, p)
-        prepared = Prepared(case.case_id, image.astype(np.float16), label, loaded.geom, loaded.label)
+        prepared = Prepared(case.case_id, image, label, loaded.geom, loaded.label)
         if path is not None:
             _save(path, prepared)
         return prepared

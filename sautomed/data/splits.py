@@ -1,8 +1,10 @@
 """Seeded k-fold cross-validation splits and ``splits.json`` (nnU-Net style: a list of {"train", "val"}).
 
-A user's ``splits.json`` (given explicitly, or already in the run folder) wins; otherwise the split is
-computed from the sorted case ids with a seeded shuffle, cut into ``folds`` parts, and written to
-``run_dir/splits.json`` atomically. With fewer cases than folds, ``min(folds, n)`` folds are made (with a
+A user's ``splits.json`` (``data.splits_file``) wins, and its train and val lists of a fold must not share a
+case; otherwise the split is computed from the sorted case ids with a seeded shuffle, cut into ``folds``
+parts, and written to ``run_dir/splits.json`` atomically. A ``run_dir/splits.json`` already there (a resumed
+run, validate) must be the split the config's ``folds`` and ``split_seed`` make, or it is an error naming
+the difference. With fewer cases than folds, ``min(folds, n)`` folds are made (with a
 warning); a single case gives one fold where it is both the training and the validation case.
 """
 
@@ -66,6 +68,40 @@ def read_splits(path: Path, case_ids: Sequence[str] | None = None) -> list[dict[
     return [{"train": [str(i) for i in s["train"]], "val": [str(i) for i in s["val"]]} for s in splits]
 
 
+def check_disjoint(splits: list[dict[str, list[str]]], path: Path) -> None:
+    """ValueError naming the fold and the cases that are both training and validation cases."""
+    for k, s in enumerate(splits):
+        both = sorted(set(s["train"]) & set(s["val"]))
+        if both:
+            raise ValueError(
+                f"{path}: fold {k} has {len(both)} case(s) in both train and val: {', '.join(both[:10])}"
+            )
+
+
+def check_matches_config(
+    splits: list[dict[str, list[str]]], path: Path, case_ids: Sequence[str], folds: int, seed: int
+) -> None:
+    """ValueError naming the difference when ``splits`` is not ``kfold_split(case_ids, folds, seed)``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the few-cases warning was given when the split was made
+        expected = kfold_split(case_ids, folds, seed)
+    hint = "use another --trainer.default_root_dir, or pass the file as data.splits_file to keep it"
+    if len(splits) != len(expected):
+        raise ValueError(
+            f"{path} has {len(splits)} folds but data.folds={folds} makes {len(expected)} over the "
+            f"{len(case_ids)} cases: {hint}"
+        )
+    for k, (mine, theirs) in enumerate(zip(splits, expected)):
+        if sorted(mine["val"]) != theirs["val"] or sorted(mine["train"]) != theirs["train"]:
+            extra = sorted(set(mine["val"]) - set(theirs["val"]))[:5]
+            missing = sorted(set(theirs["val"]) - set(mine["val"]))[:5]
+            raise ValueError(
+                f"{path} is not the split of data.folds={folds}, data.split_seed={seed} over the "
+                f"{len(case_ids)} cases of the dataset: fold {k} validates {extra} instead of {missing} "
+                f"(another split_seed, or other cases); {hint}"
+            )
+
+
 def write_splits(splits: list[dict[str, list[str]]], path: Path) -> Path:
     """Write splits as JSON, atomically."""
     text = json.dumps(splits, indent=2) + "\n"
@@ -83,15 +119,18 @@ def resolve_split(
     """(train ids, val ids) of ``fold``: from ``user_file``, else ``run_dir/splits.json``, else computed.
 
     A computed or user-given split is written to ``run_dir/splits.json``. ``ValueError`` when ``fold`` is
-    out of range.
+    out of range, when a user's fold trains on a validation case, or when the run folder's split is not the
+    one ``folds`` and ``seed`` make.
     """
     existing = Path(run_dir) / SPLITS_FILE
     if user_file is not None:
         splits = read_splits(Path(user_file), case_ids)
+        check_disjoint(splits, Path(user_file))
         if Path(user_file).resolve() != existing.resolve():
             write_splits(splits, existing)  # the run folder records the split it used
     elif existing.is_file():
         splits = read_splits(existing, case_ids)
+        check_matches_config(splits, existing, case_ids, folds, seed)
     else:
         splits = kfold_split(case_ids, folds, seed)
         write_splits(splits, existing)
@@ -100,3 +139,26 @@ def resolve_split(
             f"fold {fold} out of range: the split has {len(splits)} folds (0..{len(splits) - 1})"
         )
     return list(splits[fold]["train"]), list(splits[fold]["val"])
+
+
+def split_provenance(
+    fit_split: dict[str, dict[str, str]] | None, evaluated: dict[str, str]
+) -> dict[str, list[str] | None]:
+    """What an evaluation's summary says about the checkpoint's fit; cases are matched by image content.
+
+    Args:
+        fit_split: the checkpoint's record of its fit, ``{"train": {case id: image hash}, "val": {...}}``,
+            or None (a checkpoint without one, or no checkpoint).
+        evaluated: ``{case id: image hash}`` of the cases evaluated now.
+
+    Returns ``best_ckpt_chosen_on`` (the fit's validation cases, which chose ``best.ckpt`` by validation
+    mean DSC) and ``overlaps_training`` (the evaluated cases that the checkpoint was trained on); both None
+    when the fit is unknown.
+    """
+    if fit_split is None:
+        return {"best_ckpt_chosen_on": None, "overlaps_training": None}
+    trained = set(fit_split.get("train", {}).values())
+    return {
+        "best_ckpt_chosen_on": sorted(fit_split.get("val", {})),
+        "overlaps_training": sorted(case for case, digest in evaluated.items() if digest in trained),
+    }

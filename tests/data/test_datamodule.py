@@ -75,11 +75,11 @@ def test_batch_sampler_is_seeded_per_epoch_and_constant_warmups_per_batch():
 
 
 def test_shard_sampler_covers_every_item_exactly_once(monkeypatch):
-    import sautomed.data.datamodule as dm
+    import sautomed.data.samplers as samplers
 
     seen = []
     for rank in range(3):
-        monkeypatch.setattr(dm, "_rank_world", lambda r=rank: (r, 3))
+        monkeypatch.setattr(samplers, "rank_world", lambda r=rank: (r, 3))
         seen += list(ShardSampler(7))
     assert sorted(seen) == list(range(7))
 

@@ -5,6 +5,7 @@ import pytest
 
 from sautomed.data import layouts
 from sautomed.data.layouts import get_layout
+from sautomed.data.layouts import layout as layout_module
 from sautomed.data.preprocess import Preprocessing, VolumeCache, normalize, preprocess, resize_slices
 
 
@@ -39,7 +40,7 @@ def test_preprocess_types():
     image = np.random.default_rng(3).normal(0, 200, (2, 20, 30)).astype(np.float32)
     label = (image > 0).astype(np.uint8)
     out, lab = preprocess(image, label, Preprocessing(image_size=32))
-    assert out.shape == lab.shape == (2, 32, 32) and out.dtype == np.float32 and lab.dtype == np.uint8
+    assert out.shape == lab.shape == (2, 32, 32) and out.dtype == np.float16 and lab.dtype == np.uint8
     assert out.min() >= 0.0 and out.max() <= 1.0
     assert preprocess(image, None, Preprocessing(image_size=32))[1] is None
 
@@ -47,13 +48,13 @@ def test_preprocess_types():
 @pytest.fixture
 def read_counter(monkeypatch):
     calls = []
-    original = layouts.read_volume
+    original = layout_module.read_volume
 
     def counting(path):
         calls.append(path)
         return original(path)
 
-    monkeypatch.setattr(layouts, "read_volume", counting)
+    monkeypatch.setattr(layout_module, "read_volume", counting)
     return calls
 
 

@@ -37,10 +37,29 @@ def test_resolve_writes_and_reuses(tmp_path):
     written = json.loads((run / "splits.json").read_text())
     assert written == kfold_split(IDS, 5, 1) and (train, val) == (written[2]["train"], written[2]["val"])
     assert [p.name for p in run.iterdir()] == ["splits.json"]  # no temp file left
-    # an existing splits.json in the run folder wins over a different seed
-    assert resolve_split(IDS, run, fold=2, seed=99) == (train, val)
+    assert resolve_split(IDS, run, fold=2, seed=1) == (train, val)  # reused as it is
     with pytest.raises(ValueError, match="fold 5 out of range.*0..4"):
-        resolve_split(IDS, run, fold=5)
+        resolve_split(IDS, run, fold=5, seed=1)
+
+
+def test_run_folder_split_of_other_folds_or_seed_is_an_error(tmp_path):
+    run = tmp_path / "run"
+    resolve_split(IDS, run, fold=0, folds=5, seed=1)
+    with pytest.raises(ValueError, match=r"has 5 folds but data.folds=3 makes 3"):
+        resolve_split(IDS, run, fold=0, folds=3, seed=1)
+    with pytest.raises(
+        ValueError, match=r"not the split of data.folds=5, data.split_seed=99.*fold 0 validates"
+    ):
+        resolve_split(IDS, run, fold=0, folds=5, seed=99)
+    with pytest.raises(ValueError, match="other cases"):  # a case more in the dataset than in the split
+        resolve_split([*IDS, "case_99"], run, fold=0, folds=5, seed=1)
+
+
+def test_user_split_training_on_a_validation_case_is_an_error(tmp_path):
+    user = tmp_path / "mine.json"
+    user.write_text(json.dumps([{"train": IDS[1:], "val": IDS[:2]}]))
+    with pytest.raises(ValueError, match=r"mine.json: fold 0 has 1 case\(s\) in both train and val: case_01"):
+        resolve_split(IDS, tmp_path / "run", fold=0, user_file=user)
 
 
 def test_user_file_wins(tmp_path):

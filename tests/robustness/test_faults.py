@@ -17,8 +17,9 @@ import torch
 from robustness_helpers import ROOT, assert_one_line_error, assert_same_grid, cli, kill_when, write_image
 
 from sautomed.cli import main
-from sautomed.data import io, layouts
+from sautomed.data import io
 from sautomed.data.layouts import get_layout
+from sautomed.data.layouts import layout as layout_module
 from sautomed.data.phantom import make_phantoms
 from sautomed.data.preprocess import Preprocessing, VolumeCache
 from sautomed.run_folder import AtomicCheckpointIO
@@ -284,8 +285,8 @@ def test_a_half_written_cache_file_is_never_read(tmp_path, monkeypatch):
     cache = VolumeCache(tmp_path / "cache")
     path = cache.path(layout, case, p)
     reads = []
-    real_read = layouts.read_volume
-    monkeypatch.setattr(layouts, "read_volume", lambda f: reads.append(f) or real_read(f))
+    real_read = layout_module.read_volume
+    monkeypatch.setattr(layout_module, "read_volume", lambda f: reads.append(f) or real_read(f))
 
     # a writer that dies half way: nothing at the cache path, no temporary left, the error surfaces
     real_open = open

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sautomed.data.splits import split_provenance
 from sautomed.inference import logits_to_labels
 from sautomed.metrics import ClassResult, evaluate_case, summarize, write_metrics
 from sautomed.models.baselines.loss import BaselineLoss, DeepSupervisionDiceCE
@@ -29,14 +30,11 @@ from sautomed.models.baselines.network import NetworkKind, UNetSettings, build_u
 from sautomed.models.baselines.unet2d import segment_slices, window_slices
 from sautomed.models.baselines.unet3d import segment_patches
 from sautomed.postprocess import keep_largest_component
+from sautomed.run_folder import check_checkpoint_config
 
 log = logging.getLogger(__name__)
 
 FAMILY = "baseline"
-
-
-class BaselineCheckpointError(ValueError):
-    """A checkpoint of another family or network configuration."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +95,7 @@ class BaselineModule(L.LightningModule):
         self.criterion = DeepSupervisionDiceCE(loss)
         self.class_names: tuple[str, ...] = tuple(f"class_{i}" for i in range(1, unet.num_classes + 1))
         self.preprocessing: dict[str, Any] | None = None
+        self.fit_split: dict[str, dict[str, str]] | None = None  # the checkpoint's fit cases, when loaded
         self._rows: list[ClassResult] = []
         self._seconds: list[float] = []
 
@@ -104,10 +103,13 @@ class BaselineModule(L.LightningModule):
     @classmethod
     def from_checkpoint_dict(cls, ckpt: dict[str, Any]) -> BaselineModule:
         """Rebuild the module from a baseline checkpoint alone (its config travels inside)."""
-        cfg = _checked_config(ckpt)
+        cfg = ckpt.get("sautomed")
+        check_checkpoint_config(cfg, FAMILY, (cfg or {}).get("network") or {}, set())  # the family alone
+        settings = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg["network"].items()}
+        kind = settings.pop("kind")
         module = cls(
-            network=cfg["network"],
-            unet=_unet_settings(cfg["unet"]),
+            network=kind,
+            unet=UNetSettings(**settings),
             loss=BaselineLoss(**cfg["loss"]),
             inference=BaselineInference(**cfg["inference"]),
         )
@@ -160,12 +162,6 @@ class BaselineModule(L.LightningModule):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        # volume batches carry their Geometry (a frozen dataclass): move only the tensors
-        if isinstance(batch, dict):
-            return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     # -- whole volumes ----------------------------------------------------------------------------------
     def segment_volume(self, image: Tensor, out_hw: tuple[int, int]) -> np.ndarray:
@@ -235,6 +231,19 @@ class BaselineModule(L.LightningModule):
         if self.trainer.state.fn in ("validate", "test") and self.trainer.is_global_zero:
             ckpt = self.trainer.ckpt_path
             summary["checkpoint"] = str(ckpt) if ckpt else None
+            dm = self._datamodule()
+            stage = "val" if self.trainer.state.fn == "validate" else "test"
+            evaluated = dm.case_fingerprints(stage) if hasattr(dm, "case_fingerprints") else {}
+            summary.update(split_provenance(self.fit_split if ckpt else None, evaluated))
+            if summary["overlaps_training"]:
+                cases = summary["overlaps_training"]
+                log.warning(
+                    "%s: %d of the %d cases are training cases of the checkpoint (%s): not held-out scores",
+                    prefix,
+                    len(cases),
+                    summary["num_cases"],
+                    ", ".join(cases),
+                )
             summary["config"] = self.sautomed_config()
             write_metrics(rows, summary, Path(self.trainer.default_root_dir))
             self.print(
@@ -262,8 +271,11 @@ class BaselineModule(L.LightningModule):
         return {"labels": labels, "geom": geom, "output": batch["output"], "source": batch["source"]}
 
     # -- the checkpoint carries its config --------------------------------------------------------------
+    def _datamodule(self) -> Any:
+        return getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+
     def _sync_from_datamodule(self) -> None:
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        dm = self._datamodule()
         if dm is None or not hasattr(dm, "class_names"):
             return
         names = tuple(dm.class_names)
@@ -283,28 +295,30 @@ class BaselineModule(L.LightningModule):
     def sautomed_config(self) -> dict[str, Any]:
         return {
             "family": FAMILY,
-            "network": self.network_kind,
-            "unet": asdict(self.unet_cfg),
+            "network": self._network_record(),
             "loss": asdict(self.loss_weights),
             "inference": asdict(self.inference),
             "class_names": list(self.class_names),
             "preprocessing": self.preprocessing,
         }
 
+    def _network_record(self) -> dict[str, Any]:
+        """The network as the checkpoint records it: its kind and every U-Net setting (tuples as lists)."""
+        unet = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.unet_cfg).items()}
+        return {"kind": self.network_kind, **unet}
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["sautomed"] = self.sautomed_config()
+        dm = self._datamodule()
+        if hasattr(dm, "case_fingerprints"):  # the fit's cases, so evaluations can name training cases
+            checkpoint["sautomed"]["split"] = {k: dm.case_fingerprints(k) for k in ("train", "val")}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        cfg = _checked_config(checkpoint)
-        mine = {"network": self.network_kind, **asdict(self.unet_cfg)}
-        theirs = {"network": cfg["network"], **asdict(_unet_settings(cfg["unet"]))}
-        diffs = [f"{k}: checkpoint {theirs[k]!r} vs config {mine[k]!r}" for k in mine if theirs[k] != mine[k]]
-        if diffs:
-            raise BaselineCheckpointError(
-                "checkpoint was trained with another network configuration: " + "; ".join(diffs)
-            )
+        cfg = checkpoint.get("sautomed")
+        check_checkpoint_config(cfg, FAMILY, self._network_record(), set())
         self.class_names = tuple(cfg["class_names"])
         self.preprocessing = cfg.get("preprocessing")
+        self.fit_split = cfg.get("split")
 
 
 def check_data_fits(kind: NetworkKind, unet: UNetSettings, dm: Any) -> None:
@@ -327,18 +341,3 @@ def check_data_fits(kind: NetworkKind, unet: UNetSettings, dm: Any) -> None:
                 f"unet2d: model.unet.patch_size {list(unet.patch_size)} must be the slice size [{s}, {s}] "
                 "(data.preprocessing.image_size)"
             )
-
-
-def _unet_settings(d: dict[str, Any]) -> UNetSettings:
-    return UNetSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
-
-
-def _checked_config(checkpoint: dict[str, Any]) -> dict[str, Any]:
-    cfg = checkpoint.get("sautomed")
-    if cfg is None:
-        raise BaselineCheckpointError("not a sautomed checkpoint (no 'sautomed' config inside)")
-    if cfg.get("family") != FAMILY:
-        raise BaselineCheckpointError(
-            f"checkpoint of model family {cfg.get('family')!r}, expected {FAMILY!r}"
-        )
-    return cfg

@@ -2,21 +2,25 @@
 
 The official variants (vit_b / vit_l / vit_h) use the hyper-parameters of ``segment_anything.build_sam``; only
 the input size S is free (the checkpoint loader interpolates what depends on it). ``tiny`` is ours: a small
-encoder for tests and the CPU demo. There is no pretrained tiny checkpoint.
+encoder for tests and the CPU demo. There is no pretrained tiny checkpoint. ``litemedsam`` is LiteMedSAM: a
+TinyViT-5M encoder (``tiny_vit.py``, features at S/4) with SAM's own prompt encoder and mask decoder,
+medically pretrained (``sautomed weights litemedsam``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Literal, NamedTuple
 
 import torch
 from torch import nn
 
+from sautomed.models.sam.tiny_vit import TinyViTEncoder
 from sautomed.models.sam.upstream import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
 
-Backbone = Literal["tiny", "vit_b", "vit_l", "vit_h"]
+Backbone = Literal["tiny", "vit_b", "vit_l", "vit_h", "litemedsam"]
+BACKBONES: tuple[str, ...] = ("tiny", "vit_b", "vit_l", "vit_h", "litemedsam")
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
@@ -59,16 +63,25 @@ SAM_VARIANTS: dict[str, SamVariant] = {
 
 
 class SamParts(NamedTuple):
-    image_encoder: ImageEncoderViT
+    image_encoder: ImageEncoderViT | TinyViTEncoder
     prompt_encoder: PromptEncoder
     mask_decoder: MaskDecoder
 
 
-def build_sam_parts(backbone: Backbone, image_size: int) -> SamParts:
-    """Build SAM's three modules for input size ``image_size`` (a multiple of the patch size, 16)."""
+def build_sam_parts(backbone: Backbone, image_size: int, patch_size: int = 16) -> SamParts:
+    """Build SAM's three modules for input size ``image_size`` (a multiple of the patch size).
+
+    ``patch_size`` other than 16 is for ``tiny`` only (official checkpoints are patch 16).
+    """
+    if backbone == "litemedsam":
+        return build_litemedsam_parts(image_size)
     if backbone not in SAM_VARIANTS:
-        raise ValueError(f"unknown backbone {backbone!r}; choose from {sorted(SAM_VARIANTS)}")
+        raise ValueError(f"unknown backbone {backbone!r}; choose from {list(BACKBONES)}")
     v = SAM_VARIANTS[backbone]
+    if patch_size != v.patch_size:
+        if backbone != "tiny":
+            raise ValueError(f"patch_size {patch_size}: only the tiny backbone takes another than 16")
+        v = replace(v, patch_size=patch_size)
     if image_size % v.patch_size:
         raise ValueError(f"image_size {image_size} must be a multiple of the patch size {v.patch_size}")
     grid = image_size // v.patch_size
@@ -86,6 +99,24 @@ def build_sam_parts(backbone: Backbone, image_size: int) -> SamParts:
         window_size=v.window_size,
         out_chans=v.prompt_embed_dim,
     )
+    prompt_encoder, mask_decoder = _prompt_and_decoder(v, image_size, grid)
+    return SamParts(image_encoder, prompt_encoder, mask_decoder)
+
+
+def build_litemedsam_parts(image_size: int) -> SamParts:
+    """LiteMedSAM: TinyViT encoder (features S/4) + SAM's prompt encoder and mask decoder (SAM's sizes).
+
+    LiteMedSAM was trained at S = 256 (64 x 64 features); any multiple of 16 builds (nothing in it depends
+    on S but the prompt encoder's embedding size, which is not a weight).
+    """
+    if image_size % 16:
+        raise ValueError(f"image_size {image_size} must be a multiple of 16 for litemedsam")
+    encoder = TinyViTEncoder()
+    prompt_encoder, mask_decoder = _prompt_and_decoder(SAM_VARIANTS["vit_b"], image_size, image_size // 4)
+    return SamParts(encoder, prompt_encoder, mask_decoder)
+
+
+def _prompt_and_decoder(v: SamVariant, image_size: int, grid: int) -> tuple[PromptEncoder, MaskDecoder]:
     prompt_encoder = PromptEncoder(
         embed_dim=v.prompt_embed_dim,
         image_embedding_size=(grid, grid),
@@ -104,12 +135,12 @@ def build_sam_parts(backbone: Backbone, image_size: int) -> SamParts:
         iou_head_depth=3,
         iou_head_hidden_dim=256,
     )
-    return SamParts(image_encoder, prompt_encoder, mask_decoder)
+    return prompt_encoder, mask_decoder
 
 
-def init_random_position_embedding(image_encoder: ImageEncoderViT, std: float = 0.02) -> None:
+def init_random_position_embedding(image_encoder: nn.Module, std: float = 0.02) -> None:
     """SAM creates ``pos_embed`` as zeros (a placeholder for pretrained values). Without a checkpoint that
     leaves the encoder with no absolute position information, so give it the usual ViT init instead."""
-    if image_encoder.pos_embed is not None:
+    if getattr(image_encoder, "pos_embed", None) is not None:
         with torch.no_grad():
             nn.init.trunc_normal_(image_encoder.pos_embed, std=std)

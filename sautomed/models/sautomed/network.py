@@ -23,6 +23,8 @@ from sautomed.boxes import boxes_from_labels
 from sautomed.models.sam.build import PIXEL_MEAN, PIXEL_STD, build_sam_parts, init_random_position_embedding
 from sautomed.models.sam.checkpoint import LoadReport, load_sam_checkpoint
 from sautomed.models.sam.lora import EncoderFinetune, apply_lora, set_encoder_trainable
+from sautomed.models.sam.upstream import ImageEncoderViT
+from sautomed.models.sam.weights import resolve_weights
 from sautomed.models.sautomed.box_prompt import BoxPromptGenerator
 from sautomed.models.sautomed.decoder import SAM_DECODER_UNUSED, MultiClassMaskDecoder
 from sautomed.models.sautomed.history import HistoryTokens
@@ -45,8 +47,10 @@ class NetworkConfig:
     """Settings of the 3D-SAutoMed network.
 
     Attributes:
-        backbone: SAM size: ``vit_b``/``vit_l``/``vit_h`` (official) or ``tiny`` (tests, CPU demo).
-        image_size: input size S (multiple of 16); features are S/16, logits S/4.
+        backbone: SAM size: ``vit_b``/``vit_l``/``vit_h`` (official), ``tiny`` (tests, CPU demo), or
+            ``litemedsam`` (LiteMedSAM's TinyViT-5M encoder with SAM's decoder, medically pretrained;
+            features at S/4 instead of S/16, logits at S).
+        image_size: input size S (multiple of 16); features are S/16 (S/4 for litemedsam), logits 4x that.
         num_classes: number of foreground classes C (the decoder predicts C+1 with background).
         lora_rank: LoRA rank on q and v of every encoder block (0 = no LoRA).
         lora_alpha: LoRA alpha (scaling alpha / rank).
@@ -61,12 +65,20 @@ class NetworkConfig:
         box_decoder_layers: decoder layers of the box prompt generator.
         box_decoder_heads: attention heads of the box prompt generator.
         box_decoder_ffn_dim: FFN width of the box prompt generator.
-        sam_checkpoint: path to an official SAM checkpoint (``sam_vit_b_01ec64.pth`` format); None or "" =
-            random initialisation.
+        sam_checkpoint: path to an official SAM checkpoint (``sam_vit_b_01ec64.pth`` format) or to
+            ``lite_medsam.pth`` for litemedsam; the name ``litemedsam`` means the file fetched by
+            ``sautomed weights litemedsam`` (its cache); None or "" = random initialisation.
         grad_checkpointing: activation checkpointing of the encoder blocks in training (saves memory).
+        patch_size: patch side of the ``tiny`` encoder (16 as SAM; 8 gives a 4x finer token grid at 4x the
+            encoder cost). The official ViTs and litemedsam keep their own.
+        state_presence_gate: the next slice's state keeps a class only where this slice's presence head says
+            it is there (box prompts on); a stray pixel then no longer carries a class down the chain.
+        state_min_area: the next state keeps a class only with at least this many pixels (logit grid).
+        state_largest_component: the next slice's anchor box is the box of the class's largest connected
+            component, not of all its pixels (a far-off false positive no longer stretches it).
     """
 
-    backbone: Literal["tiny", "vit_b", "vit_l", "vit_h"] = "tiny"
+    backbone: Literal["tiny", "vit_b", "vit_l", "vit_h", "litemedsam"] = "tiny"
     image_size: int = 256
     num_classes: int = 4
     lora_rank: int = 4
@@ -83,6 +95,10 @@ class NetworkConfig:
     box_decoder_ffn_dim: int = 1024
     sam_checkpoint: str | None = None
     grad_checkpointing: bool = False
+    patch_size: int = 16
+    state_presence_gate: bool = False
+    state_min_area: int = 0
+    state_largest_component: bool = False
 
 
 class State(NamedTuple):
@@ -106,7 +122,7 @@ class SAutoMedNet(nn.Module):
     def __init__(self, cfg: NetworkConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        parts = build_sam_parts(cfg.backbone, cfg.image_size)
+        parts = build_sam_parts(cfg.backbone, cfg.image_size, cfg.patch_size)
         D = parts.prompt_encoder.embed_dim
         self.image_encoder = parts.image_encoder
         self.prompt_encoder = parts.prompt_encoder
@@ -131,11 +147,10 @@ class SAutoMedNet(nn.Module):
             apply_lora(self.image_encoder, cfg.lora_rank, cfg.lora_alpha)
         self.load_report: LoadReport | None = None
         if cfg.sam_checkpoint:
-            self.load_report = self.load_sam_checkpoint(cfg.sam_checkpoint)
+            self.load_report = self.load_sam_checkpoint(resolve_weights(cfg.sam_checkpoint))
             log.info("%s", self.load_report)
         else:
             init_random_position_embedding(self.image_encoder)
-            log.warning("No SAM checkpoint given: the %s SAM backbone is randomly initialised.", cfg.backbone)
         self._set_trainable(cfg.encoder_finetune)
 
     # ---------------------------------------------------------------- properties
@@ -150,12 +165,12 @@ class SAutoMedNet(nn.Module):
 
     @property
     def feature_size(self) -> int:
-        """Side of the encoder output: S/16."""
+        """Side of the encoder output: S/16 (S/4 for litemedsam)."""
         return self.prompt_encoder.image_embedding_size[0]
 
     @property
     def logit_size(self) -> int:
-        """Side of the logits: S/4."""
+        """Side of the logits: 4x the features (S/4; S for litemedsam)."""
         return 4 * self.feature_size
 
     # ---------------------------------------------------------------- setup
@@ -177,7 +192,7 @@ class SAutoMedNet(nn.Module):
         """
         global_rel_pos = {
             f"image_encoder.blocks.{i}.attn.rel_pos_{a}"
-            for i, blk in enumerate(self.image_encoder.blocks)
+            for i, blk in enumerate(getattr(self.image_encoder, "blocks", []))  # SAM's ViT only
             if blk.window_size == 0
             for a in "hw"
         }
@@ -194,13 +209,17 @@ class SAutoMedNet(nn.Module):
 
     # ---------------------------------------------------------------- forward pieces
     def encode(self, images: Tensor) -> Tensor:
-        """(N, S, S) slices in [0, 1] (or (N, 1|3, S, S)) -> (N, D, S/16, S/16) features."""
+        """(N, S, S) slices in [0, 1] (or (N, 1|3, S, S)) -> (N, D, h, w) features (h = S/16, or S/4)."""
         x = images.unsqueeze(1) if images.dim() == 3 else images  # (N, 1|3, S, S)
         S = self.cfg.image_size
         if x.dim() != 4 or x.shape[1] not in (1, 3) or x.shape[-2:] != (S, S):
             raise ValueError(f"expected (N, {S}, {S}) slices, got {tuple(images.shape)}")
-        x = (x.expand(-1, 3, -1, -1) * 255.0 - self.pixel_mean) / self.pixel_std  # (N, 3, S, S)
+        x = x.expand(-1, 3, -1, -1)  # (N, 3, S, S)
         enc = self.image_encoder
+        if not isinstance(enc, ImageEncoderViT):  # an encoder object: (N, 3, S, S) in [0, 1] -> features
+            enc.grad_checkpointing = self.cfg.grad_checkpointing
+            return enc(x)
+        x = (x * 255.0 - self.pixel_mean) / self.pixel_std  # SAM's pixel normalisation
         x = enc.patch_embed(x)  # (N, S/16, S/16, E)
         if enc.pos_embed is not None:
             x = x + enc.pos_embed
@@ -246,9 +265,42 @@ class SAutoMedNet(nn.Module):
 
         next_history = self.history.filter(history_out) if self.history is not None else None
         with torch.no_grad():  # the next anchors come from this slice's prediction
-            next_boxes, next_present = boxes_from_labels(logits.max(dim=1).indices, C)  # (B, C, 4), (B, C)
+            next_boxes, next_present = self._next_boxes(logits, presence)  # (B, C, 4), (B, C)
         next_state = State(next_history, next_boxes.to(logits.dtype), next_present)
         return StepOutput(logits, boxes, presence, next_state)
+
+    def _next_boxes(self, logits: Tensor, presence: Tensor) -> tuple[Tensor, Tensor]:
+        """The anchors handed to the next slice: boxes of this slice's argmax labels, gated as configured."""
+        cfg, C = self.cfg, self.cfg.num_classes
+        labels = logits.argmax(dim=1)  # (B, h, w)
+        if cfg.state_largest_component:
+            labels = largest_component_2d(labels, C)
+        boxes, present = boxes_from_labels(labels, C)
+        if cfg.state_min_area > 0:
+            area = (
+                labels.unsqueeze(1) == torch.arange(1, C + 1, device=labels.device).view(1, -1, 1, 1)
+            ).sum(dim=(2, 3))  # (B, C)
+            present = present & (area >= cfg.state_min_area)
+        if cfg.state_presence_gate and self.box_prompt is not None:
+            present = present & (presence > 0)
+        return boxes * present.unsqueeze(-1), present
+
+
+def largest_component_2d(labels: Tensor, num_classes: int) -> Tensor:
+    """(B, h, w) labels -> the same with each class cut to its largest 4-connected component per slice."""
+    import numpy as np
+    from scipy import ndimage
+
+    arr = labels.cpu().numpy()
+    out = np.zeros_like(arr)
+    for b in range(arr.shape[0]):
+        for c in range(1, num_classes + 1):
+            comp, n = ndimage.label(arr[b] == c)
+            if n == 0:
+                continue
+            sizes = np.bincount(comp.ravel())[1:]
+            out[b][comp == 1 + int(sizes.argmax())] = c
+    return torch.from_numpy(out).to(labels.device)
 
 
 def build_network(cfg: NetworkConfig) -> SAutoMedNet:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 
 from sautomed.cli import main
-from sautomed.compare import compare_table
 from sautomed.metrics import ClassResult, summarize, write_metrics
+from sautomed.tools.compare import compare_table
 
 
 def _run(folder, rows, classes, seconds=None):

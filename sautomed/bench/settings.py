@@ -1,0 +1,140 @@
+"""What one bench run depends on: the config's values overridden by the flags, and the flags themselves.
+
+The backbones are those `NetworkConfig.backbone` accepts, so a backbone added there is measurable at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import typing
+from contextlib import nullcontext
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sautomed.models.sautomed.network import NetworkConfig
+
+BACKBONES: tuple[str, ...] = typing.get_args(typing.get_type_hints(NetworkConfig)["backbone"])
+
+
+@dataclass
+class BenchSettings:
+    """Everything one bench run depends on (the config's values, overridden by the flags)."""
+
+    network: dict[str, Any] = field(default_factory=dict)  # NetworkConfig fields
+    slices: int = 16
+    out_size: int = 512
+    encode_chunk: int = 8
+    train_batch: int = 8
+    warmup_slices: int = 3  # n: the config's warmup_max
+    loss: dict[str, Any] = field(default_factory=dict)
+    device: str = "cpu"
+    dtype: str = "fp32"
+    repeats: int = 3
+    warmup: int = 1
+    naive_repeats: int | None = None  # None: ``repeats``
+    compile: bool = False
+    threads: int | None = None
+    naive: bool = True
+    train: bool = True
+    seed: int = 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sautomed bench",
+        description="Speed and memory of volume inference and of one training step (random weights).",
+    )
+    p.add_argument("--config", type=Path, help="a sautomed config: network, batch size, warm-ups (defaults)")
+    p.add_argument("--model", choices=BACKBONES, help="backbone (overrides the config)")
+    p.add_argument("--image-size", type=int, help="input size S (overrides the config)")
+    p.add_argument("--slices", type=int, default=16, help="slices N of the synthetic volume")
+    p.add_argument("--classes", type=int, help="foreground classes C (overrides the config)")
+    p.add_argument("--out-size", type=int, default=512, help="in-plane size the labels are resized to")
+    p.add_argument("--encode-chunk", type=int, help="slices per encoder call (default: the config's, or 8)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16 = bfloat16 autocast")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per measure (median)")
+    p.add_argument("--warmup", type=int, default=1, help="uncounted runs before the timed ones")
+    p.add_argument(
+        "--naive-repeats", type=int, help="timed runs of the (3x slower) naive loop (default: --repeats)"
+    )
+    p.add_argument("--train-batch", type=int, help="training batch size (default: the config's)")
+    p.add_argument("--warmup-slices", type=int, help="training warm-up slices n (default: warmup_max)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the encoder (compile time reported)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--no-naive", action="store_true", help="skip the naive per-slice baseline")
+    p.add_argument("--no-train", action="store_true", help="skip the training-step measures")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, help="write the results here (also after every measure)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the measures already in --json (an interrupted run, same settings); listed as resumed",
+    )
+    return p
+
+
+def _section(cfg: dict[str, Any], key: str) -> dict[str, Any]:
+    sec = cfg.get(key) or {}
+    return dict(sec.get("init_args", sec)) if isinstance(sec, dict) else {}
+
+
+def settings_from_args(a: argparse.Namespace) -> BenchSettings:
+    """Config YAML defaults (network, batch size, warm-ups, classes, S, chunk), overridden by the flags."""
+    import yaml
+
+    cfg: dict[str, Any] = {}
+    if a.config is not None:
+        if not Path(a.config).is_file():
+            raise FileNotFoundError(f"{a.config}: config not found")
+        cfg = yaml.safe_load(Path(a.config).read_text()) or {}
+    model, data = _section(cfg, "model"), _section(cfg, "data")
+    known = {f.name for f in fields(NetworkConfig)}
+    network = {k: v for k, v in (model.get("network") or {}).items() if k in known}
+    network.pop("sam_checkpoint", None)
+    if a.model is not None:
+        network["backbone"] = a.model
+    if a.image_size is not None:
+        network["image_size"] = a.image_size
+    if a.classes is not None:
+        network["num_classes"] = a.classes
+    windows = data.get("windows") or {}
+    s = BenchSettings(
+        network=network,
+        slices=a.slices,
+        out_size=a.out_size,
+        encode_chunk=a.encode_chunk or int((model.get("inference") or {}).get("encode_chunk", 8)),
+        train_batch=a.train_batch if a.train_batch is not None else int(data.get("batch_size", 8)),
+        warmup_slices=a.warmup_slices if a.warmup_slices is not None else int(windows.get("warmup_max", 3)),
+        loss=dict(model.get("loss") or {}),
+        device=a.device,
+        dtype=a.dtype,
+        repeats=a.repeats,
+        warmup=a.warmup,
+        naive_repeats=a.naive_repeats,
+        compile=a.compile,
+        threads=a.threads,
+        naive=not a.no_naive,
+        train=not a.no_train,
+        seed=a.seed,
+    )
+    NetworkConfig(**s.network)  # unknown backbone / bad types fail here, before anything runs
+    if s.slices < 1 or s.repeats < 1 or s.warmup < 0 or s.train_batch < 1 or s.warmup_slices < 0:
+        raise ValueError("--slices, --repeats and --train-batch must be >= 1; --warmup, --warmup-slices >= 0")
+    if s.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: CUDA is not available")
+    return s
+
+
+def autocast_dtype(dtype: str) -> torch.dtype | None:
+    """The autocast dtype of the `--dtype` setting (None: fp32, no autocast)."""
+    return torch.bfloat16 if dtype == "bf16" else None
+
+
+def autocast(device: str, dtype: str) -> Any:
+    """A context running under the `--dtype` setting's autocast (a no-op for fp32)."""
+    ad = autocast_dtype(dtype)
+    return torch.autocast(device, dtype=ad) if ad is not None else nullcontext()

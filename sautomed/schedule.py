@@ -1,0 +1,69 @@
+"""The learning-rate schedule of a run: a short linear warm-up, then cosine to zero, over steps or the clock.
+
+``by="steps"`` follows ``trainer.max_epochs`` / ``max_steps`` (a seeded run repeats exactly). ``by="clock"``
+is for budgeted runs (a ``trainer.max_time`` guard): progress is the larger of the step fraction and the
+fraction of the time budget used (``max_time`` less a margin for the last validation and checkpoint), and
+the run stops when progress reaches 1. So the schedule ends, at a learning rate of zero, inside the guard on
+any machine, fast or slow; the price is that two runs on machines of different speed train different steps.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from lightning.pytorch.callbacks import Timer
+
+ScheduleBy = Literal["steps", "clock"]
+
+
+def _timer(trainer: Any) -> Timer | None:
+    return next((cb for cb in trainer.callbacks if isinstance(cb, Timer)), None)
+
+
+class Schedule:
+    """Progress in [0, 1] and the LR factor of a run (the clock read from Lightning's Timer).
+
+    Args:
+        trainer: the Lightning trainer (its Timer callback holds ``max_time``).
+        total_steps: the optimiser steps of ``max_epochs`` / ``max_steps``.
+        warmup_steps: linear warm-up steps.
+        by: ``steps`` or ``clock`` (see the module docstring).
+        margin_s: seconds of ``max_time`` kept for the last validation and checkpoint (clock only).
+    """
+
+    def __init__(self, trainer: Any, total_steps: int, warmup_steps: int, by: ScheduleBy, margin_s: float):
+        self.trainer, self.total, self.warmup, self.by, self.margin_s = (
+            trainer,
+            total_steps,
+            warmup_steps,
+            by,
+            margin_s,
+        )
+        if by == "clock" and (_timer(trainer) is None or _timer(trainer).time_remaining("train") is None):
+            raise ValueError("model.schedule_by: clock needs a trainer.max_time guard")
+
+    def time_fraction(self) -> float:
+        """Share of the time budget used (0 when the schedule follows steps, or before training starts)."""
+        timer = _timer(self.trainer) if self.by == "clock" else None
+        if timer is None:
+            return 0.0
+        elapsed, remaining = timer.time_elapsed("train"), timer.time_remaining("train")
+        if remaining is None:
+            return 0.0
+        budget = max(1.0, elapsed + remaining - self.margin_s)
+        return min(1.0, elapsed / budget)
+
+    def progress(self, step: int) -> float:
+        steps = (step - self.warmup) / max(1, self.total - self.warmup)
+        return min(1.0, max(0.0, steps, self.time_fraction()))
+
+    def factor(self, step: int) -> float:
+        """LambdaLR's factor for optimiser step ``step``."""
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        return 0.5 * (1.0 + math.cos(math.pi * self.progress(step)))
+
+    def ended(self) -> bool:
+        """True once the clock has run the schedule to its end (the run should stop)."""
+        return self.by == "clock" and self.time_fraction() >= 1.0
