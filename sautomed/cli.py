@@ -25,11 +25,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 
-from sautomed.data.datamodule import SegmentationDataModule
 from sautomed.data.io import VolumeError
 from sautomed.data.layouts import DatasetError
+from sautomed.families import family_for_args
 from sautomed.guards import check_encoder_finetune, weights_from_elsewhere
-from sautomed.module import SAutoMedModule
 from sautomed.run_folder import (
     AtomicCheckpointIO,
     CheckpointMismatchError,
@@ -146,9 +145,11 @@ class SautomedCLI(LightningCLI):
 
 
 def _lightning(argv: Sequence[str]) -> int:
+    family, by_class_path = family_for_args(argv)  # no model.class_path: 3D-SAutoMed
     SautomedCLI(
-        SAutoMedModule,
-        SegmentationDataModule,
+        family.module,
+        family.datamodule,
+        subclass_mode_model=by_class_path,
         args=list(argv),
         save_config_callback=RunFolderConfig,
         seed_everything_default=0,

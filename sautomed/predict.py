@@ -7,7 +7,6 @@ Runs through Lightning's `Trainer.predict`, so `--devices N --strategy ddp` shar
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import sys
@@ -22,8 +21,8 @@ from sautomed.data.datasets import PredictDataset, collate_single
 from sautomed.data.io import stale_temporaries
 from sautomed.data.preprocess import Preprocessing
 from sautomed.data.samplers import ShardSampler
+from sautomed.families import module_from_checkpoint, with_inference_changes
 from sautomed.inference import MODES
-from sautomed.module import SAutoMedModule
 from sautomed.run_folder import UserError, read_checkpoint
 from sautomed.tools import predict_outputs
 from sautomed.writers import VolumeWriter, plan_predictions
@@ -76,7 +75,7 @@ def predict_main(argv: Sequence[str]) -> int:
     a = build_parser().parse_args(argv)
     extras = predict_outputs.Extras.from_args(a)  # a missing optional dependency fails here, before the work
     ckpt = read_checkpoint(a.ckpt_path)
-    module = SAutoMedModule.from_checkpoint_dict(ckpt)
+    module = module_from_checkpoint(ckpt)
     changes = {}
     if a.mode:
         changes["mode"] = a.mode
@@ -84,7 +83,7 @@ def predict_main(argv: Sequence[str]) -> int:
         changes["bf16"] = True
     if a.largest_component:
         changes["largest_component"] = True
-    module.inference = dataclasses.replace(module.inference, **changes)
+    module.inference = with_inference_changes(module, changes)
     if module.preprocessing is None:
         raise UserError(f"{a.ckpt_path}: the checkpoint carries no preprocessing settings")
     preprocessing = Preprocessing(

@@ -35,12 +35,19 @@ def cmd_report(argv: Sequence[str]) -> int:
     return report_main(argv)
 
 
+def cmd_compare(argv: Sequence[str]) -> int:
+    from sautomed.tools.compare import compare_main
+
+    return compare_main(argv)
+
+
 TOOL_COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "evaluate": cmd_evaluate,
     "info": cmd_info,
     "export": cmd_export,
     "preview": cmd_preview,
     "report": cmd_report,
+    "compare": cmd_compare,
 }
 
 TOOL_HELP = """\
@@ -49,4 +56,5 @@ TOOL_HELP = """\
   export       predictions in a challenge's format: --format chaos-png|segthor --pred P --out DIR
   preview      PNG of a label map over its image: --image IMG --labels LAB --out PNG
   report       report.html from a folder's metrics.csv and summary.json (test, evaluate): report DIR
+  compare      several test runs' summary.json as one table: compare RUN_DIR...
 """

@@ -1,0 +1,343 @@
+"""The baselines' LightningModule: a MONAI U-Net (2D over slices or 3D over patches), DiceCE, the shared
+metrics and writers. It wires network, loss and inference; the math lives in the files beside it.
+
+Training: unet2d on the shared slice windows (the target slice, 2.5D with its neighbours), unet3d on 3D
+patches (`BaselineDataModule(patches=...)`); DiceCE with deep supervision; SGD with Nesterov momentum and
+nnU-Net's poly schedule, or AdamW with cosine. Evaluation: whole volumes, slice by slice (2D) or by sliding
+window with Gaussian blending (3D), logits resized to the original in-plane size, optional largest component.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor
+
+from sautomed.data.splits import split_provenance
+from sautomed.inference import logits_to_labels
+from sautomed.metrics import ClassResult, evaluate_case, summarize, write_metrics
+from sautomed.models.baselines.loss import BaselineLoss, DeepSupervisionDiceCE
+from sautomed.models.baselines.network import NetworkKind, UNetSettings, build_unet
+from sautomed.models.baselines.unet2d import segment_slices, window_slices
+from sautomed.models.baselines.unet3d import segment_patches
+from sautomed.postprocess import keep_largest_component
+from sautomed.run_folder import check_checkpoint_config
+
+log = logging.getLogger(__name__)
+
+FAMILY = "baseline"
+
+
+@dataclass(frozen=True)
+class BaselineInference:
+    """How volumes are segmented in validate / test / predict.
+
+    Args:
+        largest_component: keep only the largest 3D connected component of each class.
+        bf16: run the network under bfloat16 autocast.
+        slice_batch: unet2d: slices per forward.
+        overlap: unet3d: overlap of neighbouring sliding windows (nnU-Net: 0.5).
+        window_batch: unet3d: sliding windows per forward.
+        blend: unet3d: how overlapping windows are combined: gaussian (nnU-Net) or constant (a plain mean).
+    """
+
+    largest_component: bool = False
+    bf16: bool = False
+    slice_batch: int = 16
+    overlap: float = 0.5
+    window_batch: int = 2
+    blend: Literal["gaussian", "constant"] = "gaussian"
+
+
+class BaselineModule(L.LightningModule):
+    """A U-Net baseline.
+
+    Args:
+        network: unet2d (slices, optionally 2.5D) or unet3d (patches).
+        unet: the U-Net's settings (classes, patch size and spacing for the plan, filters, deep supervision).
+        loss: Dice and cross-entropy weights.
+        optimizer: sgd (Nesterov momentum, nnU-Net's choice) or adamw.
+        lr: initial learning rate (nnU-Net: 1e-2 with SGD).
+        weight_decay: weight decay (nnU-Net: 3e-5).
+        momentum: SGD momentum (nnU-Net: 0.99).
+        scheduler: learning-rate schedule over `trainer.max_epochs` / `max_steps`: poly (lr (1 - t/T)^0.9,
+            nnU-Net's), cosine (after a linear warm-up over 5% of the steps, at most 100), or none.
+        inference: how volumes are segmented in validate / test / predict.
+    """
+
+    def __init__(
+        self,
+        network: NetworkKind = "unet3d",
+        unet: UNetSettings = UNetSettings(),
+        loss: BaselineLoss = BaselineLoss(),
+        optimizer: Literal["sgd", "adamw"] = "sgd",
+        lr: float = 1e-2,
+        weight_decay: float = 3e-5,
+        momentum: float = 0.99,
+        scheduler: Literal["poly", "cosine", "none"] = "poly",
+        inference: BaselineInference = BaselineInference(),
+    ) -> None:
+        super().__init__()
+        self.network_kind, self.unet_cfg, self.loss_weights = network, unet, loss
+        self.optimizer_name, self.lr, self.weight_decay, self.momentum = optimizer, lr, weight_decay, momentum
+        self.scheduler = scheduler
+        self.inference = inference
+        self.net = build_unet(network, unet)
+        self.criterion = DeepSupervisionDiceCE(loss)
+        self.class_names: tuple[str, ...] = tuple(f"class_{i}" for i in range(1, unet.num_classes + 1))
+        self.preprocessing: dict[str, Any] | None = None
+        self.fit_split: dict[str, dict[str, str]] | None = None  # the checkpoint's fit cases, when loaded
+        self._rows: list[ClassResult] = []
+        self._seconds: list[float] = []
+
+    # -- construction from a checkpoint (predict) -------------------------------------------------------
+    @classmethod
+    def from_checkpoint_dict(cls, ckpt: dict[str, Any]) -> BaselineModule:
+        """Rebuild the module from a baseline checkpoint alone (its config travels inside)."""
+        cfg = ckpt.get("sautomed")
+        check_checkpoint_config(cfg, FAMILY, (cfg or {}).get("network") or {}, set())  # the family alone
+        settings = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg["network"].items()}
+        kind = settings.pop("kind")
+        module = cls(
+            network=kind,
+            unet=UNetSettings(**settings),
+            loss=BaselineLoss(**cfg["loss"]),
+            inference=BaselineInference(**cfg["inference"]),
+        )
+        module.load_state_dict(ckpt["state_dict"])
+        module.class_names = tuple(cfg["class_names"])
+        module.preprocessing = dict(cfg["preprocessing"]) if cfg.get("preprocessing") else None
+        return module
+
+    # -- training ---------------------------------------------------------------------------------------
+    def _inputs(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        if self.network_kind == "unet2d":
+            if "direction" not in batch:
+                raise ValueError("unet2d trains on slice windows: set data.patches to null")
+            x = window_slices(batch["image"], batch["direction"], self.unet_cfg.context_slices)
+            return x, batch["label"]  # (B, 1 + 2c, S, S), (B, S, S)
+        if batch["image"].ndim != 5:
+            raise ValueError("unet3d trains on 3D patches: set data.patches (size = model.unet.patch_size)")
+        return batch["image"], batch["label"]  # (B, 1, pz, py, px), (B, pz, py, px)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        x, y = self._inputs(batch)
+        terms = self.criterion(self.net(x), y)
+        bs = x.shape[0]
+        self.log("train/loss", terms["loss"], prog_bar=True, batch_size=bs)
+        self.log("train/dice_ce_full", terms["dice_ce_full"], batch_size=bs)
+        return terms["loss"]
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        if self.optimizer_name == "sgd":
+            opt = torch.optim.SGD(
+                params, lr=self.lr, momentum=self.momentum, nesterov=True, weight_decay=self.weight_decay
+            )
+        else:
+            opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        if self.scheduler == "none":
+            return opt
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total) or total <= 0:
+            raise ValueError(f"scheduler {self.scheduler!r} needs trainer.max_epochs or trainer.max_steps")
+        total = int(total)
+        warmup = max(1, min(100, total // 20)) if self.scheduler == "cosine" else 0
+
+        def factor(step: int) -> float:
+            if self.scheduler == "poly":
+                return (1.0 - min(step, total) / total) ** 0.9
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- whole volumes ----------------------------------------------------------------------------------
+    def segment_volume(self, image: Tensor, out_hw: tuple[int, int]) -> np.ndarray:
+        """(Z, S, S) preprocessed volume -> (Z, H, W) uint8 canonical labels at the original in-plane size."""
+        s = self.inference
+        was_training = self.net.training
+        self.net.eval()  # DynUNet returns the deep-supervision stack only in training mode
+        device = image.device
+        bf16 = torch.autocast(device.type, dtype=torch.bfloat16) if s.bf16 else nullcontext()
+        try:
+            with bf16:
+                if self.network_kind == "unet2d":
+                    logits = segment_slices(self.net, image, self.unet_cfg.context_slices, s.slice_batch)
+                else:
+                    logits = segment_patches(
+                        self.net, image, self.unet_cfg.patch_size, s.overlap, s.window_batch, s.blend
+                    )  # (Z, C+1, S, S)
+        finally:
+            self.net.train(was_training)
+        labels = logits_to_labels(logits, out_hw).cpu().numpy()  # (Z, H, W) uint8
+        if s.largest_component:
+            labels = keep_largest_component(labels, self.unet_cfg.num_classes)
+        return labels
+
+    def _evaluate(self, batch: dict[str, Any]) -> None:
+        if batch["label"] is None:
+            raise ValueError(f"case {batch['case_id']} has no label: it cannot be evaluated")
+        ref = batch["label"].cpu().numpy()
+        start = time.perf_counter()
+        pred = self.segment_volume(batch["image"], tuple(ref.shape[1:]))
+        self._seconds.append(time.perf_counter() - start)
+        self._rows.extend(
+            evaluate_case(batch["case_id"], pred, ref, batch["geom"].spacing_zyx, self.class_names)
+        )
+
+    def _gather(self) -> tuple[list[ClassResult], list[float]]:
+        rows, seconds = self._rows, self._seconds
+        self._rows, self._seconds = [], []
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            parts: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(parts, (rows, seconds))
+            rows = [r for p in parts for r in p[0]]
+            seconds = [s for p in parts for s in p[1]]
+        unique = {(r.case, r.class_name): r for r in rows}
+        return sorted(unique.values(), key=lambda r: (r.case, r.class_name)), seconds
+
+    def on_validation_epoch_start(self) -> None:
+        self._sync_from_datamodule()
+        self._rows, self._seconds = [], []
+
+    on_test_epoch_start = on_validation_epoch_start
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch)
+
+    def _finish_evaluation(self, prefix: str) -> None:
+        rows, seconds = self._gather()
+        summary = summarize(rows, self.class_names)
+        summary["predict_seconds_per_case"] = float(np.mean(seconds)) if seconds else None
+        mean = summary["mean_dsc"]
+        self.log(
+            f"{prefix}/mean_dsc", 0.0 if math.isnan(mean) else mean, sync_dist=False, rank_zero_only=False
+        )
+        if self.trainer.state.fn in ("validate", "test") and self.trainer.is_global_zero:
+            ckpt = self.trainer.ckpt_path
+            summary["checkpoint"] = str(ckpt) if ckpt else None
+            dm = self._datamodule()
+            stage = "val" if self.trainer.state.fn == "validate" else "test"
+            evaluated = dm.case_fingerprints(stage) if hasattr(dm, "case_fingerprints") else {}
+            summary.update(split_provenance(self.fit_split if ckpt else None, evaluated))
+            if summary["overlaps_training"]:
+                cases = summary["overlaps_training"]
+                log.warning(
+                    "%s: %d of the %d cases are training cases of the checkpoint (%s): not held-out scores",
+                    prefix,
+                    len(cases),
+                    summary["num_cases"],
+                    ", ".join(cases),
+                )
+            summary["config"] = self.sautomed_config()
+            write_metrics(rows, summary, Path(self.trainer.default_root_dir))
+            self.print(
+                f"{prefix}: mean DSC {mean:.4f}, mean HD95 {summary['mean_hd95_mm']:.2f} mm "
+                f"over {summary['num_cases']} cases -> {self.trainer.default_root_dir}"
+            )
+        elif self.trainer.is_global_zero:
+            log.info(
+                "epoch %d: validation mean DSC %.4f over %d cases", self.current_epoch, mean, len(seconds)
+            )
+        self.last_summary = summary
+
+    def on_validation_epoch_end(self) -> None:
+        self._finish_evaluation("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._finish_evaluation("test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        if "error" in batch:
+            return {"error": batch["error"], "source": batch["source"]}
+        geom = batch["geom"]
+        _, h, w = geom.shape_zyx
+        labels = self.segment_volume(batch["image"], (h, w))
+        return {"labels": labels, "geom": geom, "output": batch["output"], "source": batch["source"]}
+
+    # -- the checkpoint carries its config --------------------------------------------------------------
+    def _datamodule(self) -> Any:
+        return getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+
+    def _sync_from_datamodule(self) -> None:
+        dm = self._datamodule()
+        if dm is None or not hasattr(dm, "class_names"):
+            return
+        names = tuple(dm.class_names)
+        if len(names) != self.unet_cfg.num_classes:
+            raise ValueError(
+                f"the data has {len(names)} classes ({', '.join(names)}) but model.unet.num_classes is "
+                f"{self.unet_cfg.num_classes}"
+            )
+        check_data_fits(self.network_kind, self.unet_cfg, dm)
+        self.class_names = names
+        self.preprocessing = asdict(dm.preprocessing)
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":  # before the optimiser is configured: a data mismatch stops the run at once
+            self._sync_from_datamodule()
+
+    def sautomed_config(self) -> dict[str, Any]:
+        return {
+            "family": FAMILY,
+            "network": self._network_record(),
+            "loss": asdict(self.loss_weights),
+            "inference": asdict(self.inference),
+            "class_names": list(self.class_names),
+            "preprocessing": self.preprocessing,
+        }
+
+    def _network_record(self) -> dict[str, Any]:
+        """The network as the checkpoint records it: its kind and every U-Net setting (tuples as lists)."""
+        unet = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.unet_cfg).items()}
+        return {"kind": self.network_kind, **unet}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["sautomed"] = self.sautomed_config()
+        dm = self._datamodule()
+        if hasattr(dm, "case_fingerprints"):  # the fit's cases, so evaluations can name training cases
+            checkpoint["sautomed"]["split"] = {k: dm.case_fingerprints(k) for k in ("train", "val")}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        cfg = checkpoint.get("sautomed")
+        check_checkpoint_config(cfg, FAMILY, self._network_record(), set())
+        self.class_names = tuple(cfg["class_names"])
+        self.preprocessing = cfg.get("preprocessing")
+        self.fit_split = cfg.get("split")
+
+
+def check_data_fits(kind: NetworkKind, unet: UNetSettings, dm: Any) -> None:
+    """ValueError when the data module's training input does not match the network (one line, the fix)."""
+    patches = getattr(dm, "patches", None)
+    if kind == "unet3d":
+        if patches is None:
+            raise ValueError(f"unet3d trains on 3D patches: set data.patches.size to {list(unet.patch_size)}")
+        if tuple(patches.size) != tuple(unet.patch_size):
+            raise ValueError(
+                f"data.patches.size {list(patches.size)} must equal "
+                f"model.unet.patch_size {list(unet.patch_size)}"
+            )
+    else:
+        if patches is not None:
+            raise ValueError("unet2d trains on slice windows: set data.patches to null")
+        s = dm.preprocessing.image_size
+        if tuple(unet.patch_size) != (s, s):
+            raise ValueError(
+                f"unet2d: model.unet.patch_size {list(unet.patch_size)} must be the slice size [{s}, {s}] "
+                "(data.preprocessing.image_size)"
+            )
