@@ -192,8 +192,8 @@ def _backbone_table(r: dict[str, Any]) -> list[str]:
         f"backbones at S={st['image_size']}: predict = one {st['case_slices']}-slice case ({st['mode']}, to "
         f"{st['out_size']}x{st['out_size']}); step = a training step (batch {st['train_batch']}, "
         f"{st['train_warmup_slices']} warm-ups)",
-        "as the config runs it (*: cached features), with cached features, with the encoder run; sup: slices "
-        "with a loss, per step and per s (config, before, after; x: after / before)",
+        "  step: as the config runs it (*: cached features); cached: with cached features; encoded: the",
+        "  encoder run on the window; sup: slices with a loss per step, per s; before, after: chains' sup/s",
         f"{head[0]:12s} "
         + " ".join(h.rjust(9) for h in head[1:])
         + f" {'before':>9s} {'after':>9s} {'x':>6s}",

@@ -34,7 +34,9 @@ def untrained_ckpt(tmp_path_factory) -> Path:
 
     torch.manual_seed(0)
     module = SAutoMedModule(
-        network=NetworkConfig(backbone="tiny", image_size=32, num_classes=5, box_decoder_ffn_dim=64)
+        network=NetworkConfig(
+            backbone="tiny", image_size=32, num_classes=5, box_decoder_ffn_dim=64, encoder_finetune="full"
+        )
     )
     module.class_names = ("liver", "right_kidney", "left_kidney", "spleen", "aorta")
     module.preprocessing = {
