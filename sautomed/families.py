@@ -21,6 +21,9 @@ from sautomed.data.datamodule import SegmentationDataModule
 from sautomed.models.baselines.datamodule import BaselineDataModule
 from sautomed.models.baselines.module import FAMILY as BASELINE
 from sautomed.models.baselines.module import BaselineModule
+from sautomed.models.msam.module import FAMILY as MSAM
+from sautomed.models.msam.module import MSAMModule
+from sautomed.models.msam.patches import MSAMDataModule
 from sautomed.module import FAMILY as SAUTOMED
 from sautomed.module import SAutoMedModule
 from sautomed.run_folder import UserError
@@ -42,6 +45,7 @@ class Family:
 FAMILIES: dict[str, Family] = {
     SAUTOMED: Family(SAUTOMED, SAutoMedModule, SegmentationDataModule),
     BASELINE: Family(BASELINE, BaselineModule, BaselineDataModule),
+    MSAM: Family(MSAM, MSAMModule, MSAMDataModule),
 }
 DEFAULT = FAMILIES[SAUTOMED]
 

@@ -112,7 +112,10 @@ def test_every_shipped_config_names_the_family_it_means():
     configs = Path(__file__).resolve().parents[1] / "configs"
     for cfg in sorted(configs.glob("*.yaml")):
         family, _ = family_for_args(["fit", "--config", str(cfg)])
-        assert family.name == ("baseline" if cfg.name.startswith("unet") else "sautomed"), cfg.name
+        expected = (
+            "baseline" if cfg.name.startswith("unet") else "msam" if cfg.name.startswith("msam") else "sautomed"
+        )
+        assert family.name == expected, cfg.name
         if family.name != "baseline":
             continue
         raw = yaml.safe_load(cfg.read_text())
@@ -243,11 +246,11 @@ def test_training_batches_are_patches_or_windows_and_repeat_for_a_seed(baseline_
 
 def test_predict_names_a_checkpoint_family_it_does_not_know(sautomed_ckpt, tiny_phantoms, tmp_path, capsys):
     ckpt = torch.load(sautomed_ckpt, weights_only=True)
-    ckpt["sautomed"]["family"] = "msam"
+    ckpt["sautomed"]["family"] = "nnunet"
     path = tmp_path / "other.ckpt"
     torch.save(ckpt, path)
     src = next((tiny_phantoms / "test" / "imagesTr").iterdir())
     out = tmp_path / "o"
     assert main(["predict", "--ckpt_path", str(path), "--input", str(src), "--output", str(out)]) == 1
     err = capsys.readouterr().err
-    assert "unknown model family 'msam'" in err and len(err.strip().splitlines()) == 1
+    assert "unknown model family 'nnunet'" in err and len(err.strip().splitlines()) == 1

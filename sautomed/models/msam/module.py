@@ -13,6 +13,12 @@ Validation / test (the shared volume batches: ``image`` (Z, S, S), ``label`` (Z,
 * **automatic** (what ``predict`` does): ``automatic.segment_automatic`` on the whole volume, scored with the
   shared metrics on the original grid (``val/mean_dsc``, per-case CSV and summary JSON in validate / test).
 
+validate / test write both to the run folder: ``metrics.csv`` holds the automatic rows (class ``lesion``) and
+one oracle-prompted row per case and click count (class ``lesion (oracle-prompted, k clicks)``, status
+``oracle_prompted``, no HD95); ``summary.json`` holds the automatic means under the shared keys
+(``mean_dsc``, ``per_class``, ...) and the oracle-prompted means under ``oracle_prompted`` (and as
+``oracle_dsc@k``), with ``modes`` saying which is which.
+
 The target is binary: labels in ``foreground_labels`` (None: all labels > 0, the whole tumour); predictions
 are written as label 1 (``lesion``). The checkpoint carries the whole config (``checkpoint["sautomed"]``,
 family ``msam``), so :meth:`MSAMModule.from_checkpoint_dict` rebuilds the module from it alone.
@@ -20,6 +26,7 @@ family ``msam``), so :meth:`MSAMModule.from_checkpoint_dict` rebuilds the module
 
 from __future__ import annotations
 
+import logging
 import math
 import zlib
 from dataclasses import asdict, dataclass
@@ -32,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sautomed.data.splits import split_provenance
 from sautomed.metrics import ClassResult, dice, evaluate_case, summarize, write_metrics
 from sautomed.models.msam.automatic import AutoSettings, segment_automatic
 from sautomed.models.msam.clicks import ClickMode
@@ -39,9 +47,27 @@ from sautomed.models.msam.loss import LossSettings, refinement_loss
 from sautomed.models.msam.network import MSAMConfig, MSAMNet
 from sautomed.models.msam.patches import binary_target, crop_or_pad, crop_start
 from sautomed.models.msam.refinement import refine_with_clicks
+from sautomed.run_folder import check_checkpoint_config
+from sautomed.schedule import Schedule, ScheduleBy
+
+log = logging.getLogger(__name__)
 
 FAMILY = "msam"
 CLASS_NAMES = ("lesion",)
+# network settings a checkpoint may differ in from the loading config: they concern the initial weights only
+_NON_STRUCTURAL = {"sam_med3d_checkpoint", "encoder_finetune"}
+MODES = {
+    "automatic": "whole volume, no ground truth used (what predict does): mean_dsc, mean_hd95_mm, per_class "
+    "and the metrics.csv rows of class 'lesion'",
+    "oracle_prompted": "a crop centred on the reference lesion, clicks from the reference error region (the "
+    "paper's protocol, needs the ground truth): oracle_prompted, oracle_dsc@k and the metrics.csv rows of "
+    "class 'lesion (oracle-prompted, k clicks)'",
+}
+
+
+def oracle_class_name(clicks: int) -> str:
+    """The metrics.csv class of an oracle-prompted DSC after ``clicks`` clicks."""
+    return f"{CLASS_NAMES[0]} (oracle-prompted, {clicks} click{'' if clicks == 1 else 's'})"
 
 
 class CheckpointFamilyError(ValueError):
@@ -99,7 +125,16 @@ class MSAMModule(L.LightningModule):
         lr: AdamW learning rate of the adapter and the encoder's LoRA (8e-4 in the public code).
         decoder_lr_scale: factor on ``lr`` for the prompt encoder and mask decoder (0.1 in the public code).
         weight_decay: AdamW weight decay (0.1 in the public code).
-        scheduler: ``none`` or ``cosine`` over the run's steps.
+        scheduler: ``none``; ``cosine`` to zero over the run's steps (or its clock: ``schedule_by``); or
+            ``multistep``: the learning rates times ``gamma`` at each epoch in ``milestones`` (the public
+            code: epochs 120 and 180, gamma 0.1).
+        milestones: epochs at which ``multistep`` lowers the learning rates.
+        gamma: ``multistep``'s factor at each milestone.
+        schedule_by: ``steps`` (``cosine`` spans max_epochs / max_steps; repeats exactly for a seed) or
+            ``clock`` (it spans the ``trainer.max_time`` guard less ``schedule_margin_s`` when that comes
+            first, and the run stops at its end: a budgeted run ends its schedule on any machine; ``cosine``
+            only; ``sautomed/schedule.py``).
+        schedule_margin_s: seconds of max_time kept for the last validation and checkpoint (clock only).
     """
 
     def __init__(
@@ -113,7 +148,11 @@ class MSAMModule(L.LightningModule):
         lr: float = 8e-4,
         decoder_lr_scale: float = 0.1,
         weight_decay: float = 0.1,
-        scheduler: Literal["none", "cosine"] = "none",
+        scheduler: Literal["none", "cosine", "multistep"] = "none",
+        milestones: tuple[int, ...] = (120, 180),
+        gamma: float = 0.1,
+        schedule_by: ScheduleBy = "steps",
+        schedule_margin_s: float = 60.0,
     ) -> None:
         super().__init__()
         self.network_cfg, self.refinement, self.loss_settings = network, refinement, loss
@@ -125,11 +164,26 @@ class MSAMModule(L.LightningModule):
             weight_decay,
             scheduler,
         )
+        if schedule_by == "clock" and scheduler != "cosine":
+            raise ValueError(f"model.schedule_by: clock needs model.scheduler: cosine (not {scheduler!r})")
+        self.milestones, self.gamma = tuple(int(m) for m in milestones), gamma
+        self.schedule_by, self.schedule_margin_s = schedule_by, schedule_margin_s
+        self.schedule: Schedule | None = None
         self.net = MSAMNet(network)
         self.class_names: tuple[str, ...] = CLASS_NAMES
         self.preprocessing: dict[str, Any] | None = None
+        self.fit_split: dict[str, dict[str, str]] | None = None  # the loaded checkpoint's fit cases
         self._rows: list[ClassResult] = []
-        self._oracle: list[list[float]] = []
+        self._oracle: list[tuple[str, list[float]]] = []  # (case, DSC after 1, 2, ... clicks)
+
+    @property
+    def inference(self) -> AutoSettings:
+        """How ``predict`` segments volumes: the automatic mode's settings (its flags replace fields)."""
+        return self.automatic
+
+    @inference.setter
+    def inference(self, settings: AutoSettings) -> None:
+        self.automatic = settings
 
     # -- construction from a checkpoint ----------------------------------------------------------------
     @classmethod
@@ -138,16 +192,19 @@ class MSAMModule(L.LightningModule):
         cfg = ckpt.get("sautomed") or {}
         if cfg.get("family") != FAMILY:
             raise CheckpointFamilyError(f"checkpoint of model family {cfg.get('family')!r}, expected 'msam'")
-        evaluation = dict(cfg["evaluation"])
-        evaluation["oracle_clicks"] = tuple(evaluation["oracle_clicks"])
-        module = cls(
-            network=MSAMConfig(**{**cfg["network"], "sam_med3d_checkpoint": None}),
-            refinement=RefinementSettings(**cfg["refinement"]),
-            loss=LossSettings(**cfg["loss"]),
-            evaluation=EvaluationSettings(**evaluation),
-            automatic=AutoSettings(**cfg["automatic"]),
-            foreground_labels=cfg["foreground_labels"],
-        )
+        try:
+            evaluation = dict(cfg["evaluation"])
+            evaluation["oracle_clicks"] = tuple(evaluation["oracle_clicks"])
+            module = cls(
+                network=MSAMConfig(**{**cfg["network"], "sam_med3d_checkpoint": None}),
+                refinement=RefinementSettings(**cfg["refinement"]),
+                loss=LossSettings(**cfg["loss"]),
+                evaluation=EvaluationSettings(**evaluation),
+                automatic=AutoSettings(**cfg["automatic"]),
+                foreground_labels=cfg["foreground_labels"],
+            )
+        except (KeyError, TypeError) as exc:  # a checkpoint that says msam but lacks or misnames settings
+            raise CheckpointFamilyError(f"an incomplete or unknown msam checkpoint config ({exc})") from exc
         module.load_state_dict(ckpt["state_dict"])
         module.class_names = tuple(cfg["class_names"])
         module.preprocessing = cfg.get("preprocessing")
@@ -168,20 +225,33 @@ class MSAMModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["sautomed"] = self.msam_config()
+        dm = self._datamodule()
+        if hasattr(dm, "case_fingerprints"):  # the fit's cases, so evaluations can name training cases
+            checkpoint["sautomed"]["split"] = {k: dm.case_fingerprints(k) for k in ("train", "val")}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        family = (checkpoint.get("sautomed") or {}).get("family")
-        if family != FAMILY:
-            raise CheckpointFamilyError(f"checkpoint of model family {family!r}, expected 'msam'")
-        self.preprocessing = checkpoint["sautomed"].get("preprocessing")
+        """Refuse (one line, before any weight is loaded) a checkpoint of another family or network."""
+        cfg = checkpoint.get("sautomed")
+        check_checkpoint_config(cfg, FAMILY, asdict(self.network_cfg), _NON_STRUCTURAL)
+        self.preprocessing = cfg.get("preprocessing")
+        self.fit_split = cfg.get("split")
 
     def on_fit_start(self) -> None:
         self._sync_from_datamodule()
 
+    def _datamodule(self) -> Any:
+        return getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+
     def _sync_from_datamodule(self) -> None:
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        dm = self._datamodule()
         if dm is not None and hasattr(dm, "preprocessing"):
             self.preprocessing = asdict(dm.preprocessing)
+        theirs = getattr(dm, "foreground_labels", self.foreground_labels)
+        if (None if theirs is None else list(theirs)) != self.foreground_labels:
+            raise ValueError(
+                f"model.foreground_labels {self.foreground_labels} and data.foreground_labels {theirs} "
+                "differ: the crops would train another target than the one evaluated (set both)"
+            )
 
     # -- training ----------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
@@ -231,16 +301,35 @@ class MSAMModule(L.LightningModule):
         opt = torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay)
         if self.scheduler == "none":
             return opt
+        if self.scheduler == "multistep":  # the public code: MultiStepLR over epochs
+            sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(self.milestones), self.gamma)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
         total = self.trainer.estimated_stepping_batches
         if not math.isfinite(total) or total <= 0:
             raise ValueError("scheduler 'cosine' needs trainer.max_epochs or trainer.max_steps")
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=int(total))
+        # cosine to zero without warm-up (over the steps, or the clock: sautomed/schedule.py)
+        self.schedule = Schedule(self.trainer, int(total), 0, self.schedule_by, self.schedule_margin_s)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, self.schedule.factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        if isinstance(batch, dict):  # volume batches carry their Geometry: move only the tensors
-            return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.schedule is not None and self.schedule.ended() and not self.trainer.should_stop:
+            self.trainer.should_stop = True  # the clock ran the schedule to its end: stop inside the guard
+
+    def on_train_end(self) -> None:
+        if self.schedule is None:
+            return
+        step, total = self.trainer.global_step, self.schedule.total
+        log.info(
+            "training ended at epoch %d, step %d of the %d that max_epochs / max_steps plan (%.0f%%); "
+            "schedule %.0f%% through (by %s)",
+            self.current_epoch,
+            step,
+            total,
+            100.0 * step / max(1, total),
+            100.0 * self.schedule.progress(step),
+            self.schedule_by,
+        )
 
     # -- evaluation -----------------------------------------------------------------------------------------
     def segment_volume(self, image: Tensor, out_shape: tuple[int, int, int]) -> np.ndarray:
@@ -281,7 +370,8 @@ class MSAMModule(L.LightningModule):
             if ref.shape != tuple(image.shape):  # the label on the image's (in-plane resized) grid
                 t = torch.from_numpy(ref)[None, None].float()
                 ref_img = F.interpolate(t, size=tuple(image.shape), mode="nearest")[0, 0].numpy() > 0
-            self._oracle.append(self.oracle_dsc(image, ref_img.astype(bool), batch["case_id"]))
+            case = batch["case_id"]
+            self._oracle.append((case, self.oracle_dsc(image, ref_img.astype(bool), case)))
         if self.evaluation.automatic:
             pred = self.segment_volume(image, ref.shape)
             self._rows += evaluate_case(
@@ -300,20 +390,65 @@ class MSAMModule(L.LightningModule):
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch)
 
+    def _gather(self) -> None:
+        """Every rank's cases on every rank (the data module shards the volumes), each case once."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            parts: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(parts, (self._rows, self._oracle))
+            self._rows = [r for p in parts for r in p[0]]
+            self._oracle = [o for p in parts for o in p[1]]
+        self._rows = sorted({(r.case, r.class_name): r for r in self._rows}.values(), key=lambda r: r.case)
+        self._oracle = sorted(dict(self._oracle).items())
+
     def _finish(self, prefix: str) -> None:
-        summary: dict[str, Any] = {}
+        self._gather()
+        summary: dict[str, Any] = {"modes": dict(MODES)}
+        oracle_rows: list[ClassResult] = []
+        means: dict[str, float] = {}  # oracle-prompted DSC by click count
         if self._oracle:
             for k in self.evaluation.oracle_clicks:
-                value = float(np.mean([case[k - 1] for case in self._oracle]))
+                value = float(np.mean([dscs[k - 1] for _, dscs in self._oracle]))
+                means[str(k)] = value
                 summary[f"oracle_dsc@{k}"] = value
                 self.log(f"{prefix}/oracle_dsc@{k}", value)
+                name = oracle_class_name(k)
+                oracle_rows += [
+                    ClassResult(case, name, dscs[k - 1], math.nan, "oracle_prompted")
+                    for case, dscs in self._oracle
+                ]
+            summary["oracle_prompted"] = {
+                "dsc_after_clicks": means,
+                "num_cases": len(self._oracle),
+                "click_mode": self.refinement.click_mode,
+            }
         if self._rows:
             summary.update(summarize(self._rows, self.class_names))
             mean = summary["mean_dsc"]
             self.log(f"{prefix}/mean_dsc", 0.0 if math.isnan(mean) else mean)
         if self.trainer.state.fn in ("validate", "test") and self.trainer.is_global_zero and self._rows:
+            ckpt = self.trainer.ckpt_path
+            summary["checkpoint"] = str(ckpt) if ckpt else None
+            dm = self._datamodule()
+            stage = "val" if self.trainer.state.fn == "validate" else "test"
+            evaluated = dm.case_fingerprints(stage) if hasattr(dm, "case_fingerprints") else {}
+            summary.update(split_provenance(self.fit_split if ckpt else None, evaluated))
+            if summary["overlaps_training"]:
+                cases = summary["overlaps_training"]
+                log.warning(
+                    "%s: %d of the %d cases are training cases of the checkpoint (%s): not held-out scores",
+                    prefix,
+                    len(cases),
+                    summary["num_cases"],
+                    ", ".join(cases),
+                )
             summary["config"] = self.msam_config()
-            write_metrics(self._rows, summary, Path(self.trainer.default_root_dir))
+            folder = Path(self.trainer.default_root_dir)
+            write_metrics(self._rows + oracle_rows, summary, folder)
+            oracle = ", ".join(f"{v:.4f} after {k}" for k, v in means.items()) or "-"
+            self.print(
+                f"{prefix}: automatic mean DSC {summary['mean_dsc']:.4f} over {summary['num_cases']} cases; "
+                f"oracle-prompted DSC {oracle} clicks -> {folder}"
+            )
         self.last_summary = summary
 
     def on_validation_epoch_end(self) -> None:

@@ -1,0 +1,282 @@
+"""M-SAM through the CLI in-process: fit -> test -> predict of the tiny network on lesion phantoms, refused
+checkpoints of the other families, and the shipped configs/msam_*.yaml."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import lightning
+import pytest
+import SimpleITK as sitk
+import torch
+import yaml
+
+from sautomed.cli import main
+from sautomed.data.lesion_phantom import make_lesion_phantoms
+from sautomed.families import FAMILIES, family_for_args, module_from_checkpoint
+from sautomed.models.msam.module import MSAMModule, oracle_class_name
+from sautomed.models.sautomed.network import NetworkConfig
+from sautomed.module import SAutoMedModule
+
+CLASS_PATH = "sautomed.models.msam.module.MSAMModule"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CLICKS = (1, 3, 5, 10)
+
+
+def msam_config(path: Path, lesions: Path, run_dir: Path) -> Path:
+    """The tiny M-SAM (S = 32) on 40^3 lesion phantoms, two optimiser steps."""
+    cfg = {
+        "seed_everything": 0,
+        "trainer": {
+            "default_root_dir": str(run_dir),
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_steps": 2,
+            "max_epochs": 1,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "log_every_n_steps": 1,
+        },
+        "model": {
+            "class_path": CLASS_PATH,
+            "init_args": {
+                "network": {"variant": "tiny", "image_size": 32},
+                "refinement": {"iterations": 3, "prompt_free_probability": 0.5},
+                "evaluation": {"oracle_clicks": list(CLICKS)},
+                "automatic": {"self_prompt_iterations": 1, "min_component_voxels": 5},
+                "lr": 1e-3,
+            },
+        },
+        "data": {
+            "layout": "nnunet",
+            "root": str(lesions / "train"),
+            "test_root": str(lesions / "test"),
+            "folds": 2,
+            "preprocessing": {"image_size": 40, "normalization": "percentile"},
+            "crops": {"size": 32, "samples_per_epoch": 4},
+            "batch_size": 2,
+            "cache_dir": str(path.parent / "cache"),
+        },
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def lesions(tmp_path_factory) -> Path:
+    """4 training lesion phantoms of 40^3 and 2 test ones of (36, 44, 40): the test grid is not the crops'."""
+    root = tmp_path_factory.mktemp("lesions")
+    make_lesion_phantoms(root / "train", 4, seed=0, size=(40, 40, 40))
+    make_lesion_phantoms(root / "test", 2, seed=7, size=(36, 44, 40))
+    return root
+
+
+@pytest.fixture(scope="module")
+def msam_run(lesions, tmp_path_factory) -> tuple[Path, Path]:
+    """(config, run folder) of a two-step fit through the CLI."""
+    base = tmp_path_factory.mktemp("msam")
+    cfg = msam_config(base / "msam.yaml", lesions, base / "run")
+    assert main(["fit", "--config", str(cfg)]) == 0
+    return cfg, base / "run"
+
+
+@pytest.fixture(scope="module")
+def sautomed_ckpt(tmp_path_factory) -> Path:
+    """An (untrained) tiny 3D-SAutoMed checkpoint as the run folder would hold it."""
+    module = SAutoMedModule(
+        NetworkConfig(backbone="tiny", image_size=64, num_classes=5, encoder_finetune="full")
+    )
+    module.class_names = ("liver", "right_kidney", "left_kidney", "spleen", "aorta")
+    module.preprocessing = {"image_size": 64, "normalization": "ct"}
+    ckpt = {"state_dict": module.state_dict(), "epoch": 0, "global_step": 0}
+    ckpt["pytorch-lightning_version"] = lightning.__version__
+    module.on_save_checkpoint(ckpt)
+    path = tmp_path_factory.mktemp("sautomed") / "sautomed.ckpt"
+    torch.save(ckpt, path)
+    return path
+
+
+def _one_error_line(err: str) -> str:
+    assert "Traceback" not in err
+    lines = [line for line in err.strip().splitlines() if line.startswith("sautomed: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_msam_is_a_family_of_the_cli(msam_run):
+    cfg, run = msam_run
+    assert FAMILIES["msam"].module is MSAMModule
+    assert family_for_args(["fit", "--config", str(cfg)]) == (FAMILIES["msam"], True)
+    for name in ("config.yaml", "last.ckpt", "best.ckpt", "splits.json"):
+        assert (run / name).is_file(), name
+    ckpt = torch.load(run / "last.ckpt", map_location="cpu", weights_only=True)
+    carried = ckpt["sautomed"]
+    assert carried["family"] == "msam" and carried["network"]["variant"] == "tiny"
+    assert carried["class_names"] == ["lesion"] and carried["preprocessing"]["image_size"] == 40
+    assert len(carried["split"]["train"]) == 2 and len(carried["split"]["val"]) == 2  # by image hash
+    assert isinstance(module_from_checkpoint(ckpt), MSAMModule)  # predict's path: the checkpoint alone
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["model"]["class_path"] == CLASS_PATH
+
+
+def test_test_writes_oracle_prompted_and_automatic_dsc(msam_run):
+    cfg, run = msam_run
+    assert main(["test", "--config", str(cfg), "--ckpt_path", "last"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert set(summary["modes"]) == {"automatic", "oracle_prompted"}
+    oracle = summary["oracle_prompted"]
+    assert oracle["num_cases"] == 2 and list(oracle["dsc_after_clicks"]) == [str(k) for k in CLICKS]
+    for k in CLICKS:
+        assert 0.0 <= oracle["dsc_after_clicks"][str(k)] <= 1.0
+        assert summary[f"oracle_dsc@{k}"] == oracle["dsc_after_clicks"][str(k)]
+    assert 0.0 <= summary["mean_dsc"] <= 1.0 and summary["num_cases"] == 2  # automatic: the shared keys
+    assert list(summary["per_class"]) == ["lesion"] and summary["config"]["family"] == "msam"
+    assert summary["checkpoint"].endswith("last.ckpt") and summary["overlaps_training"] == []
+    with open(run / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    by_class: dict[str, list[dict[str, str]]] = {}
+    for r in rows:
+        by_class.setdefault(r["class"], []).append(r)
+    expected = {"lesion", *(oracle_class_name(k) for k in CLICKS)}
+    assert set(by_class) == expected and all(len(v) == 2 for v in by_class.values())
+    assert oracle_class_name(1) == "lesion (oracle-prompted, 1 click)"
+    assert oracle_class_name(10) == "lesion (oracle-prompted, 10 clicks)"
+    for k in CLICKS:
+        for r in by_class[oracle_class_name(k)]:
+            assert r["status"] == "oracle_prompted" and r["hd95_mm"] == "" and 0 <= float(r["dsc"]) <= 1
+    assert all(r["status"] != "oracle_prompted" for r in by_class["lesion"])
+    assert (run / "report.html").is_file()
+
+
+def test_testing_on_training_cases_says_so(msam_run, lesions, tmp_path):
+    cfg, run = msam_run
+    argv = ["test", "--config", str(cfg), "--ckpt_path", str(run / "last.ckpt")]
+    moved = ["--data.test_root", str(lesions / "train"), "--trainer.default_root_dir", str(tmp_path)]
+    assert main([*argv, *moved]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    trained = torch.load(run / "last.ckpt", map_location="cpu", weights_only=True)["sautomed"]["split"]
+    assert summary["num_cases"] == 4 and summary["overlaps_training"] == sorted(trained["train"])
+    assert summary["best_ckpt_chosen_on"] == sorted(trained["val"])
+
+
+def test_predict_writes_labels_on_the_input_grid_without_ground_truth(msam_run, lesions, tmp_path, capsys):
+    _, run = msam_run
+    scans = tmp_path / "scans"  # images only: no labels, no dataset.json
+    scans.mkdir()
+    for src in sorted((lesions / "test" / "imagesTr").iterdir()):
+        shutil.copy(src, scans / src.name)
+    out = tmp_path / "out"
+    argv = ["predict", "--ckpt_path", str(run / "last.ckpt"), "--input", str(scans), "--output", str(out)]
+    assert main([*argv, "--no-progress"]) == 0
+    for src in sorted(scans.iterdir()):
+        a, b = sitk.ReadImage(str(src)), sitk.ReadImage(str(out / src.name))
+        assert a.GetSize() == b.GetSize() and a.GetSpacing() == b.GetSpacing()
+        assert a.GetOrigin() == b.GetOrigin() and a.GetDirection() == b.GetDirection()
+        assert b.GetPixelID() == sitk.sitkUInt8 and set(sitk.GetArrayFromImage(b).ravel()) <= {0, 1}
+    assert "wrote 2 of 2 outputs" in capsys.readouterr().err
+    assert (out / "labels.json").is_file()
+
+
+def test_predict_refuses_a_flag_of_another_family(msam_run, lesions, tmp_path, capsys):
+    _, run = msam_run
+    src = next((lesions / "test" / "imagesTr").iterdir())
+    argv = ["predict", "--ckpt_path", str(run / "last.ckpt"), "--input", str(src), "--output", str(tmp_path)]
+    assert main([*argv, "--mode", "end_to_end"]) == 1
+    assert "--mode does not apply to this checkpoint's model (MSAMModule)" in _one_error_line(
+        capsys.readouterr().err
+    )
+
+
+def test_an_msam_checkpoint_is_refused_by_3d_sautomed(msam_run, tiny_phantoms, tmp_path, capsys, make_config):
+    _, run = msam_run
+    cfg = make_config(tmp_path / "s.yaml", tiny_phantoms, tmp_path / "srun")
+    assert main(["test", "--config", str(cfg), "--ckpt_path", str(run / "last.ckpt")]) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert "checkpoint of model family 'msam', expected 'sautomed'" in line
+
+
+def test_a_3d_sautomed_checkpoint_is_refused_by_msam(msam_run, sautomed_ckpt, tmp_path, capsys):
+    cfg, _ = msam_run
+    argv = ["test", "--config", str(cfg), "--ckpt_path", str(sautomed_ckpt)]
+    assert main([*argv, "--trainer.default_root_dir", str(tmp_path)]) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert "checkpoint of model family 'sautomed', expected 'msam'" in line
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_an_msam_checkpoint_of_another_network_names_the_difference(msam_run, tmp_path, capsys):
+    cfg, run = msam_run
+    argv = ["test", "--config", str(cfg), "--ckpt_path", str(run / "last.ckpt")]
+    changed = ["--model.init_args.network.image_size", "48", "--trainer.default_root_dir", str(tmp_path)]
+    assert main([*argv, *changed]) == 1
+    assert "image_size: checkpoint 32 vs config 48" in _one_error_line(capsys.readouterr().err)
+
+
+def test_model_and_data_targets_must_agree(msam_run, tmp_path, capsys):
+    cfg, _ = msam_run
+    argv = ["fit", "--config", str(cfg), "--model.init_args.foreground_labels", "[1, 4]"]
+    assert main([*argv, "--trainer.default_root_dir", str(tmp_path)]) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert "model.foreground_labels [1, 4] and data.foreground_labels None differ" in line
+    assert not (tmp_path / "last.ckpt").exists()
+
+
+def test_a_clock_schedule_needs_the_max_time_guard_and_cosine(msam_run, tmp_path, capsys):
+    cfg, _ = msam_run
+    base = ["fit", "--config", str(cfg), "--trainer.default_root_dir", str(tmp_path)]
+    clock = ["--model.init_args.schedule_by", "clock"]
+    assert main([*base, *clock, "--model.init_args.scheduler", "cosine"]) == 1
+    assert "clock needs a trainer.max_time guard" in _one_error_line(capsys.readouterr().err)
+    assert main([*base, *clock, "--model.init_args.scheduler", "multistep"]) == 1
+    assert "clock needs model.scheduler: cosine" in _one_error_line(capsys.readouterr().err)
+
+
+def test_the_multistep_schedule_lowers_the_rates_at_the_milestones(msam_run, tmp_path):
+    cfg, _ = msam_run
+    argv = ["fit", "--config", str(cfg), "--trainer.default_root_dir", str(tmp_path)]
+    steps = ["--trainer.max_steps", "-1", "--trainer.max_epochs", "2"]
+    sched = ["--model.init_args.scheduler", "multistep", "--model.init_args.milestones", "[1]"]
+    assert main([*argv, *steps, *sched, "--data.crops.samples_per_epoch", "2"]) == 0
+    ckpt = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=True)
+    state = ckpt["lr_schedulers"][0]
+    assert dict(state["milestones"]) == {1: 1} and state["gamma"] == 0.1
+    # after epoch 1: the encoder / MEA at lr x 0.1, the prompt encoder and decoder at lr x 0.1 x 0.1
+    assert state["_last_lr"] == pytest.approx([1e-4, 1e-4, 1e-5])
+
+
+@pytest.mark.parametrize("cfg", sorted(CONFIGS.glob("msam_*.yaml")), ids=lambda p: p.name)
+def test_every_msam_config_parses_and_names_the_msam_family(cfg, capsys):
+    assert main(["fit", "--config", str(cfg), "--print_config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["class_path"] == CLASS_PATH
+    assert family_for_args(["fit", "--config", str(cfg)])[0].name == "msam"
+    model, data, trainer = printed["model"]["init_args"], printed["data"], printed["trainer"]
+    assert data["crops"]["size"] == model["network"]["image_size"]
+    assert data["foreground_labels"] == model["foreground_labels"]
+    assert data["layout"] == "nnunet"
+    if cfg.name == "msam_brats.yaml":  # the CPU run: tiny, inside a 20-minute guard, by the clock
+        assert trainer["accelerator"] == "cpu" and trainer["max_time"] == "00:00:20:00"
+        assert model["network"]["variant"] == "tiny" and model["network"]["sam_med3d_checkpoint"] is None
+        assert model["scheduler"] == "cosine" and model["schedule_by"] == "clock"
+        assert data["root"] == "../shared/data/brats-tumour"
+        return
+    # the paper's settings (the public train_msam.py)
+    assert model["network"]["variant"] == "vit_b_ori" and model["network"]["image_size"] == 128
+    assert model["network"]["fusion"] == "mea" and model["network"]["lora_rank"] == 4
+    assert model["lr"] == 8e-4 and model["lr"] * model["decoder_lr_scale"] == pytest.approx(8e-5)
+    assert model["weight_decay"] == 0.1 and model["scheduler"] == "multistep"
+    assert model["milestones"] == [120, 180] and model["gamma"] == 0.1
+    assert model["refinement"]["iterations"] == 11
+    assert trainer["max_epochs"] == 200 and trainer["accelerator"] == "gpu" and data["batch_size"] == 8
+    assert data["root"] in ("data/KiTS", "data/LiTS")
+
+
+def test_the_brats_config_ends_inside_its_guard_by_steps_too():
+    raw = yaml.safe_load((CONFIGS / "msam_brats.yaml").read_text())
+    trainer, data = raw["trainer"], raw["data"]
+    steps = trainer["max_epochs"] * data["crops"]["samples_per_epoch"] // data["batch_size"]
+    margin = raw["model"]["init_args"]["schedule_margin_s"]
+    assert steps * 1.0 + margin < 20 * 60  # at the ~1 s a step measured on one core
