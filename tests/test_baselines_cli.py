@@ -113,7 +113,11 @@ def test_every_shipped_config_names_the_family_it_means():
     for cfg in sorted(configs.glob("*.yaml")):
         family, _ = family_for_args(["fit", "--config", str(cfg)])
         expected = (
-            "baseline" if cfg.name.startswith("unet") else "msam" if cfg.name.startswith("msam") else "sautomed"
+            "baseline"
+            if cfg.name.startswith("unet")
+            else "msam"
+            if cfg.name.startswith("msam")
+            else "sautomed"
         )
         assert family.name == expected, cfg.name
         if family.name != "baseline":

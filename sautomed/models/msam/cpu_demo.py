@@ -21,7 +21,8 @@ import torch
 from sautomed.data.lesion_phantom import make_lesion_phantoms
 from sautomed.data.preprocess import Preprocessing
 from sautomed.models.msam.automatic import AutoSettings
-from sautomed.models.msam.module import EvaluationSettings, MSAMModule, RefinementSettings
+from sautomed.models.msam.evaluation import EvaluationSettings
+from sautomed.models.msam.module import MSAMModule, RefinementSettings
 from sautomed.models.msam.network import MSAMConfig
 from sautomed.models.msam.patches import CropSettings, MSAMDataModule
 

@@ -13,11 +13,8 @@ Validation / test (the shared volume batches: ``image`` (Z, S, S), ``label`` (Z,
 * **automatic** (what ``predict`` does): ``automatic.segment_automatic`` on the whole volume, scored with the
   shared metrics on the original grid (``val/mean_dsc``, per-case CSV and summary JSON in validate / test).
 
-validate / test write both to the run folder: ``metrics.csv`` holds the automatic rows (class ``lesion``) and
-one oracle-prompted row per case and click count (class ``lesion (oracle-prompted, k clicks)``, status
-``oracle_prompted``, no HD95); ``summary.json`` holds the automatic means under the shared keys
-(``mean_dsc``, ``per_class``, ...) and the oracle-prompted means under ``oracle_prompted`` (and as
-``oracle_dsc@k``), with ``modes`` saying which is which.
+The oracle-prompted evaluation, its metrics.csv rows and summary.json keys, and the report validate / test
+write to the run folder are in evaluation.py; the optimiser's parameter groups in optim.py.
 
 The target is binary: labels in ``foreground_labels`` (None: all labels > 0, the whole tumour); predictions
 are written as label 1 (``lesion``). The checkpoint carries the whole config (``checkpoint["sautomed"]``,
@@ -28,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import math
-import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -39,35 +35,45 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sautomed.data.splits import split_provenance
-from sautomed.metrics import ClassResult, dice, evaluate_case, summarize, write_metrics
+from sautomed.metrics import ClassResult, evaluate_case, summarize
 from sautomed.models.msam.automatic import AutoSettings, segment_automatic
 from sautomed.models.msam.clicks import ClickMode
+from sautomed.models.msam.evaluation import (
+    CLASS_NAMES,
+    MODES,
+    EvaluationSettings,
+    OracleCase,
+    gather_cases,
+    oracle_class_name,
+    oracle_dsc,
+    oracle_results,
+    reference_on_image_grid,
+    write_report,
+)
 from sautomed.models.msam.loss import LossSettings, refinement_loss
 from sautomed.models.msam.network import MSAMConfig, MSAMNet
-from sautomed.models.msam.patches import binary_target, crop_or_pad, crop_start
+from sautomed.models.msam.optim import build_optimizer
+from sautomed.models.msam.patches import binary_target
 from sautomed.models.msam.refinement import refine_with_clicks
 from sautomed.run_folder import check_checkpoint_config
 from sautomed.schedule import Schedule, ScheduleBy
 
+__all__ = [
+    "CLASS_NAMES",
+    "FAMILY",
+    "MODES",
+    "CheckpointFamilyError",
+    "EvaluationSettings",
+    "MSAMModule",
+    "RefinementSettings",
+    "oracle_class_name",
+]
+
 log = logging.getLogger(__name__)
 
 FAMILY = "msam"
-CLASS_NAMES = ("lesion",)
 # network settings a checkpoint may differ in from the loading config: they concern the initial weights only
 _NON_STRUCTURAL = {"sam_med3d_checkpoint", "encoder_finetune"}
-MODES = {
-    "automatic": "whole volume, no ground truth used (what predict does): mean_dsc, mean_hd95_mm, per_class "
-    "and the metrics.csv rows of class 'lesion'",
-    "oracle_prompted": "a crop centred on the reference lesion, clicks from the reference error region (the "
-    "paper's protocol, needs the ground truth): oracle_prompted, oracle_dsc@k and the metrics.csv rows of "
-    "class 'lesion (oracle-prompted, k clicks)'",
-}
-
-
-def oracle_class_name(clicks: int) -> str:
-    """The metrics.csv class of an oracle-prompted DSC after ``clicks`` clicks."""
-    return f"{CLASS_NAMES[0]} (oracle-prompted, {clicks} click{'' if clicks == 1 else 's'})"
 
 
 class CheckpointFamilyError(ValueError):
@@ -95,21 +101,6 @@ class RefinementSettings:
     detach_between: bool = False
     click_mode: ClickMode = "random"
     seed: int = 0
-
-
-@dataclass(frozen=True)
-class EvaluationSettings:
-    """What validation / test report.
-
-    Attributes:
-        oracle_clicks: click counts at which the oracle-prompted DSC is reported.
-        oracle: run the oracle-prompted evaluation.
-        automatic: run the automatic whole-volume evaluation.
-    """
-
-    oracle_clicks: tuple[int, ...] = (1, 3, 5, 10)
-    oracle: bool = True
-    automatic: bool = True
 
 
 class MSAMModule(L.LightningModule):
@@ -174,7 +165,7 @@ class MSAMModule(L.LightningModule):
         self.preprocessing: dict[str, Any] | None = None
         self.fit_split: dict[str, dict[str, str]] | None = None  # the loaded checkpoint's fit cases
         self._rows: list[ClassResult] = []
-        self._oracle: list[tuple[str, list[float]]] = []  # (case, DSC after 1, 2, ... clicks)
+        self._oracle: list[OracleCase] = []  # (case, DSC after 1, 2, ... clicks)
 
     @property
     def inference(self) -> AutoSettings:
@@ -283,22 +274,7 @@ class MSAMModule(L.LightningModule):
         return loss
 
     def configure_optimizers(self) -> Any:
-        net = self.net
-        groups = [
-            {"params": [p for p in net.image_encoder.parameters() if p.requires_grad], "lr": self.lr},
-            {"params": [p for p in net.fusion.parameters() if p.requires_grad], "lr": self.lr},
-            {
-                "params": [
-                    p
-                    for m in (net.prompt_encoder, net.mask_decoder)
-                    for p in m.parameters()
-                    if p.requires_grad
-                ],
-                "lr": self.lr * self.decoder_lr_scale,
-            },
-        ]
-        groups = [g for g in groups if g["params"]]
-        opt = torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.weight_decay)
+        opt = build_optimizer(self.net, self.lr, self.decoder_lr_scale, self.weight_decay)
         if self.scheduler == "none":
             return opt
         if self.scheduler == "multistep":  # the public code: MultiStepLR over epochs
@@ -339,26 +315,20 @@ class MSAMModule(L.LightningModule):
             logits = F.interpolate(logits[None, None], size=out_shape, mode="trilinear")[0, 0]
         return (logits > 0).cpu().numpy().astype(np.uint8)
 
-    @torch.no_grad()
     def oracle_dsc(self, image: Tensor, target: np.ndarray, case_id: str) -> list[float]:
         """Oracle-prompted DSC after each of max(oracle_clicks) clicks, in a crop centred on the lesion."""
-        s = self.network_cfg.image_size
-        where = np.argwhere(target)
-        centre = (where.min(0) + where.max(0)) // 2
-        start = crop_start(centre, target.shape, s)
-        img = torch.from_numpy(crop_or_pad(image.float().cpu().numpy(), start, s)).to(image.device)
-        tgt = crop_or_pad(target, start, s)
-        gen = torch.Generator().manual_seed(zlib.crc32(case_id.encode()) ^ self.refinement.seed)
-        res = refine_with_clicks(
+        r = self.refinement
+        return oracle_dsc(
             self.net,
-            img[None, None],
-            torch.from_numpy(tgt.astype(np.float32))[None, None].to(image.device),
+            image,
+            target,
+            case_id,
             max(self.evaluation.oracle_clicks),
-            gen,
-            accumulate_clicks=self.refinement.accumulate_clicks,
-            click_mode=self.refinement.click_mode,
+            self.network_cfg.image_size,
+            r.seed,
+            r.accumulate_clicks,
+            r.click_mode,
         )
-        return [dice((out[0, 0] > 0).cpu().numpy(), tgt) for out in res.logits]
 
     def _evaluate(self, batch: dict[str, Any]) -> None:
         if batch["label"] is None:
@@ -366,12 +336,9 @@ class MSAMModule(L.LightningModule):
         ref = binary_target(batch["label"].cpu().numpy(), self.foreground_labels).astype(np.uint8)
         image = batch["image"]  # (Z, S, S)
         if self.evaluation.oracle and ref.any():
-            ref_img = ref
-            if ref.shape != tuple(image.shape):  # the label on the image's (in-plane resized) grid
-                t = torch.from_numpy(ref)[None, None].float()
-                ref_img = F.interpolate(t, size=tuple(image.shape), mode="nearest")[0, 0].numpy() > 0
+            ref_img = reference_on_image_grid(ref, tuple(image.shape))  # (Z, S, S)
             case = batch["case_id"]
-            self._oracle.append((case, self.oracle_dsc(image, ref_img.astype(bool), case)))
+            self._oracle.append((case, self.oracle_dsc(image, ref_img, case)))
         if self.evaluation.automatic:
             pred = self.segment_volume(image, ref.shape)
             self._rows += evaluate_case(
@@ -390,64 +357,28 @@ class MSAMModule(L.LightningModule):
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch)
 
-    def _gather(self) -> None:
-        """Every rank's cases on every rank (the data module shards the volumes), each case once."""
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            parts: list[Any] = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(parts, (self._rows, self._oracle))
-            self._rows = [r for p in parts for r in p[0]]
-            self._oracle = [o for p in parts for o in p[1]]
-        self._rows = sorted({(r.case, r.class_name): r for r in self._rows}.values(), key=lambda r: r.case)
-        self._oracle = sorted(dict(self._oracle).items())
-
     def _finish(self, prefix: str) -> None:
-        self._gather()
+        self._rows, self._oracle = gather_cases(self._rows, self._oracle)
         summary: dict[str, Any] = {"modes": dict(MODES)}
-        oracle_rows: list[ClassResult] = []
-        means: dict[str, float] = {}  # oracle-prompted DSC by click count
-        if self._oracle:
-            for k in self.evaluation.oracle_clicks:
-                value = float(np.mean([dscs[k - 1] for _, dscs in self._oracle]))
-                means[str(k)] = value
-                summary[f"oracle_dsc@{k}"] = value
-                self.log(f"{prefix}/oracle_dsc@{k}", value)
-                name = oracle_class_name(k)
-                oracle_rows += [
-                    ClassResult(case, name, dscs[k - 1], math.nan, "oracle_prompted")
-                    for case, dscs in self._oracle
-                ]
-            summary["oracle_prompted"] = {
-                "dsc_after_clicks": means,
-                "num_cases": len(self._oracle),
-                "click_mode": self.refinement.click_mode,
-            }
+        # oracle-prompted DSC by click count, its metrics.csv rows and summary.json keys
+        means, oracle_rows, oracle_summary = oracle_results(
+            self._oracle, self.evaluation.oracle_clicks, self.refinement.click_mode
+        )
+        summary.update(oracle_summary)
+        for k, value in means.items():
+            self.log(f"{prefix}/oracle_dsc@{k}", value)
         if self._rows:
             summary.update(summarize(self._rows, self.class_names))
             mean = summary["mean_dsc"]
             self.log(f"{prefix}/mean_dsc", 0.0 if math.isnan(mean) else mean)
         if self.trainer.state.fn in ("validate", "test") and self.trainer.is_global_zero and self._rows:
-            ckpt = self.trainer.ckpt_path
-            summary["checkpoint"] = str(ckpt) if ckpt else None
-            dm = self._datamodule()
+            ckpt, dm = self.trainer.ckpt_path, self._datamodule()
             stage = "val" if self.trainer.state.fn == "validate" else "test"
             evaluated = dm.case_fingerprints(stage) if hasattr(dm, "case_fingerprints") else {}
-            summary.update(split_provenance(self.fit_split if ckpt else None, evaluated))
-            if summary["overlaps_training"]:
-                cases = summary["overlaps_training"]
-                log.warning(
-                    "%s: %d of the %d cases are training cases of the checkpoint (%s): not held-out scores",
-                    prefix,
-                    len(cases),
-                    summary["num_cases"],
-                    ", ".join(cases),
-                )
-            summary["config"] = self.msam_config()
-            folder = Path(self.trainer.default_root_dir)
-            write_metrics(self._rows + oracle_rows, summary, folder)
-            oracle = ", ".join(f"{v:.4f} after {k}" for k, v in means.items()) or "-"
+            folder, rows = Path(self.trainer.default_root_dir), self._rows + oracle_rows
+            checkpoint, config = (str(ckpt) if ckpt else None), self.msam_config()
             self.print(
-                f"{prefix}: automatic mean DSC {summary['mean_dsc']:.4f} over {summary['num_cases']} cases; "
-                f"oracle-prompted DSC {oracle} clicks -> {folder}"
+                write_report(rows, summary, folder, prefix, checkpoint, self.fit_split, evaluated, config)
             )
         self.last_summary = summary
 

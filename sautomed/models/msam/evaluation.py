@@ -1,0 +1,192 @@
+"""M-SAM's oracle-prompted evaluation and the metrics rows and summary keys it adds beside the automatic ones.
+
+Per case (validation / test), two modes (``MODES``):
+
+* **oracle-prompted** (the paper's protocol, needs the ground truth): :func:`oracle_dsc` takes one S^3 crop
+  centred on the lesion's bounding box and clicks from the error region; the DSC inside the crop after each
+  click. :func:`oracle_results` turns the cases' DSCs into the means after ``oracle_clicks`` clicks
+  (``oracle_dsc@k``, and ``oracle_prompted`` in ``summary.json``) and one ``metrics.csv`` row per case and
+  click count (class :func:`oracle_class_name`, status ``oracle_prompted``, no HD95);
+* **automatic** (what ``predict`` does): the whole volume, scored with the shared metrics
+  (``sautomed.metrics``); the module collects those rows.
+
+:func:`gather_cases` brings every rank's rows and oracle DSCs together, each case once; in validate / test,
+:func:`write_report` writes both to the run folder: ``metrics.csv`` holds the automatic rows (class
+``lesion``) and the oracle-prompted rows; ``summary.json`` holds the automatic means under the shared keys
+(``mean_dsc``, ``per_class``, ...) and the oracle-prompted means under ``oracle_prompted`` (and as
+``oracle_dsc@k``), with ``modes`` saying which is which, beside the checkpoint, the split provenance and
+the config.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sautomed.data.splits import split_provenance
+from sautomed.metrics import ClassResult, dice, write_metrics
+from sautomed.models.msam.clicks import ClickMode
+from sautomed.models.msam.network import MSAMNet
+from sautomed.models.msam.patches import crop_or_pad, crop_start
+from sautomed.models.msam.refinement import refine_with_clicks
+
+log = logging.getLogger(__name__)
+
+CLASS_NAMES = ("lesion",)
+MODES = {
+    "automatic": "whole volume, no ground truth used (what predict does): mean_dsc, mean_hd95_mm, per_class "
+    "and the metrics.csv rows of class 'lesion'",
+    "oracle_prompted": "a crop centred on the reference lesion, clicks from the reference error region (the "
+    "paper's protocol, needs the ground truth): oracle_prompted, oracle_dsc@k and the metrics.csv rows of "
+    "class 'lesion (oracle-prompted, k clicks)'",
+}
+
+OracleCase = tuple[str, list[float]]  # (case, DSC after 1, 2, ... clicks)
+
+
+def oracle_class_name(clicks: int) -> str:
+    """The metrics.csv class of an oracle-prompted DSC after ``clicks`` clicks."""
+    return f"{CLASS_NAMES[0]} (oracle-prompted, {clicks} click{'' if clicks == 1 else 's'})"
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    """What validation / test report.
+
+    Attributes:
+        oracle_clicks: click counts at which the oracle-prompted DSC is reported.
+        oracle: run the oracle-prompted evaluation.
+        automatic: run the automatic whole-volume evaluation.
+    """
+
+    oracle_clicks: tuple[int, ...] = (1, 3, 5, 10)
+    oracle: bool = True
+    automatic: bool = True
+
+
+def reference_on_image_grid(ref: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """The (Z, Y, X) reference on the image's (in-plane resized) (Z, S, S) grid, as a bool mask."""
+    if ref.shape != tuple(shape):
+        t = torch.from_numpy(ref)[None, None].float()  # (1, 1, Z, Y, X)
+        ref = F.interpolate(t, size=tuple(shape), mode="nearest")[0, 0].numpy() > 0  # (Z, S, S)
+    return ref.astype(bool)
+
+
+@torch.no_grad()
+def oracle_dsc(
+    net: MSAMNet,
+    image: Tensor,
+    target: np.ndarray,
+    case_id: str,
+    clicks: int,
+    image_size: int,
+    seed: int = 0,
+    accumulate_clicks: bool = False,
+    click_mode: ClickMode = "random",
+) -> list[float]:
+    """Oracle-prompted DSC after each of ``clicks`` clicks, in an ``image_size``^3 crop centred on the lesion.
+
+    ``image`` (Z, S, S) and the bool ``target`` (Z, S, S) share a grid; the clicks' seed is the case's CRC32
+    combined with ``seed``, so a case gets the same clicks in every evaluation.
+    """
+    s = image_size
+    where = np.argwhere(target)
+    centre = (where.min(0) + where.max(0)) // 2
+    start = crop_start(centre, target.shape, s)
+    img = torch.from_numpy(crop_or_pad(image.float().cpu().numpy(), start, s)).to(image.device)  # (S,) * 3
+    tgt = crop_or_pad(target, start, s)
+    gen = torch.Generator().manual_seed(zlib.crc32(case_id.encode()) ^ seed)
+    res = refine_with_clicks(
+        net,
+        img[None, None],  # (1, 1, S, S, S)
+        torch.from_numpy(tgt.astype(np.float32))[None, None].to(image.device),
+        clicks,
+        gen,
+        accumulate_clicks=accumulate_clicks,
+        click_mode=click_mode,
+    )
+    return [dice((out[0, 0] > 0).cpu().numpy(), tgt) for out in res.logits]
+
+
+def oracle_results(
+    oracle: list[OracleCase], oracle_clicks: tuple[int, ...], click_mode: ClickMode
+) -> tuple[dict[str, float], list[ClassResult], dict[str, Any]]:
+    """The cases' oracle-prompted DSCs -> (mean by click count, metrics.csv rows, summary.json keys).
+
+    No cases: nothing (empty means, rows and keys).
+    """
+    means: dict[str, float] = {}
+    rows: list[ClassResult] = []
+    summary: dict[str, Any] = {}
+    if not oracle:
+        return means, rows, summary
+    for k in oracle_clicks:
+        value = float(np.mean([dscs[k - 1] for _, dscs in oracle]))
+        means[str(k)] = value
+        summary[f"oracle_dsc@{k}"] = value
+        name = oracle_class_name(k)
+        rows += [ClassResult(case, name, dscs[k - 1], math.nan, "oracle_prompted") for case, dscs in oracle]
+    summary["oracle_prompted"] = {
+        "dsc_after_clicks": means,
+        "num_cases": len(oracle),
+        "click_mode": click_mode,
+    }
+    return means, rows, summary
+
+
+def gather_cases(
+    rows: list[ClassResult], oracle: list[OracleCase]
+) -> tuple[list[ClassResult], list[OracleCase]]:
+    """Every rank's cases on every rank (the data module shards the volumes), each case once, by case."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        parts: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(parts, (rows, oracle))
+        rows = [r for p in parts for r in p[0]]
+        oracle = [o for p in parts for o in p[1]]
+    rows = sorted({(r.case, r.class_name): r for r in rows}.values(), key=lambda r: r.case)
+    return rows, sorted(dict(oracle).items())
+
+
+def write_report(
+    rows: list[ClassResult],
+    summary: dict[str, Any],
+    folder: Path,
+    prefix: str,
+    checkpoint: str | None,
+    fit_split: dict[str, dict[str, str]] | None,
+    evaluated: dict[str, str],
+    config: dict[str, Any],
+) -> str:
+    """Complete ``summary`` (checkpoint, split provenance, config), write metrics.csv and summary.json.
+
+    ``fit_split`` (the checkpoint's fit cases) counts only with a ``checkpoint``; a warning names the
+    evaluated cases that are training cases of it. Returns the one-line report.
+    """
+    summary["checkpoint"] = checkpoint
+    summary.update(split_provenance(fit_split if checkpoint else None, evaluated))
+    if summary["overlaps_training"]:
+        cases = summary["overlaps_training"]
+        log.warning(
+            "%s: %d of the %d cases are training cases of the checkpoint (%s): not held-out scores",
+            prefix,
+            len(cases),
+            summary["num_cases"],
+            ", ".join(cases),
+        )
+    summary["config"] = config
+    write_metrics(rows, summary, folder)
+    means = summary.get("oracle_prompted", {}).get("dsc_after_clicks", {})
+    oracle = ", ".join(f"{v:.4f} after {k}" for k, v in means.items()) or "-"
+    return (
+        f"{prefix}: automatic mean DSC {summary['mean_dsc']:.4f} over {summary['num_cases']} cases; "
+        f"oracle-prompted DSC {oracle} clicks -> {folder}"
+    )
