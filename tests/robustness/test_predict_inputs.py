@@ -130,7 +130,7 @@ def test_awkward_inputs_come_back_on_their_grid(trained_run, tmp_path, capsys):
         assert f"ignored {inp / name}" in err
     expected = [*good, "link.nii.gz", "dicom series.nii.gz"]
     assert f"wrote {len(expected)} of {len(expected) + len(broken)} outputs" in err
-    assert sorted(p.name for p in out.iterdir()) == sorted(expected)  # no temporary files left
+    assert sorted(p.name for p in out.iterdir()) == sorted([*expected, "labels.json"])  # no temporary file
     for name in good:
         assert_same_grid(out / name, sitk.ReadImage(str(inp / name)))
     assert_same_grid(out / "link.nii.gz", sitk.ReadImage(str(target)))
@@ -251,7 +251,8 @@ def test_full_disk_on_write_leaves_no_partial_file(trained_run, tmp_path, monkey
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert f"sautomed: failed {src}: could not write {out / 'a.nii.gz'}" in err and "No space left" in err
-    assert list(out.iterdir()) == []  # neither the output nor its temporary file
+    # neither the output nor its temporary file (labels.json, the class table, is complete)
+    assert [p.name for p in out.iterdir() if p.name != "labels.json"] == []
     monkeypatch.undo()
     assert predict(run / "best.ckpt", src, out) == 0  # space again: the rerun writes it
     assert_same_grid(out / "a.nii.gz", sitk.ReadImage(str(src)))

@@ -29,7 +29,7 @@ def test_info_reports_what_the_checkpoint_and_its_run_folder_hold(untrained_ckpt
     assert "family: sautomed" in out
     assert "classes: 1 liver, 2 right_kidney, 3 left_kidney, 4 spleen, 5 aorta" in out
     assert "normalization: ct" in out and "window: [-125, 275]" in out
-    assert "backbone: tiny" in out and "num_classes: 5" in out and "encoder_finetune: lora" in out
+    assert "backbone: tiny" in out and "num_classes: 5" in out and "encoder_finetune: full" in out
     assert "epoch: 3" in out and "global_step: 40" in out
     assert "best val/mean_dsc: 0.8125" in out
     assert "lr: 0.000321" in out and "max_epochs: 77" in out

@@ -72,7 +72,13 @@ def test_sautomed_test_writes_report_html_beside_its_metrics(untrained_ckpt, sma
             "logger": False,
         },
         "model": {
-            "network": {"backbone": "tiny", "image_size": 32, "num_classes": 5, "box_decoder_ffn_dim": 64}
+            "network": {
+                "backbone": "tiny",
+                "image_size": 32,
+                "num_classes": 5,
+                "box_decoder_ffn_dim": 64,
+                "encoder_finetune": "full",
+            }
         },
         "data": {
             "layout": "nnunet",
