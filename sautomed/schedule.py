@@ -67,3 +67,17 @@ class Schedule:
     def ended(self) -> bool:
         """True once the clock has run the schedule to its end (the run should stop)."""
         return self.by == "clock" and self.time_fraction() >= 1.0
+
+    def stop_if_ended(self) -> None:
+        """Tell the trainer to stop once the clock has run the schedule to its end (call after each batch)."""
+        if self.ended() and not self.trainer.should_stop:
+            self.trainer.should_stop = True
+
+    def report(self) -> str:
+        """How far the run got, for the log at the end of training."""
+        step, total = self.trainer.global_step, self.total
+        return (
+            f"training ended at epoch {self.trainer.current_epoch}, step {step} of the {total} that "
+            f"max_epochs / max_steps plan ({100.0 * step / max(1, total):.0f}%); schedule "
+            f"{100.0 * self.progress(step):.0f}% through (by {self.by})"
+        )

@@ -152,6 +152,7 @@ class _FakeTimer(Timer):
 class _Trainer:
     def __init__(self, timer: Timer) -> None:
         self.callbacks = [timer]
+        self.should_stop, self.global_step, self.current_epoch = False, 21, 3
 
 
 def test_clock_schedule_ends_inside_the_guard_whatever_the_step_count():
@@ -163,8 +164,16 @@ def test_clock_schedule_ends_inside_the_guard_whatever_the_step_count():
     assert sched.progress(20) == pytest.approx(0.5)
     assert sched.factor(20) == pytest.approx(0.5)
     assert not sched.ended()
+    sched.stop_if_ended()
+    assert not sched.trainer.should_stop
     timer.elapsed = 900.0
     assert sched.factor(21) == pytest.approx(0.0, abs=1e-9) and sched.ended()
+    sched.stop_if_ended()
+    assert sched.trainer.should_stop  # the run stops inside the guard
+    assert sched.report() == (
+        "training ended at epoch 3, step 21 of the 10000 that max_epochs / max_steps plan (0%); "
+        "schedule 100% through (by clock)"
+    )
     steps = Schedule(_Trainer(timer), total_steps=110, warmup_steps=10, by="steps", margin_s=100.0)
     assert steps.progress(60) == pytest.approx(0.5) and not steps.ended()  # the clock is ignored
     assert steps.factor(60) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))

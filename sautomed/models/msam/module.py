@@ -289,23 +289,12 @@ class MSAMModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.schedule is not None and self.schedule.ended() and not self.trainer.should_stop:
-            self.trainer.should_stop = True  # the clock ran the schedule to its end: stop inside the guard
+        if self.schedule is not None:
+            self.schedule.stop_if_ended()  # the clock ran the schedule to its end: stop inside the guard
 
     def on_train_end(self) -> None:
-        if self.schedule is None:
-            return
-        step, total = self.trainer.global_step, self.schedule.total
-        log.info(
-            "training ended at epoch %d, step %d of the %d that max_epochs / max_steps plan (%.0f%%); "
-            "schedule %.0f%% through (by %s)",
-            self.current_epoch,
-            step,
-            total,
-            100.0 * step / max(1, total),
-            100.0 * self.schedule.progress(step),
-            self.schedule_by,
-        )
+        if self.schedule is not None:
+            log.info("%s", self.schedule.report())
 
     # -- evaluation -----------------------------------------------------------------------------------------
     def segment_volume(self, image: Tensor, out_shape: tuple[int, int, int]) -> np.ndarray:
