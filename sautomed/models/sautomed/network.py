@@ -15,7 +15,9 @@ import os
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
+import numpy as np
 import torch
+from scipy import ndimage
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -297,9 +299,6 @@ class SAutoMedNet(nn.Module):
 
 def largest_component_2d(labels: Tensor, num_classes: int) -> Tensor:
     """(B, h, w) labels -> the same with each class cut to its largest 4-connected component per slice."""
-    import numpy as np
-    from scipy import ndimage
-
     arr = labels.cpu().numpy()
     out = np.zeros_like(arr)
     for b in range(arr.shape[0]):
