@@ -1,5 +1,5 @@
 """Proof on real anatomy (slow, runs in CI): the tiny network fitted to the shared abdominal CT for at most
-5 minutes, then scored on that volume, for the 8 BTCV organs.
+7 minutes (about 2.5 alone), then scored on that volume, for the 8 BTCV organs.
 
 An overfitting check: it shows the whole pipeline (box prompts and history included) can learn real organs.
 The issue's bar is mean DSC >= 0.80 with every organ >= 0.60, asserted as it is. Measured (24 epochs, 192
@@ -38,7 +38,7 @@ def test_tiny_network_learns_the_real_ct_organs(tmp_path, monkeypatch):
     ]
     start = time.monotonic()
     assert main(["fit", *common]) == 0
-    assert time.monotonic() - start < 5 * 60 + 30  # max_time 4:30 plus set-up
+    assert time.monotonic() - start < 7 * 60 + 30  # max_time 7:00 plus set-up
     assert main(["validate", *common, "--ckpt_path", str(run / "last.ckpt")]) == 0
     summary = json.loads((run / "summary.json").read_text())
     per_class = {name: v["dsc"] for name, v in summary["per_class"].items()}
