@@ -31,6 +31,7 @@ from sautomed.models.sautomed.window import encode_window, encode_window_cached,
 from sautomed.postprocess import keep_largest_component
 from sautomed.run_folder import CheckpointMismatchError, check_checkpoint_config
 from sautomed.schedule import Schedule, ScheduleBy
+from sautomed.writers import prediction_item
 
 __all__ = ["FAMILY", "CheckpointMismatchError", "InferenceSettings", "SAutoMedModule"]
 
@@ -293,12 +294,9 @@ class SAutoMedModule(L.LightningModule):
         self._finish_evaluation("test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        if "error" in batch:
-            return {"error": batch["error"], "source": batch["source"]}
-        geom = batch["geom"]
-        _, h, w = geom.shape_zyx
-        labels = self.segment_volume(batch["image"], (h, w))
-        return {"labels": labels, "geom": geom, "output": batch["output"], "source": batch["source"]}
+        return prediction_item(
+            batch, lambda image, geom: self.segment_volume(image, tuple(geom.shape_zyx[1:]))
+        )
 
     # -- the checkpoint carries its config ------------------------------------------------------------------
     def _datamodule(self) -> Any:

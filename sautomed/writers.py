@@ -7,6 +7,7 @@ for an input that could not be read, `{"error", "source"}`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,16 @@ def plan_predictions(inp: Path, out_dir: Path, overwrite: bool) -> PredictPlan:
         else:
             plan.jobs.append((src, dst))
     return plan
+
+
+def prediction_item(batch: dict[str, Any], segment: Callable[[Any, Any], Any]) -> dict[str, Any]:
+    """What every family's `predict_step` hands the writer: the labels of `segment(image, geom)` with the
+    batch's geometry, output path and source, or the batch's error (a bad input is reported, not fatal)."""
+    if "error" in batch:
+        return {"error": batch["error"], "source": batch["source"]}
+    geom = batch["geom"]
+    labels = segment(batch["image"], geom)
+    return {"labels": labels, "geom": geom, "output": batch["output"], "source": batch["source"]}
 
 
 class VolumeWriter(BasePredictionWriter):

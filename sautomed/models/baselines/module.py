@@ -31,6 +31,7 @@ from sautomed.models.baselines.unet2d import segment_slices, window_slices
 from sautomed.models.baselines.unet3d import segment_patches
 from sautomed.postprocess import keep_largest_component
 from sautomed.run_folder import check_checkpoint_config
+from sautomed.writers import prediction_item
 
 log = logging.getLogger(__name__)
 
@@ -263,12 +264,9 @@ class BaselineModule(L.LightningModule):
         self._finish_evaluation("test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        if "error" in batch:
-            return {"error": batch["error"], "source": batch["source"]}
-        geom = batch["geom"]
-        _, h, w = geom.shape_zyx
-        labels = self.segment_volume(batch["image"], (h, w))
-        return {"labels": labels, "geom": geom, "output": batch["output"], "source": batch["source"]}
+        return prediction_item(
+            batch, lambda image, geom: self.segment_volume(image, tuple(geom.shape_zyx[1:]))
+        )
 
     # -- the checkpoint carries its config --------------------------------------------------------------
     def _datamodule(self) -> Any:

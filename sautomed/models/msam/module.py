@@ -57,6 +57,7 @@ from sautomed.models.msam.patches import binary_target
 from sautomed.models.msam.refinement import refine_with_clicks
 from sautomed.run_folder import check_checkpoint_config
 from sautomed.schedule import Schedule, ScheduleBy
+from sautomed.writers import prediction_item
 
 __all__ = [
     "CLASS_NAMES",
@@ -378,8 +379,4 @@ class MSAMModule(L.LightningModule):
         self._finish("test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        if "error" in batch:
-            return {"error": batch["error"], "source": batch["source"]}
-        geom = batch["geom"]
-        labels = self.segment_volume(batch["image"], tuple(geom.shape_zyx))
-        return {"labels": labels, "geom": geom, "output": batch["output"], "source": batch["source"]}
+        return prediction_item(batch, lambda image, geom: self.segment_volume(image, tuple(geom.shape_zyx)))
