@@ -36,3 +36,13 @@ def check_encoder_finetune(encoder_finetune: str, sam_checkpoint: str | None) ->
             "would adapt a randomly initialised, frozen encoder; give model.network.sam_checkpoint, or set "
             "model.network.encoder_finetune: full"
         )
+
+
+def check_sam_decoder_finetune(sam_decoder_finetune: str, sam_checkpoint: str | None) -> None:
+    """UserError for `sam_decoder_finetune: frozen` without `sam_checkpoint` (random, never trained)."""
+    if sam_decoder_finetune == "frozen" and not sam_checkpoint and not _WEIGHTS_FROM_ELSEWHERE.get():
+        raise UserError(
+            "model.network.sam_decoder_finetune is 'frozen' but no model.network.sam_checkpoint is given: "
+            "SAM's decoder would keep randomly initialised weights that never train; give "
+            "model.network.sam_checkpoint, or set model.network.sam_decoder_finetune: full"
+        )

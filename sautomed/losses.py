@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -51,6 +52,23 @@ def soft_dice_loss(probs: Tensor, onehot: Tensor, smooth: float = 1.0) -> Tensor
     inter = (probs * onehot).sum(dims)
     denom = probs.sum(dims) + onehot.sum(dims)
     return 1 - ((2 * inter + smooth) / (denom + smooth)).mean()
+
+
+@torch.no_grad()
+def hard_dice_per_class(logits: Tensor, target: Tensor, num_classes: int) -> Tensor:
+    """Dice of the argmax labels over a batch, per foreground class: (C,), NaN where the class is in neither.
+
+    logits (B, C+1, h, w) are upsampled to the label size (B, H, W) first. A training-time monitor (logged
+    per class as ``train/dsc/<class>``): a class the model does not learn shows here long before validation.
+    """
+    if logits.shape[-2:] != target.shape[-2:]:
+        logits = F.interpolate(logits.float(), size=target.shape[-2:], mode="bilinear", align_corners=False)
+    pred = logits.argmax(dim=1)
+    classes = torch.arange(1, num_classes + 1, device=target.device).view(-1, 1, 1, 1)  # (C, 1, 1, 1)
+    p, t = pred.unsqueeze(0) == classes, target.long().unsqueeze(0) == classes  # (C, B, H, W)
+    inter = (p & t).sum(dim=(1, 2, 3)).float()
+    denom = (p.sum(dim=(1, 2, 3)) + t.sum(dim=(1, 2, 3))).float()
+    return torch.where(denom > 0, 2 * inter / denom.clamp_min(1), torch.full_like(denom, float("nan")))
 
 
 class SAutoMedLoss(nn.Module):

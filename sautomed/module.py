@@ -22,15 +22,16 @@ import torch
 from torch import Tensor
 
 from sautomed.data.splits import split_provenance
-from sautomed.guards import check_encoder_finetune, weights_from_elsewhere
+from sautomed.guards import check_encoder_finetune, check_sam_decoder_finetune, weights_from_elsewhere
 from sautomed.inference import InferenceEngine, Mode
-from sautomed.losses import LossWeights, SAutoMedLoss
+from sautomed.losses import LossWeights, SAutoMedLoss, hard_dice_per_class
 from sautomed.metrics import ClassResult, evaluate_case, summarize, write_metrics
 from sautomed.models.sautomed.network import NetworkConfig, SAutoMedNet
 from sautomed.models.sautomed.window import encode_window, encode_window_cached, neighbours
 from sautomed.postprocess import keep_largest_component
 from sautomed.run_folder import CheckpointMismatchError, check_checkpoint_config
 from sautomed.schedule import Schedule, ScheduleBy
+from sautomed.tools.thumbnails import write_run_thumbnail
 from sautomed.writers import prediction_item
 
 __all__ = ["FAMILY", "CheckpointMismatchError", "InferenceSettings", "SAutoMedModule"]
@@ -81,6 +82,9 @@ class SAutoMedModule(L.LightningModule):
             `clock` (it spans the `trainer.max_time` guard less `schedule_margin_s` when that comes first,
             and the run stops at its end: a budgeted run ends its schedule on any machine; `schedule.py`).
         schedule_margin_s: seconds of max_time kept for the last validation and checkpoint (clock only).
+        pretrained_lr_scale: learning-rate factor of the weights loaded from `network.sam_checkpoint`
+            (SAM's prompt encoder and decoder, and the encoder where it trains); the new modules keep `lr`.
+            Below 1 a pretrained decoder is adapted gently while the new modules learn at full speed.
         inference: how volumes are segmented in validate / test / predict.
 
     Refuses `network.encoder_finetune: lora` without `network.sam_checkpoint` (`guards.py`), unless the
@@ -98,10 +102,12 @@ class SAutoMedModule(L.LightningModule):
         warmup_max_steps: int = 100,
         schedule_by: ScheduleBy = "steps",
         schedule_margin_s: float = 60.0,
+        pretrained_lr_scale: float = 1.0,
         inference: InferenceSettings = InferenceSettings(),
     ) -> None:
         super().__init__()
         check_encoder_finetune(network.encoder_finetune, network.sam_checkpoint)
+        check_sam_decoder_finetune(network.sam_decoder_finetune, network.sam_checkpoint)
         if not 0.0 <= warmup_fraction <= 1.0 or warmup_max_steps < 1:
             raise ValueError(
                 f"model.warmup_fraction must be in [0, 1] and model.warmup_max_steps >= 1, got "
@@ -109,6 +115,9 @@ class SAutoMedModule(L.LightningModule):
             )
         self.warmup_fraction, self.warmup_max_steps = warmup_fraction, warmup_max_steps
         self.schedule_by, self.schedule_margin_s = schedule_by, schedule_margin_s
+        if pretrained_lr_scale <= 0:
+            raise ValueError(f"model.pretrained_lr_scale must be > 0, got {pretrained_lr_scale}")
+        self.pretrained_lr_scale = pretrained_lr_scale
         self.schedule: Schedule | None = None
         self._feature_cache: dict[int, Tensor] = {}  # frozen encoder: slice_key -> features (window.py)
         self.network_cfg = network
@@ -186,11 +195,22 @@ class SAutoMedModule(L.LightningModule):
         for name, value in terms.items():
             if name != "loss":
                 self.log(f"train/{name}", value, batch_size=bs)
+        dsc = hard_dice_per_class(out.logits, label, self.network_cfg.num_classes)  # the target slices
+        for name, value in zip(self.class_names, dsc.tolist(), strict=True):
+            if value == value:  # not NaN: the class is in the batch's targets or predictions
+                self.log(f"train/dsc/{name}", value, batch_size=bs)
         return terms["loss"]
 
     def configure_optimizers(self) -> Any:
-        params = [p for p in self.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        loaded = set(self.net.load_report.loaded) if self.net.load_report is not None else set()
+        groups: dict[bool, list[torch.nn.Parameter]] = {False: [], True: []}
+        for name, p in self.net.named_parameters():
+            if p.requires_grad:
+                groups[name in loaded and self.pretrained_lr_scale != 1.0].append(p)
+        param_groups = [{"params": groups[False], "lr": self.lr}]
+        if groups[True]:
+            param_groups.append({"params": groups[True], "lr": self.lr * self.pretrained_lr_scale})
+        opt = torch.optim.AdamW(param_groups, lr=self.lr, weight_decay=self.weight_decay)
         if self.scheduler == "none":
             return opt
         total = self.trainer.estimated_stepping_batches
@@ -226,6 +246,7 @@ class SAutoMedModule(L.LightningModule):
         pred = self.segment_volume(batch["image"], tuple(ref.shape[1:]))
         rows = evaluate_case(batch["case_id"], pred, ref, batch["geom"].spacing_zyx, self.class_names)
         self._rows.extend(rows)
+        write_run_thumbnail(self._trainer, batch["case_id"], batch["image"], ref, pred)
 
     def _gather_rows(self) -> list[ClassResult]:
         rows = self._rows

@@ -106,3 +106,16 @@ def test_empty_slice_gives_finite_box_terms():
     assert terms["box_l1"] == 0 and terms["box_giou"] == 0
     assert all(torch.isfinite(v) for v in terms.values())
     terms["loss"].backward()
+
+
+def test_hard_dice_per_class_scores_each_class_and_leaves_absent_ones_nan():
+    from sautomed.losses import hard_dice_per_class
+
+    target = torch.zeros(2, 8, 8, dtype=torch.long)
+    target[:, :4, :4] = 1  # 16 pixels of class 1 per slice; class 2 nowhere; class 3 only predicted
+    logits = torch.zeros(2, 4, 8, 8)
+    logits[:, 1, :4, :2] = 5.0  # class 1 predicted on the left half of its square (8 of 16 pixels)
+    logits[:, 3, 6:, 6:] = 5.0  # class 3 predicted where nothing is
+    dsc = hard_dice_per_class(logits, target, 3)
+    assert dsc[0].item() == pytest.approx(2 * 8 / (8 + 16))
+    assert torch.isnan(dsc[1]) and dsc[2].item() == 0.0

@@ -43,9 +43,10 @@ from sautomed.metrics import ClassResult, evaluate_case, summarize, write_metric
 from sautomed.tools.errors import CASE_ERRORS, naming
 from sautomed.tools.labels import LABELS_FILE, read_label_names, value_map
 from sautomed.tools.report import write_report
+from sautomed.tools.thumbnails import THUMBNAILS, write_thumbnail
 
 REF_LAYOUTS = (*[name for name in LAYOUTS if name != "folder"], "labels")
-OUTPUT_FILES = ("metrics.csv", "summary.json", "report.html")
+OUTPUT_FILES = ("metrics.csv", "summary.json", "report.html", THUMBNAILS)
 
 
 class EvaluateError(ValueError):
@@ -228,8 +229,12 @@ def evaluate_folder(
     mapping: dict[int, int] | None,
     resample: bool = False,
     report: Callable[[str], None] = lambda line: None,
+    thumbnails: Path | None = None,
 ) -> Evaluation:
-    """Score every reference case against its prediction in ``pred_dir`` (see the module docstring)."""
+    """Score every reference case against its prediction in ``pred_dir`` (see the module docstring).
+
+    ``thumbnails``: a folder to write each scored case's reference | prediction thumbnail into (the report's).
+    """
     result = Evaluation()
     matched, unmatched = match_predictions(pred_dir, [r.case_id for r in refs])
     result.unmatched = [str(p) for p in unmatched]
@@ -257,6 +262,8 @@ def evaluate_folder(
                 result.resampled.append(ref.case_id)
                 report(f"note: {ref.case_id}: resampled {path} onto the reference grid (nearest neighbour)")
         result.rows += evaluate_case(ref.case_id, pred, truth, geom.spacing_zyx, class_names)
+        if thumbnails is not None:
+            write_thumbnail(thumbnails, ref.case_id, None, truth, pred)
     return result
 
 
@@ -313,7 +320,13 @@ def evaluate_main(argv: Sequence[str]) -> int:
         mapping = {v: k for k, v in enumerate(sorted(names), start=1)}
 
     result = evaluate_folder(
-        a.pred, class_names, refs, mapping, a.resample, report=lambda line: print(line, file=sys.stderr)
+        a.pred,
+        class_names,
+        refs,
+        mapping,
+        a.resample,
+        report=lambda line: print(line, file=sys.stderr),
+        thumbnails=out,
     )
     for path in result.unmatched:
         print(f"note: {path}: no reference case of that name; not scored", file=sys.stderr)

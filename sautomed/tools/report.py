@@ -1,9 +1,12 @@
 """``report.html``: the metrics of a test / validate / evaluate folder as one self-contained HTML page.
 
 Read from the folder's ``metrics.csv`` and ``summary.json`` (:func:`sautomed.metrics.write_metrics`): the
-summary, a per-class table, and a case x class table of DSC / HD95 with each cell's status (missed and false
-positive cells marked), plus the cases listed as missing or failed in the summary. A ``<case>.png`` preview
-in the folder is linked from its row. No scripts, no external files.
+summary, the run's training-loss and validation curves (``curves.py``, from the fit's CSV log when the folder
+is a run folder), a per-class table, and a case x class table of DSC / HD95 with each cell's status (missed
+and false positive cells marked), worst case first, each row with its thumbnail of reference and prediction
+side by side (``thumbnails/<case>.png``, written by the evaluation, embedded in the page), plus the cases
+listed as missing or failed in the summary. A ``<case>.png`` preview in the folder is linked from its row.
+No scripts, no external files.
 
     sautomed report runs/btcv          # writes runs/btcv/report.html
 
@@ -13,9 +16,11 @@ in the folder is linked from its row. No scripts, no external files.
 from __future__ import annotations
 
 import argparse
+import base64
 import csv
 import html
 import json
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +28,8 @@ from typing import Any
 from lightning.pytorch.callbacks import Callback
 
 from sautomed.data.io import atomic_write
+from sautomed.tools.curves import curves_svg
+from sautomed.tools.thumbnails import THUMBNAILS
 
 REPORT_FILE = "report.html"
 _STYLE = """body{font-family:sans-serif;margin:2em;color:#222}table{border-collapse:collapse;margin:1em 0}
@@ -62,11 +69,29 @@ def read_metrics(folder: Path) -> tuple[list[dict[str, str]], dict[str, Any]]:
     return rows, summary
 
 
-def render(rows: Sequence[Mapping[str, str]], summary: Mapping[str, Any], previews: set[str]) -> str:
-    """The HTML page."""
+def case_order(rows: Sequence[Mapping[str, str]]) -> list[str]:
+    """Cases by their mean DSC over the classes that apply (missed, false positive: 0), worst first."""
+    scores: dict[str, list[float]] = {}
+    for r in rows:
+        scores.setdefault(r["case"], [])
+        if r["status"] != "not_applicable" and r["dsc"] not in ("", None):
+            value = float(r["dsc"])
+            scores[r["case"]].append(0.0 if math.isnan(value) else value)
+    return sorted(scores, key=lambda c: (sum(scores[c]) / len(scores[c]) if scores[c] else 1.0, c))
+
+
+def render(
+    rows: Sequence[Mapping[str, str]],
+    summary: Mapping[str, Any],
+    previews: set[str],
+    thumbnails: Mapping[str, bytes] | None = None,
+    curves: Sequence[str] = (),
+) -> str:
+    """The HTML page; ``thumbnails``: {case: PNG bytes}, embedded; ``curves``: inline SVG panels."""
     e = html.escape
+    thumbnails = thumbnails or {}
     classes = list(summary.get("per_class") or dict.fromkeys(r["class"] for r in rows))
-    cases = sorted({r["case"] for r in rows})
+    cases = case_order(rows)
     cell = {(r["case"], r["class"]): r for r in rows}
     out = [f"<!doctype html><html><head><meta charset='utf-8'><title>sautomed report</title><style>{_STYLE}"]
     out.append("</style></head><body><h1>Segmentation report</h1>")
@@ -80,6 +105,8 @@ def render(rows: Sequence[Mapping[str, str]], summary: Mapping[str, Any], previe
         f"<td>{summary.get('num_cases', len(cases))}</td><td>{summary.get('missed_cases', '-')}</td>"
         f"<td>{summary.get('false_positive_cases', '-')}</td></tr></table>"
     )
+    if curves:
+        out.append("<h2>Training</h2><p>" + " ".join(curves) + "</p>")
     out.append("<h2>Per class</h2><table><tr><th class='l'>class</th><th>DSC</th><th>HD95 (mm)</th>")
     out.append("<th>applicable</th><th>missed</th><th>false positive</th></tr>")
     for name in classes:
@@ -91,9 +118,9 @@ def render(rows: Sequence[Mapping[str, str]], summary: Mapping[str, Any], previe
             f"<td>{c.get('false_positive', '-')}</td></tr>"
         )
     out.append("</table><h2>Per case</h2><p class='note'>DSC / HD95 mm; red: missed, amber: false positive, ")
-    out.append("grey: absent from both.</p><table><tr><th class='l'>case</th>")
+    out.append("grey: absent from both. Worst case first.</p><table><tr><th class='l'>case</th>")
     out += [f"<th>{e(n)}</th>" for n in classes]
-    out.append("</tr>")
+    out.append("<th class='l'>reference | prediction</th></tr>" if thumbnails else "</tr>")
     for case in cases:
         link = f"<a href='{e(case)}.png'>{e(case)}</a>" if case in previews else e(case)
         out.append(f"<tr><td class='l'>{link}</td>")
@@ -106,6 +133,11 @@ def render(rows: Sequence[Mapping[str, str]], summary: Mapping[str, Any], previe
             style = f" style='{_dsc_colour(float(r['dsc']))}'" if status == "ok" else ""
             text = "-" if status == "not_applicable" else f"{_num(r['dsc'], 3)} / {_num(r['hd95_mm'], 1)}"
             out.append(f"<td class='{e(status)}'{style} title='{e(status)}'>{text}</td>")
+        if thumbnails:
+            png = thumbnails.get(case)
+            data = base64.b64encode(png).decode("ascii") if png else None
+            img = f"<img alt='{e(case)}: reference and prediction' src='data:image/png;base64,{data}'>"
+            out.append(f"<td class='l'>{img}</td>" if data else "<td>-</td>")
         out.append("</tr>")
     out.append("</table>")
     for key, title in (
@@ -127,7 +159,9 @@ def write_report(folder: str | Path) -> Path:
     folder = Path(folder)
     rows, summary = read_metrics(folder)
     previews = {p.name[: -len(".png")] for p in folder.glob("*.png")}
-    text = render(rows, summary, previews)
+    cases = {r["case"] for r in rows}
+    thumbnails = {p.stem: p.read_bytes() for p in (folder / THUMBNAILS).glob("*.png") if p.stem in cases}
+    text = render(rows, summary, previews, thumbnails, curves_svg(folder))
     return atomic_write(folder / REPORT_FILE, lambda p: p.write_text(text))
 
 

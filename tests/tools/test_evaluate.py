@@ -64,6 +64,7 @@ def test_per_case_dsc_matches_an_independent_scorer(small_phantoms, predictions,
     summary = json.loads((out / "summary.json").read_text())
     assert summary["num_cases"] == 3 and summary["missing_predictions"] == [] and summary["failed"] == {}
     assert "phantom_002" in (out / "report.html").read_text()
+    assert sorted(p.name for p in (out / "thumbnails").iterdir()) == [f"phantom_00{i}.png" for i in range(3)]
     # nothing the user had is overwritten
     assert (
         main(["evaluate", "--pred", str(predictions), "--ref", str(small_phantoms), "--out", str(out)]) == 1

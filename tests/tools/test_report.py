@@ -95,3 +95,43 @@ def test_sautomed_test_writes_report_html_beside_its_metrics(untrained_ckpt, sma
     for case in ("phantom_000", "phantom_001", "phantom_002"):
         assert case in text
     assert str(untrained_ckpt) in text  # the summary's checkpoint heads the page
+    # each case's thumbnail of reference | prediction, written by the evaluation, embedded in the page
+    thumbs = sorted(p.stem for p in (run / "thumbnails").glob("*.png"))
+    assert thumbs == ["phantom_000", "phantom_001", "phantom_002"]
+    assert text.count("src='data:image/png;base64,") == 3
+
+
+def test_report_orders_cases_worst_first_and_draws_the_training_curves(tmp_path):
+    import base64
+
+    import numpy as np
+
+    from sautomed.tools.thumbnails import write_thumbnail
+
+    names = ["liver", "kidney"]
+    rows = [
+        ClassResult("good", "liver", 0.9, 2.0, "ok"),
+        ClassResult("good", "kidney", 0.8, 3.0, "ok"),
+        ClassResult("bad", "liver", 0.5, 9.0, "ok"),
+        ClassResult("bad", "kidney", 0.0, math.nan, "missed"),
+        ClassResult("mid", "liver", 0.7, 4.0, "ok"),
+        ClassResult("mid", "kidney", math.nan, math.nan, "not_applicable"),
+    ]
+    write_metrics(rows, summarize(rows, names), tmp_path)
+    ref = np.zeros((3, 20, 30), np.uint8)
+    ref[1, 5:10, 5:20] = 1
+    pred = np.zeros_like(ref)
+    pred[1, 6:10, 5:15] = 1
+    out = write_thumbnail(tmp_path, "bad", np.random.default_rng(0).random((3, 10, 15)), ref, pred)
+    log = tmp_path / "lightning_logs" / "version_0" / "metrics.csv"
+    log.parent.mkdir(parents=True)
+    log.write_text(
+        "epoch,step,train/loss,val/mean_dsc\n0,9,2.0,\n0,19,1.5,\n0,19,,0.4\n1,29,1.0,\n1,29,,0.6\n"
+    )
+    assert main(["report", str(tmp_path)]) == 0
+    text = (tmp_path / "report.html").read_text()
+    assert text.index(">bad<") < text.index(">mid<") < text.index(">good<")  # 0.25, 0.7, 0.85
+    embedded = base64.b64encode(out.read_bytes()).decode("ascii")
+    assert embedded in text and text.count("data:image/png;base64,") == 1  # only `bad` has one
+    assert "training loss" in text and "validation mean DSC" in text
+    assert text.count("<polyline") == 2

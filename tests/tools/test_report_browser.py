@@ -13,10 +13,12 @@ import re
 import shutil
 import subprocess
 
+import numpy as np
 import pytest
 
 from sautomed.cli import main
 from sautomed.metrics import ClassResult, summarize, write_metrics
+from sautomed.tools.thumbnails import write_thumbnail
 
 # Appended to a copy of the page: after load, try every <img> and every linked .png, then write the counts.
 PROBE = """<script>
@@ -95,6 +97,9 @@ def _report_with_previews(small_phantoms, tmp_path):
         labels = small_phantoms / "labelsTr" / f"{case}.nii.gz"
         out = folder / f"{case}.png"
         assert main(["preview", "--image", str(image), "--labels", str(labels), "--out", str(out)]) == 0
+    ref = np.zeros((2, 16, 16), np.uint8)
+    ref[1, 4:12, 4:12] = 1
+    write_thumbnail(folder, "phantom_000", None, ref, np.roll(ref, 2, axis=2))  # embedded in the page
     assert main(["report", str(folder)]) == 0
     return folder / "report.html"
 
@@ -103,7 +108,7 @@ def test_report_images_and_linked_previews_load_in_chromium(small_phantoms, tmp_
     browser = _chromium()  # before any work: fail (CI) or skip at once
     page = _report_with_previews(small_phantoms, tmp_path)
     result = _probe(browser, page, tmp_path)
-    assert result["broken_images"] == [], result
+    assert result["images"] == 1 and result["broken_images"] == [], result  # the embedded thumbnail
     assert result["broken_links"] == [], result
     assert result["links"] == 2, result  # phantom_000 and phantom_001 link their previews; `other` has none
 
@@ -116,5 +121,5 @@ def test_the_probe_sees_a_broken_image(small_phantoms, tmp_path):
     text = page.read_text().replace("</body>", "<img src='no_such_image.png'></body>")
     page.write_text(text)
     result = _probe(browser, page, tmp_path)
-    assert result["images"] == 1 and result["broken_images"] == ["no_such_image.png"], result
+    assert result["images"] == 2 and result["broken_images"] == ["no_such_image.png"], result
     assert result["broken_links"] == ["phantom_001.png"], result

@@ -31,6 +31,7 @@ from sautomed.models.baselines.unet2d import segment_slices, window_slices
 from sautomed.models.baselines.unet3d import segment_patches
 from sautomed.postprocess import keep_largest_component
 from sautomed.run_folder import check_checkpoint_config
+from sautomed.tools.thumbnails import write_run_thumbnail
 from sautomed.writers import prediction_item
 
 log = logging.getLogger(__name__)
@@ -197,6 +198,7 @@ class BaselineModule(L.LightningModule):
         self._rows.extend(
             evaluate_case(batch["case_id"], pred, ref, batch["geom"].spacing_zyx, self.class_names)
         )
+        write_run_thumbnail(self._trainer, batch["case_id"], batch["image"], ref, pred)
 
     def _gather(self) -> tuple[list[ClassResult], list[float]]:
         rows, seconds = self._rows, self._seconds

@@ -57,6 +57,7 @@ from sautomed.models.msam.patches import binary_target
 from sautomed.models.msam.refinement import refine_with_clicks
 from sautomed.run_folder import check_checkpoint_config
 from sautomed.schedule import Schedule, ScheduleBy
+from sautomed.tools.thumbnails import write_run_thumbnail
 from sautomed.writers import prediction_item
 
 __all__ = [
@@ -334,6 +335,7 @@ class MSAMModule(L.LightningModule):
             self._rows += evaluate_case(
                 batch["case_id"], pred, ref, batch["geom"].spacing_zyx, self.class_names
             )
+            write_run_thumbnail(self._trainer, batch["case_id"], image, ref, pred)
 
     def on_validation_epoch_start(self) -> None:
         self._sync_from_datamodule()

@@ -28,7 +28,7 @@ from sautomed.models.sam.lora import EncoderFinetune, apply_lora, set_encoder_tr
 from sautomed.models.sam.upstream import ImageEncoderViT
 from sautomed.models.sam.weights import resolve_weights
 from sautomed.models.sautomed.box_prompt import BoxPromptGenerator
-from sautomed.models.sautomed.decoder import SAM_DECODER_UNUSED, MultiClassMaskDecoder
+from sautomed.models.sautomed.decoder import SAM_DECODER_UNUSED, MultiClassMaskDecoder, PerClassMaskDecoder
 from sautomed.models.sautomed.history import HistoryTokens
 from sautomed.models.sautomed.slice_attention import SliceAttention
 
@@ -41,6 +41,7 @@ NEW_MODULE_PREFIXES = (
     "box_prompt.",
     "mask_decoder.class_tokens.",
     "mask_decoder.class_hypernetworks_mlps.",
+    "mask_decoder.class_embed.",
 )
 
 
@@ -81,6 +82,13 @@ class NetworkConfig:
         state_min_area: the next state keeps a class only with at least this many pixels (logit grid).
         state_largest_component: the next slice's anchor box is the box of the class's largest connected
             component, not of all its pixels (a far-off false positive no longer stretches it).
+        decoder: ``joint`` (one decoder pass per slice over all classes' tokens, new class tokens and MLPs)
+            or ``per_class`` (SAM's own single-mask box path once per class, every SAM decoder weight used as
+            trained, history tokens per class; its class-c logits are shifted by log sigmoid of the class's
+            presence logit). ``per_class`` is what keeps a pretrained decoder's skill (see ``decoder.py``).
+        sam_decoder_finetune: ``full`` (SAM's mask decoder and prompt encoder train) or ``frozen`` (they keep
+            their checkpoint's weights; the new modules, the class embeddings / tokens among them, train).
+            On a few training cases a fine-tuned pretrained decoder overfits them and loses what it knew.
     """
 
     backbone: Literal["tiny", "vit_b", "vit_l", "vit_h", "litemedsam"] = "tiny"
@@ -105,12 +113,14 @@ class NetworkConfig:
     state_presence_gate: bool = False
     state_min_area: int = 0
     state_largest_component: bool = False
+    decoder: Literal["joint", "per_class"] = "joint"
+    sam_decoder_finetune: Literal["full", "frozen"] = "full"
 
 
 class State(NamedTuple):
     """What one slice passes to the next."""
 
-    history: Tensor | None  # (B, K, D), or None when history is off
+    history: Tensor | None  # (B, K, D) ((B, C, K, D) with the per-class decoder), or None when history is off
     boxes: Tensor  # (B, C, 4) previous slice's predicted boxes (cxcywh, [0, 1])
     present: Tensor  # (B, C) bool: class present in the previous slice's prediction
 
@@ -132,7 +142,8 @@ class SAutoMedNet(nn.Module):
         D = parts.prompt_encoder.embed_dim
         self.image_encoder = parts.image_encoder
         self.prompt_encoder = parts.prompt_encoder
-        self.mask_decoder = MultiClassMaskDecoder(parts.mask_decoder, cfg.num_classes)
+        decoder_cls = PerClassMaskDecoder if cfg.decoder == "per_class" else MultiClassMaskDecoder
+        self.mask_decoder = decoder_cls(parts.mask_decoder, cfg.num_classes)
         self.slice_attention = (
             SliceAttention(D, cfg.slice_attention_depth, cfg.slice_attention_heads)
             if cfg.slice_attention
@@ -146,6 +157,10 @@ class SAutoMedNet(nn.Module):
             if cfg.box_prompts
             else None
         )
+        if self.box_prompt is not None and cfg.decoder == "per_class":
+            # the prompt tokens start as SAM's own box embedding
+            nn.init.zeros_(self.box_prompt.feature_proj.weight)
+            nn.init.zeros_(self.box_prompt.feature_proj.bias)
         self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -188,7 +203,13 @@ class SAutoMedNet(nn.Module):
         if self.box_prompt is None:
             unused += ["point_embeddings.2.", "point_embeddings.3."]
         for name, p in self.prompt_encoder.named_parameters():
-            p.requires_grad_(not name.startswith(tuple(unused)))
+            p.requires_grad_(not name.startswith(tuple(unused)) and self.cfg.sam_decoder_finetune == "full")
+        if self.cfg.sam_decoder_finetune == "frozen":
+            own = "mask_decoder."
+            new = tuple(k[len(own) :] for k in NEW_MODULE_PREFIXES if k.startswith(own))
+            for name, p in self.mask_decoder.named_parameters():
+                if not name.startswith(new):
+                    p.requires_grad_(False)
 
     def load_sam_checkpoint(self, source: str | os.PathLike | dict[str, Tensor]) -> LoadReport:
         """Load an official SAM checkpoint (path or state dict); interpolates for S != 1024.
@@ -208,7 +229,7 @@ class SAutoMedNet(nn.Module):
             is_new_key=lambda k: k.startswith(NEW_MODULE_PREFIXES) or "lora_" in k,
             known_unused=lambda k: k.startswith(SAM_DECODER_UNUSED),
             global_rel_pos_keys=global_rel_pos,
-            derived=self.mask_decoder.init_from_sam,
+            derived=getattr(self.mask_decoder, "init_from_sam", None),  # the joint decoder's new tokens
         )
         self.load_report = report
         return report
@@ -244,13 +265,21 @@ class SAutoMedNet(nn.Module):
         C = self.cfg.num_classes
         ref = self.pixel_mean
         device = ref.device if device is None else torch.device(device)
-        history = self.history.initial_state(batch).to(device) if self.history is not None else None
+        history = self._initial_history(batch).to(device) if self.history is not None else None
         if self.box_prompt is not None:
             boxes = self.box_prompt.default_anchors().detach().unsqueeze(0).expand(batch, -1, -1).to(device)
         else:
             boxes = torch.zeros(batch, C, 4, device=device)
         present = torch.zeros(batch, C, dtype=torch.bool, device=device)
         return State(history, boxes, present)
+
+    def _initial_history(self, batch: int) -> Tensor:
+        """(B, K, D) learnable initial history, or (B, C, K, D) (one per class) with the per-class decoder."""
+        assert self.history is not None
+        h = self.history.initial_state(batch)
+        if self.cfg.decoder == "per_class":
+            h = h.unsqueeze(1).expand(-1, self.cfg.num_classes, -1, -1)
+        return h
 
     def step(self, f_prev: Tensor, f_t: Tensor, f_next: Tensor, state: State) -> StepOutput:
         """One slice for B independent chains. f_*: (B, D, S/16, S/16) features of t-1, t, t+1."""
@@ -270,9 +299,13 @@ class SAutoMedNet(nn.Module):
 
         history = None
         if self.history is not None:
-            history = state.history if state.history is not None else self.history.initial_state(B)
+            history = state.history if state.history is not None else self._initial_history(B)
         dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)  # SAM's "no mask" prompt
         logits, history_out = self.mask_decoder(z, pe, dense, history, prompts)  # (B, C+1, S/4, S/4)
+        if self.cfg.decoder == "per_class" and self.box_prompt is not None:
+            # p(c at a pixel) ~ p(c in the slice) * p(pixel | box): SAM segments whatever box it is given
+            gate = torch.nn.functional.logsigmoid(presence.to(logits.dtype))  # (B, C)
+            logits = torch.cat([logits[:, :1], logits[:, 1:] + gate[:, :, None, None]], dim=1)
 
         next_history = self.history.filter(history_out) if self.history is not None else None
         with torch.no_grad():  # the next anchors come from this slice's prediction
