@@ -84,3 +84,34 @@ def test_a_frozen_sam_decoder_without_a_checkpoint_is_refused():
     )
     with pytest.raises(UserError, match="sam_decoder_finetune"):
         SAutoMedModule(network=cfg)
+
+
+def test_prompts_context_feeds_sams_decoder_its_own_input_and_the_3d_parts_to_the_generator():
+    """context: prompts -- the decoder sees f_t and SAM's own box embedding of the generated boxes; the slice
+    attention and the history reach only the box prompt generator (and through its boxes, the masks)."""
+    net = make_net(decoder="per_class", context="prompts", encoder_finetune="full", lora_rank=0).eval()
+    for p in net.slice_attention.parameters():  # a slice attention that is not the identity
+        torch.nn.init.normal_(p, std=0.05)
+    labels = torch.stack([phantom_labels(2, S, shift=z) for z in range(3)], dim=1)
+    f = net.encode(phantom_images(labels).flatten(0, 1)).view(2, 3, 256, S // 16, S // 16)
+    state = net.initial_state(2)
+    assert state.history.shape == (2, net.cfg.history_tokens, 256)  # one history per chain
+    with torch.no_grad():
+        out = net.step(f[:, 0], f[:, 1], f[:, 2], state)
+        pe = net.prompt_encoder.get_dense_pe()
+        corners = net.box_prompt.prompt_tokens(net.prompt_encoder, out.boxes, None)
+        dense = net.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        sam, _ = net.mask_decoder(f[:, 1], pe, dense, None, corners)
+        gate = torch.nn.functional.logsigmoid(out.presence)[:, :, None, None]
+        torch.testing.assert_close(out.logits[:, 1:], sam[:, 1:] + gate)
+        other = net.step(f[:, 2], f[:, 1], f[:, 0], state)  # other neighbours: another presence
+        assert not torch.allclose(other.presence, out.presence)
+    net.train()
+    o1 = net.step(f[:, 0], f[:, 1], f[:, 2], state)
+    o2 = net.step(f[:, 1], f[:, 2], f[:, 2], o1.state)
+    crit = SAutoMedLoss(LossWeights(), C)
+    (crit(o1, labels[:, 1])["loss"] + crit(o2, labels[:, 2])["loss"]).backward()
+    frozen = {n for n, p in net.named_parameters() if not p.requires_grad}
+    assert "mask_decoder.class_embed.weight" in frozen and "box_prompt.feature_proj.weight" in frozen
+    missing = [n for n, p in net.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing

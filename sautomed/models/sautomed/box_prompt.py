@@ -105,27 +105,43 @@ class BoxPromptGenerator(nn.Module):
 
         Returns boxes (B, C, 4) cxcywh in [0, 1], presence logits (B, C), query features (B, C, D).
         """
-        B = z.shape[0]
+        boxes, presence, out, _ = self.forward_with_history(z, pe, prev_boxes, prev_present, None)
+        return boxes, presence, out
+
+    def forward_with_history(
+        self, z: Tensor, pe: Tensor, prev_boxes: Tensor, prev_present: Tensor, history: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """``forward`` with K history tokens (B, K, D) as extra queries (no anchor, no box): they attend to
+        the class queries and to the slice in every layer. Returns ``forward``'s outputs and the updated
+        history tokens (B, K, D) (None without history)."""
+        B, C = z.shape[0], self.num_classes
         memory = z.flatten(2).transpose(1, 2)  # (B, hw, D)
         memory_pos = pe.flatten(2).transpose(1, 2)  # (1, hw, D)
         anchor = self.anchors(prev_boxes, prev_present)  # (B, C, 4)
         tgt = self.semantic.weight.unsqueeze(0).expand(B, -1, -1)  # (B, C, D)
+        K = 0 if history is None else history.shape[1]
+        if history is not None:
+            tgt = torch.cat([tgt, history.to(tgt.dtype)], dim=1)  # (B, C+K, D)
         out = tgt
         for layer in self.layers:
             query_pos = self.query_pos_head(sine_embed(anchor, self.dim // 2))  # (B, C, D)
+            if K:
+                query_pos = torch.cat([query_pos, query_pos.new_zeros(B, K, self.dim)], dim=1)
             tgt = layer(tgt, query_pos, memory, memory_pos)
             out = self.norm(tgt)
-            anchor = (self.bbox_head(out) + inverse_sigmoid(anchor)).sigmoid()  # refined box
-        presence = self.presence_head(out).squeeze(-1)  # (B, C)
-        return anchor, presence, out
+            anchor = (self.bbox_head(out[:, :C]) + inverse_sigmoid(anchor)).sigmoid()  # refined box
+        presence = self.presence_head(out[:, :C]).squeeze(-1)  # (B, C)
+        return anchor, presence, out[:, :C], (out[:, C:] if K else None)
 
-    def prompt_tokens(self, prompt_encoder: PromptEncoder, boxes: Tensor, features: Tensor) -> Tensor:
-        """SAM box embedding of each class's box + projected query feature -> (B, 2C, D) sparse prompts."""
+    def prompt_tokens(self, prompt_encoder: PromptEncoder, boxes: Tensor, features: Tensor | None) -> Tensor:
+        """SAM box embedding of each class's box + projected query feature -> (B, 2C, D) sparse prompts.
+
+        ``features`` None: SAM's box embedding alone (the published model's prompt for that box)."""
         B, C, _ = boxes.shape
         H, W = prompt_encoder.input_image_size
         scale = boxes.new_tensor([W, H, W, H])
         # cxcywh [0, 1] (pixel edges) -> SAM's pixel-index box: max index = edge * size - 1
         xyxy = box_cxcywh_to_xyxy(boxes) * scale - boxes.new_tensor([0.0, 0.0, 1.0, 1.0])
-        corners = prompt_encoder._embed_boxes(xyxy.reshape(B * C, 4))  # (B*C, 2, D)
-        tokens = corners.view(B, C, 2, -1) + self.feature_proj(features).view(B, C, 2, -1)
+        corners = prompt_encoder._embed_boxes(xyxy.reshape(B * C, 4)).view(B, C, 2, -1)  # (B, C, 2, D)
+        tokens = corners if features is None else corners + self.feature_proj(features).view(B, C, 2, -1)
         return tokens.flatten(1, 2)  # (B, 2C, D): class c -> tokens 2c, 2c+1

@@ -89,6 +89,12 @@ class NetworkConfig:
         sam_decoder_finetune: ``full`` (SAM's mask decoder and prompt encoder train) or ``frozen`` (they keep
             their checkpoint's weights; the new modules, the class embeddings / tokens among them, train).
             On a few training cases a fine-tuned pretrained decoder overfits them and loses what it knew.
+        context: where the 3D context goes. ``decoder`` (the paper): the slice-attended features z and the
+            history tokens enter SAM's decoder, the prompts carry the query features. ``prompts`` (needs
+            ``decoder: per_class``): SAM's decoder sees the slice's own encoder features and SAM's own box
+            embedding, exactly as published; z is the box prompt generator's memory and the history tokens
+            are extra queries of the generator. With a pretrained decoder and a few training cases, what
+            the decoder knew then cannot be overwritten by the new modules.
     """
 
     backbone: Literal["tiny", "vit_b", "vit_l", "vit_h", "litemedsam"] = "tiny"
@@ -115,6 +121,7 @@ class NetworkConfig:
     state_largest_component: bool = False
     decoder: Literal["joint", "per_class"] = "joint"
     sam_decoder_finetune: Literal["full", "frozen"] = "full"
+    context: Literal["decoder", "prompts"] = "decoder"
 
 
 class State(NamedTuple):
@@ -142,6 +149,8 @@ class SAutoMedNet(nn.Module):
         D = parts.prompt_encoder.embed_dim
         self.image_encoder = parts.image_encoder
         self.prompt_encoder = parts.prompt_encoder
+        if cfg.context == "prompts" and (cfg.decoder != "per_class" or not cfg.box_prompts):
+            raise ValueError("network.context 'prompts' needs network.decoder: per_class and box_prompts on")
         decoder_cls = PerClassMaskDecoder if cfg.decoder == "per_class" else MultiClassMaskDecoder
         self.mask_decoder = decoder_cls(parts.mask_decoder, cfg.num_classes)
         self.slice_attention = (
@@ -204,6 +213,10 @@ class SAutoMedNet(nn.Module):
             unused += ["point_embeddings.2.", "point_embeddings.3."]
         for name, p in self.prompt_encoder.named_parameters():
             p.requires_grad_(not name.startswith(tuple(unused)) and self.cfg.sam_decoder_finetune == "full")
+        if self.cfg.context == "prompts":  # the decoder's input is SAM's own: nothing new enters it
+            self.mask_decoder.class_embed.weight.requires_grad_(False)
+            if self.box_prompt is not None:
+                self.box_prompt.feature_proj.requires_grad_(False)
         if self.cfg.sam_decoder_finetune == "frozen":
             own = "mask_decoder."
             new = tuple(k[len(own) :] for k in NEW_MODULE_PREFIXES if k.startswith(own))
@@ -277,7 +290,7 @@ class SAutoMedNet(nn.Module):
         """(B, K, D) learnable initial history, or (B, C, K, D) (one per class) with the per-class decoder."""
         assert self.history is not None
         h = self.history.initial_state(batch)
-        if self.cfg.decoder == "per_class":
+        if self.cfg.decoder == "per_class" and self.cfg.context == "decoder":
             h = h.unsqueeze(1).expand(-1, self.cfg.num_classes, -1, -1)
         return h
 
@@ -288,26 +301,36 @@ class SAutoMedNet(nn.Module):
         pe = self.prompt_encoder.get_dense_pe()  # (1, D, h, w)
         z = self.slice_attention(f_prev, f_t, f_next, pe) if self.slice_attention is not None else f_t
 
-        prompts = None
+        history = None
+        if self.history is not None:
+            history = state.history if state.history is not None else self._initial_history(B)
+        in_prompts = self.cfg.context == "prompts"
+        prompts, history_out = None, None
         if self.box_prompt is not None:
             # boxes (B, C, 4), presence (B, C), queries (B, C, D)
-            boxes, presence, queries = self.box_prompt(z, pe, state.boxes, state.present)
-            prompts = self.box_prompt.prompt_tokens(self.prompt_encoder, boxes, queries)  # (B, 2C, D)
+            boxes, presence, queries, history_out = self.box_prompt.forward_with_history(
+                z, pe, state.boxes, state.present, history if in_prompts else None
+            )
+            prompts = self.box_prompt.prompt_tokens(
+                self.prompt_encoder, boxes, None if in_prompts else queries
+            )  # (B, 2C, D)
         else:
             boxes = f_t.new_zeros(B, C, 4)
             presence = f_t.new_zeros(B, C)
 
-        history = None
-        if self.history is not None:
-            history = state.history if state.history is not None else self._initial_history(B)
         dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)  # SAM's "no mask" prompt
-        logits, history_out = self.mask_decoder(z, pe, dense, history, prompts)  # (B, C+1, S/4, S/4)
+        if in_prompts:  # SAM's decoder as published: the slice's own features, SAM's box prompt
+            logits, _ = self.mask_decoder(f_t, pe, dense, None, prompts)
+        else:
+            logits, history_out = self.mask_decoder(z, pe, dense, history, prompts)  # (B, C+1, S/4, S/4)
         if self.cfg.decoder == "per_class" and self.box_prompt is not None:
             # p(c at a pixel) ~ p(c in the slice) * p(pixel | box): SAM segments whatever box it is given
             gate = torch.nn.functional.logsigmoid(presence.to(logits.dtype))  # (B, C)
             logits = torch.cat([logits[:, :1], logits[:, 1:] + gate[:, :, None, None]], dim=1)
 
-        next_history = self.history.filter(history_out) if self.history is not None else None
+        next_history = None
+        if self.history is not None:
+            next_history = self.history.filter(history_out)
         with torch.no_grad():  # the next anchors come from this slice's prediction
             next_boxes, next_present = self._next_boxes(logits, presence)  # (B, C, 4), (B, C)
         next_state = State(next_history, next_boxes.to(logits.dtype), next_present)
