@@ -311,8 +311,10 @@ class SAutoMedNet(nn.Module):
             boxes, presence, queries, history_out = self.box_prompt.forward_with_history(
                 z, pe, state.boxes, state.present, history if in_prompts else None
             )
+            # prompts context: the box enters SAM as a given box does (no gradient through its Fourier
+            # embedding, whose high frequencies swamp the box loss); the box and presence losses train it
             prompts = self.box_prompt.prompt_tokens(
-                self.prompt_encoder, boxes, None if in_prompts else queries
+                self.prompt_encoder, boxes.detach() if in_prompts else boxes, None if in_prompts else queries
             )  # (B, 2C, D)
         else:
             boxes = f_t.new_zeros(B, C, 4)
