@@ -28,21 +28,24 @@ def weights_from_elsewhere() -> Iterator[None]:
         _WEIGHTS_FROM_ELSEWHERE.reset(token)
 
 
+def _needs_checkpoint(setting: str, value: str, consequence: str, sam_checkpoint: str | None) -> None:
+    """UserError: `model.network.<setting>: <value>` without `sam_checkpoint` would train nothing real."""
+    if not sam_checkpoint and not _WEIGHTS_FROM_ELSEWHERE.get():
+        raise UserError(
+            f"model.network.{setting} is '{value}' but no model.network.sam_checkpoint is given: "
+            f"{consequence}; give model.network.sam_checkpoint, or set model.network.{setting}: full"
+        )
+
+
 def check_encoder_finetune(encoder_finetune: str, sam_checkpoint: str | None) -> None:
     """UserError for `encoder_finetune: lora` without `sam_checkpoint` (not when weights come from one)."""
-    if encoder_finetune == "lora" and not sam_checkpoint and not _WEIGHTS_FROM_ELSEWHERE.get():
-        raise UserError(
-            "model.network.encoder_finetune is 'lora' but no model.network.sam_checkpoint is given: LoRA "
-            "would adapt a randomly initialised, frozen encoder; give model.network.sam_checkpoint, or set "
-            "model.network.encoder_finetune: full"
-        )
+    if encoder_finetune == "lora":
+        consequence = "LoRA would adapt a randomly initialised, frozen encoder"
+        _needs_checkpoint("encoder_finetune", "lora", consequence, sam_checkpoint)
 
 
 def check_sam_decoder_finetune(sam_decoder_finetune: str, sam_checkpoint: str | None) -> None:
     """UserError for `sam_decoder_finetune: frozen` without `sam_checkpoint` (random, never trained)."""
-    if sam_decoder_finetune == "frozen" and not sam_checkpoint and not _WEIGHTS_FROM_ELSEWHERE.get():
-        raise UserError(
-            "model.network.sam_decoder_finetune is 'frozen' but no model.network.sam_checkpoint is given: "
-            "SAM's decoder would keep randomly initialised weights that never train; give "
-            "model.network.sam_checkpoint, or set model.network.sam_decoder_finetune: full"
-        )
+    if sam_decoder_finetune == "frozen":
+        consequence = "SAM's decoder would keep randomly initialised weights that never train"
+        _needs_checkpoint("sam_decoder_finetune", "frozen", consequence, sam_checkpoint)
