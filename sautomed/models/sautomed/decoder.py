@@ -143,17 +143,9 @@ class PerClassMaskDecoder(nn.Module):
         history: Tensor | None,
         prompts: Tensor | None,
     ) -> tuple[Tensor, Tensor | None]:
-        """
-        Args:
-            image_embeddings: (B, D, h, w) slice features z.
-            image_pe: (1, D, h, w) SAM's dense positional encoding.
-            dense_embeddings: (1 or B, D, 1 or h, 1 or w) SAM's dense prompt (its "no mask" embedding).
-            history: (B, C, K, D) history tokens of each class, or None.
-            prompts: (B, 2C, D) sparse prompt tokens (class c: tokens 2c, 2c+1), or None.
-
-        Returns:
-            logits (B, C+1, 4h, 4w) (background 0) and the updated history tokens (B, C, K, D) (or None).
-        """
+        """``MultiClassMaskDecoder.forward``'s interface, with per-class history: ``history`` (B, C, K, D) or
+        None, ``prompts`` (B, 2C, D) (class c: tokens 2c, 2c+1) or None. Returns logits (B, C+1, 4h, 4w)
+        (background 0) and the updated history (B, C, K, D) (or None)."""
         B, D, h, w = image_embeddings.shape
         C = self.num_classes
         sam_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)  # (5, D)
