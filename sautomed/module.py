@@ -27,6 +27,7 @@ from sautomed.inference import InferenceEngine, Mode
 from sautomed.losses import LossWeights, SAutoMedLoss, hard_dice_per_class
 from sautomed.metrics import ClassResult, evaluate_case, summarize, write_metrics
 from sautomed.models.sautomed.network import NetworkConfig, SAutoMedNet
+from sautomed.models.sautomed.teacher import teacher_boxes
 from sautomed.models.sautomed.window import encode_window, encode_window_cached, neighbours
 from sautomed.postprocess import keep_largest_component
 from sautomed.run_folder import CheckpointMismatchError, check_checkpoint_config
@@ -86,6 +87,10 @@ class SAutoMedModule(L.LightningModule):
             (SAM's prompt encoder and decoder, and the encoder where it trains); the new modules keep `lr`.
             Below 1 a pretrained decoder is adapted gently while the new modules learn at full speed.
         inference: how volumes are segmented in validate / test / predict.
+        box_teacher_forcing: chance that a training sample's prompts are made from jittered reference boxes
+            instead of the box generator's (every slice of its chain; `models/sautomed/teacher.py`). 0 (the
+            paper): always the generator's. Inference always uses the generator's boxes.
+        box_teacher_jitter: how far each side of a forced box moves, as a fraction of the box's size.
 
     Refuses `network.encoder_finetune: lora` without `network.sam_checkpoint` (`guards.py`), unless the
     weights come from a trained checkpoint (`from_checkpoint_dict`, `--ckpt_path`).
@@ -104,8 +109,18 @@ class SAutoMedModule(L.LightningModule):
         schedule_margin_s: float = 60.0,
         pretrained_lr_scale: float = 1.0,
         inference: InferenceSettings = InferenceSettings(),
+        box_teacher_forcing: float = 0.0,
+        box_teacher_jitter: float = 0.1,
     ) -> None:
         super().__init__()
+        if not 0.0 <= box_teacher_forcing <= 1.0 or box_teacher_jitter < 0:
+            raise ValueError(
+                f"model.box_teacher_forcing must be in [0, 1] and model.box_teacher_jitter >= 0, got "
+                f"{box_teacher_forcing} and {box_teacher_jitter}"
+            )
+        if box_teacher_forcing > 0 and not network.box_prompts:
+            raise ValueError("model.box_teacher_forcing needs network.box_prompts on")
+        self.box_teacher_forcing, self.box_teacher_jitter = box_teacher_forcing, box_teacher_jitter
         check_encoder_finetune(network.encoder_finetune, network.sam_checkpoint)
         check_sam_decoder_finetune(network.sam_decoder_finetune, network.sam_checkpoint)
         if not 0.0 <= warmup_fraction <= 1.0 or warmup_max_steps < 1:
@@ -171,14 +186,15 @@ class SAutoMedModule(L.LightningModule):
         # Warm-ups: their slices were encoded without gradients; their (cheap) decoder steps keep gradients,
         # otherwise the initial history tokens and the history filter would never receive one.
         state = self.net.initial_state(image.shape[0], image.device)
+        forced = self._forced_boxes(batch, n)  # per chain slice: None or (boxes, use)
         warmup_outs = []
         for k in range(1, n + 1):
             prev, nxt = neighbours(feats, direction, k)
-            step = self.net.step(prev, feats[:, k], nxt, state)
+            step = self.net.step(prev, feats[:, k], nxt, state, forced[k - 1])
             warmup_outs.append(step)
             state = step.state
         prev, nxt = neighbours(feats, direction, n + 1)
-        out = self.net.step(prev, feats[:, n + 1], nxt, state)
+        out = self.net.step(prev, feats[:, n + 1], nxt, state, forced[n])
         terms = self.criterion(out, label)
         bs = image.shape[0]
         w = self.loss_weights.warmup
@@ -200,6 +216,25 @@ class SAutoMedModule(L.LightningModule):
             if value == value:  # not NaN: the class is in the batch's targets or predictions
                 self.log(f"train/dsc/{name}", value, batch_size=bs)
         return terms["loss"]
+
+    def _forced_boxes(self, batch: dict[str, Tensor], n: int) -> list[tuple[Tensor, Tensor] | None]:
+        """Teacher-forced prompts of the chain's n warm-ups and its target (None where not forced)."""
+        p = self.box_teacher_forcing
+        if p <= 0:
+            return [None] * (n + 1)
+        labels = [batch["label"]]
+        if n:
+            if batch.get("warmup_label") is None:
+                raise ValueError("model.box_teacher_forcing needs the warm-up slices' labels")
+            labels = [*batch["warmup_label"].unbind(1), batch["label"]]  # n x (B, S, S), then the target
+        gen = torch.Generator().manual_seed(int(self.global_step) * 7919 + self.global_rank)
+        C = self.network_cfg.num_classes
+        chosen = torch.rand(batch["label"].shape[0], generator=gen) < p  # the same samples along the chain
+        out: list[tuple[Tensor, Tensor] | None] = []
+        for lab in labels:
+            boxes, use = teacher_boxes(lab, C, self.box_teacher_jitter, gen)
+            out.append((boxes, use & chosen.to(use.device).unsqueeze(1)))
+        return out
 
     def configure_optimizers(self) -> Any:
         loaded = set(self.net.load_report.loaded) if self.net.load_report is not None else set()

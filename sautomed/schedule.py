@@ -59,7 +59,10 @@ class Schedule:
         return min(1.0, max(0.0, steps, self.time_fraction()))
 
     def factor(self, step: int) -> float:
-        """LambdaLR's factor for optimiser step ``step``."""
+        """LambdaLR's factor for optimiser step ``step`` (zero once the clock has ended the schedule, even
+        inside a warm-up that a very short budget never finished)."""
+        if self.ended():
+            return 0.0
         if step < self.warmup:
             return (step + 1) / self.warmup
         return 0.5 * (1.0 + math.cos(math.pi * self.progress(step)))

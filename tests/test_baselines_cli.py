@@ -258,3 +258,26 @@ def test_predict_names_a_checkpoint_family_it_does_not_know(sautomed_ckpt, tiny_
     assert main(["predict", "--ckpt_path", str(path), "--input", str(src), "--output", str(out)]) == 1
     err = capsys.readouterr().err
     assert "unknown model family 'nnunet'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_clock_schedule_needs_cosine_and_the_max_time_guard(baseline_run, tmp_path, capsys):
+    _, cfg, _ = baseline_run
+    base = ["fit", "--config", str(cfg), "--trainer.default_root_dir", str(tmp_path)]
+    clock = ["--model.init_args.schedule_by", "clock"]
+    assert main([*base, *clock, "--model.init_args.scheduler", "poly"]) == 1
+    assert "clock needs model.scheduler: cosine" in capsys.readouterr().err
+    assert main([*base, *clock, "--model.init_args.scheduler", "cosine"]) == 1
+    assert "clock needs a trainer.max_time guard" in capsys.readouterr().err
+    assert not (tmp_path / "last.ckpt").exists()
+
+
+def test_a_clock_schedule_ends_at_zero_inside_the_guard(baseline_run, tmp_path):
+    """max_epochs plans far more steps than the 1-second budget (max_time less the margin) allows."""
+    _, cfg, _ = baseline_run
+    argv = ["fit", "--config", str(cfg), "--trainer.default_root_dir", str(tmp_path)]
+    argv += ["--trainer.max_epochs", "500", "--trainer.max_time", "00:00:05:00"]
+    argv += ["--model.init_args.scheduler", "cosine", "--model.init_args.schedule_by", "clock"]
+    assert main([*argv, "--model.init_args.schedule_margin_s", "299"]) == 0
+    ckpt = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=True)
+    assert 0 < ckpt["global_step"] < 500 * 2  # stopped by its schedule, long before max_epochs
+    assert ckpt["lr_schedulers"][0]["_last_lr"] == pytest.approx([0.0], abs=1e-12)

@@ -31,6 +31,7 @@ from sautomed.models.baselines.unet2d import segment_slices, window_slices
 from sautomed.models.baselines.unet3d import segment_patches
 from sautomed.postprocess import keep_largest_component
 from sautomed.run_folder import check_checkpoint_config
+from sautomed.schedule import Schedule, ScheduleBy
 from sautomed.tools.thumbnails import write_run_thumbnail
 from sautomed.writers import prediction_item
 
@@ -74,6 +75,11 @@ class BaselineModule(L.LightningModule):
         scheduler: learning-rate schedule over `trainer.max_epochs` / `max_steps`: poly (lr (1 - t/T)^0.9,
             nnU-Net's), cosine (after a linear warm-up over 5% of the steps, at most 100), or none.
         inference: how volumes are segmented in validate / test / predict.
+        schedule_by: ``steps`` (the schedule spans max_epochs / max_steps; a seed repeats exactly) or
+            ``clock`` (cosine only: it spans the ``trainer.max_time`` guard less ``schedule_margin_s`` when
+            that comes first, and the run stops at its end, so a budgeted run ends its schedule on a slow
+            machine too; ``sautomed/schedule.py``, as the other families).
+        schedule_margin_s: seconds of max_time kept for the last checkpoint (clock only).
     """
 
     def __init__(
@@ -87,8 +93,14 @@ class BaselineModule(L.LightningModule):
         momentum: float = 0.99,
         scheduler: Literal["poly", "cosine", "none"] = "poly",
         inference: BaselineInference = BaselineInference(),
+        schedule_by: ScheduleBy = "steps",
+        schedule_margin_s: float = 60.0,
     ) -> None:
         super().__init__()
+        if schedule_by == "clock" and scheduler != "cosine":
+            raise ValueError(f"model.schedule_by: clock needs model.scheduler: cosine (not {scheduler!r})")
+        self.schedule_by, self.schedule_margin_s = schedule_by, schedule_margin_s
+        self.schedule: Schedule | None = None
         self.network_kind, self.unet_cfg, self.loss_weights = network, unet, loss
         self.optimizer_name, self.lr, self.weight_decay, self.momentum = optimizer, lr, weight_decay, momentum
         self.scheduler = scheduler
@@ -153,17 +165,25 @@ class BaselineModule(L.LightningModule):
         if not math.isfinite(total) or total <= 0:
             raise ValueError(f"scheduler {self.scheduler!r} needs trainer.max_epochs or trainer.max_steps")
         total = int(total)
-        warmup = max(1, min(100, total // 20)) if self.scheduler == "cosine" else 0
+        if self.scheduler == "cosine":  # linear warm-up, cosine to zero (over the steps or the clock)
+            warmup = max(1, min(100, total // 20))
+            self.schedule = Schedule(self.trainer, total, warmup, self.schedule_by, self.schedule_margin_s)
+            factor = self.schedule.factor
+        else:
 
-        def factor(step: int) -> float:
-            if self.scheduler == "poly":
+            def factor(step: int) -> float:  # nnU-Net's poly
                 return (1.0 - min(step, total) / total) ** 0.9
-            if step < warmup:
-                return (step + 1) / warmup
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.schedule is not None:
+            self.schedule.stop_if_ended()  # the clock ran the schedule to its end: stop inside the guard
+
+    def on_train_end(self) -> None:
+        if self.schedule is not None:
+            log.info("%s", self.schedule.report())
 
     # -- whole volumes ----------------------------------------------------------------------------------
     def segment_volume(self, image: Tensor, out_hw: tuple[int, int]) -> np.ndarray:

@@ -294,8 +294,19 @@ class SAutoMedNet(nn.Module):
             h = h.unsqueeze(1).expand(-1, self.cfg.num_classes, -1, -1)
         return h
 
-    def step(self, f_prev: Tensor, f_t: Tensor, f_next: Tensor, state: State) -> StepOutput:
-        """One slice for B independent chains. f_*: (B, D, S/16, S/16) features of t-1, t, t+1."""
+    def step(
+        self,
+        f_prev: Tensor,
+        f_t: Tensor,
+        f_next: Tensor,
+        state: State,
+        forced_boxes: tuple[Tensor, Tensor] | None = None,
+    ) -> StepOutput:
+        """One slice for B independent chains. f_*: (B, D, S/16, S/16) features of t-1, t, t+1.
+
+        ``forced_boxes`` (training only, ``teacher.py``): (boxes (B, C, 4), use (B, C) bool): the prompt of
+        class c of sample b is made from the given box where ``use`` is set, instead of the generator's
+        box (its query feature still enters); the returned boxes stay the generator's (its losses)."""
         B = f_t.shape[0]
         C = self.cfg.num_classes
         pe = self.prompt_encoder.get_dense_pe()  # (1, D, h, w)
@@ -313,8 +324,12 @@ class SAutoMedNet(nn.Module):
             )
             # prompts context: the box enters SAM as a given box does (no gradient through its Fourier
             # embedding, whose high frequencies swamp the box loss); the box and presence losses train it
+            prompt_boxes = boxes.detach() if in_prompts else boxes
+            if forced_boxes is not None:
+                given, use = forced_boxes
+                prompt_boxes = torch.where(use.unsqueeze(-1), given.to(boxes.dtype), prompt_boxes)
             prompts = self.box_prompt.prompt_tokens(
-                self.prompt_encoder, boxes.detach() if in_prompts else boxes, None if in_prompts else queries
+                self.prompt_encoder, prompt_boxes, None if in_prompts else queries
             )  # (B, 2C, D)
         else:
             boxes = f_t.new_zeros(B, C, 4)
