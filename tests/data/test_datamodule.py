@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -99,6 +101,46 @@ def test_augmentation_is_identical_across_the_window_and_keeps_label_values():
         img, lab.repeat(3, 1, 1), np.random.default_rng(1), Augmentation(probability=1.0, noise_std=0)
     )
     assert labs.shape == (3, 32, 32) and all(torch.equal(x, out_lab) for x in labs)
+
+
+def test_shift_moves_image_and_label_together_and_off_repeats_the_plain_draws():
+    img = torch.zeros(1, 64, 64)
+    img[0, 20:30, 20:30] = 1.0
+    lab = (img[0] > 0).long() * 2
+    plain = Augmentation(
+        probability=1.0, noise_std=0, rotate_deg=0, scale=(1, 1), gamma=(1, 1), contrast=(1, 1)
+    )
+    still, still_lab = augment_window(img, lab, np.random.default_rng(3), plain)
+    assert torch.equal(still_lab, lab)  # identity transform: shift 0 draws nothing and moves nothing
+    moved, moved_lab = augment_window(img, lab, np.random.default_rng(3), replace(plain, shift=0.2))
+    ys, xs = (moved_lab == 2).nonzero(as_tuple=True)
+    assert abs(float(ys.float().mean()) - 24.5) + abs(float(xs.float().mean()) - 24.5) > 1.0
+    assert ((moved[0] > 0.5) == (moved_lab == 2)).float().mean() > 0.99  # the same move for both
+    # off, the rng is left exactly where the plain augmentation leaves it
+    r1, r2 = np.random.default_rng(5), np.random.default_rng(5)
+    augment_window(img, lab, r1, Augmentation(probability=1.0))
+    augment_window(img, lab, r2, Augmentation(probability=1.0, shift=0.0, bias_field=0.0))
+    assert r1.random() == r2.random()
+
+
+def test_bias_field_is_smooth_multiplicative_and_leaves_the_label():
+    img = torch.full((2, 32, 32), 0.5)
+    lab = torch.zeros(32, 32, dtype=torch.long)
+    lab[4:9, 4:9] = 1
+    cfg = Augmentation(
+        probability=1.0,
+        noise_std=0,
+        rotate_deg=0,
+        scale=(1, 1),
+        gamma=(1, 1),
+        contrast=(1, 1),
+        bias_field=0.3,
+    )
+    out, out_lab = augment_window(img, lab, np.random.default_rng(0), cfg)
+    assert torch.equal(out_lab, lab) and torch.equal(out[0], out[1])
+    ratio = out[0] / 0.5
+    assert ratio.std() > 0.01 and ratio.min() > np.exp(-1.5) and ratio.max() < np.exp(1.5)
+    assert (ratio[:, 1:] - ratio[:, :-1]).abs().max() < 0.1  # smooth: neighbours differ little
 
 
 def test_datamodule_init_does_no_io(tmp_path):
