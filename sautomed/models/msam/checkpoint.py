@@ -58,6 +58,11 @@ def adapt_to(net: MSAMNet, sd: Mapping[str, Tensor]) -> tuple[dict[str, Tensor],
         x = F.interpolate(x, size=own[key].shape[1:4], mode="trilinear", align_corners=False)
         resized[key] = (tuple(out[key].shape), tuple(own[key].shape))
         out[key] = x.permute(0, 2, 3, 4, 1).to(sd[key].dtype)
+    key = "prompt_encoder.mask_downscaling.0.weight"  # click maps (MSAMConfig.click_maps): extra inputs at 0
+    if key in out and key in own and out[key].shape[1] == 1 and own[key].shape[1] > 1:
+        extra = own[key].shape[1] - 1
+        out[key] = torch.cat([out[key], out[key].new_zeros(out[key].shape[0], extra, *out[key].shape[2:])], 1)
+        resized[key] = (tuple(sd[key].shape), tuple(own[key].shape))
     global_blocks = set(net.image_encoder.global_attn_indexes)
     for k, v in sd.items():
         m = _REL_POS.match(k)
@@ -113,6 +118,8 @@ def _merged_qkv_weight(layer: torch.nn.Module) -> Tensor:
 
 def export_sam_med3d(net: MSAMNet) -> dict[str, Tensor]:
     """A SAM-Med3D ``Sam3D`` state dict of ``net``: LoRA merged into qkv, no ``fusion.*``, no LoRA keys."""
+    if net.config.click_maps:
+        raise ValueError("a network with click_maps has no SAM-Med3D equivalent (its mask branch reads them)")
     sd = {k: v.detach().clone() for k, v in net.state_dict().items() if k.startswith(SAM_MED3D_PREFIXES)}
     for i, block in enumerate(net.image_encoder.blocks):
         sd[f"image_encoder.blocks.{i}.attn.qkv.weight"] = _merged_qkv_weight(block.attn.qkv)

@@ -19,6 +19,8 @@ training from scratch).
 
 Coarse mask: the previous low-res logits (B, 1, 4g, 4g, 4g) -> Conv3d(1->c/4, k2 s2), LN, GELU,
 Conv3d(c/4->c, k2 s2), LN, GELU, Conv3d 1x1 (c->dim) -> E_M (B, dim, g, g, g); c = ``mask_in_chans`` (16).
+With ``mask_channels = 3`` (``MSAMConfig.click_maps``, our addition) the branch also reads the clicks so far
+as a positive and a negative map on the same grid (:func:`click_maps`).
 """
 
 from __future__ import annotations
@@ -88,6 +90,8 @@ class PromptEncoder3D(PromptEncoder):
         mask_in_chans: hidden channels of the mask branch (16).
         activation: activation of the mask branch.
         pe_axis_order: axis order of the dense grid encoding (see :class:`PositionEmbeddingRandom3D`).
+        mask_channels: input channels of the coarse-mask branch: 1 (the previous logits; SAM-Med3D) or 3
+            (with the positive and negative click maps).
     """
 
     def __init__(
@@ -98,6 +102,7 @@ class PromptEncoder3D(PromptEncoder):
         mask_in_chans: int = 16,
         activation: type[nn.Module] = nn.GELU,
         pe_axis_order: PEAxisOrder = "sam_med3d",
+        mask_channels: int = 1,
     ) -> None:
         if embed_dim % 3:
             raise ValueError(f"embed_dim {embed_dim} must be a multiple of 3 (3D random-Fourier positions)")
@@ -109,7 +114,7 @@ class PromptEncoder3D(PromptEncoder):
         self.point_embeddings = nn.ModuleList(nn.Embedding(1, embed_dim) for _ in range(2))
         self.mask_input_size = tuple(4 * s for s in image_embedding_size)
         self.mask_downscaling = nn.Sequential(
-            nn.Conv3d(1, mask_in_chans // 4, kernel_size=2, stride=2),
+            nn.Conv3d(mask_channels, mask_in_chans // 4, kernel_size=2, stride=2),
             LayerNorm3d(mask_in_chans // 4),
             activation(),
             nn.Conv3d(mask_in_chans // 4, mask_in_chans, kernel_size=2, stride=2),
@@ -151,3 +156,28 @@ class PromptEncoder3D(PromptEncoder):
                 bs, -1, *self.image_embedding_size
             )
         return sparse, dense
+
+
+def click_maps(
+    points: Tensor, labels: Tensor, grid: tuple[int, int, int], input_size: tuple[int, int, int], sigma: float
+) -> Tensor:
+    """Clicks as dense maps on the coarse-mask grid.
+
+    (B, K, 3) voxel indices of the ``input_size`` crop, (B, K) labels (1 positive, 0 negative, others
+    ignored) -> (B, 2, *grid): channel 0 the positive, 1 the negative clicks, each the maximum over its
+    clicks of a Gaussian of ``sigma`` grid cells around the click's position (about 1 in its cell).
+    """
+    B = points.shape[0]
+    axes = [(torch.arange(n, device=points.device, dtype=torch.float32) + 0.5) for n in grid]
+    scale = torch.tensor([g / s for g, s in zip(grid, input_size)], device=points.device)
+    centres = (points.float() + 0.5) * scale  # (B, K, 3) in grid cells
+    out = points.new_zeros((B, 2, *grid), dtype=torch.float32)
+    if points.shape[1] == 0:
+        return out
+    shapes = [[1, 1, *[-1 if i == a else 1 for i in range(3)]] for a in range(3)]
+    d2 = sum((axes[a].view(shapes[a]) - centres[..., a, None, None, None]) ** 2 for a in range(3))
+    heat = torch.exp(-d2 / (2 * sigma**2))  # (B, K, *grid)
+    for channel, value in ((0, 1), (1, 0)):
+        chosen = (labels == value).view(B, -1, 1, 1, 1)
+        out[:, channel] = torch.where(chosen, heat, torch.zeros_like(heat)).amax(dim=1)
+    return out

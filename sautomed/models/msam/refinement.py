@@ -85,7 +85,8 @@ def refine_with_clicks(
             all_labels.append(lab)
             points = (torch.cat(all_points, 1), torch.cat(all_labels, 1)) if accumulate_clicks else (p, lab)
         prev = None if low is None else (low.detach() if detach_between else low)
-        low = net.decode(emb, points, prev)  # (B, 1, 4g, 4g, 4g)
+        so_far = (torch.cat(all_points, 1), torch.cat(all_labels, 1)) if all_points else None
+        low = net.decode(emb, points, prev, so_far)  # (B, 1, 4g, 4g, 4g); so_far: the click maps' clicks
         logits = net.upscale(low, tuple(target.shape[-3:]))  # (B, 1, S, S, S)
         result.logits.append(logits)
         pred = logits.detach() > 0
