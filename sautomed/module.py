@@ -31,7 +31,7 @@ from sautomed.models.sautomed.teacher import teacher_boxes
 from sautomed.models.sautomed.window import encode_window, encode_window_cached, neighbours
 from sautomed.postprocess import keep_largest_component
 from sautomed.run_folder import CheckpointMismatchError, check_checkpoint_config
-from sautomed.schedule import Schedule, ScheduleBy
+from sautomed.schedule import Schedule, ScheduleBy, ScheduleHooks
 from sautomed.tools.thumbnails import write_run_thumbnail
 from sautomed.writers import prediction_item
 
@@ -67,7 +67,7 @@ class InferenceSettings:
     bf16: bool = False
 
 
-class SAutoMedModule(L.LightningModule):
+class SAutoMedModule(ScheduleHooks, L.LightningModule):
     """3D-SAutoMed training and evaluation.
 
     Args:
@@ -257,14 +257,6 @@ class SAutoMedModule(L.LightningModule):
         self.schedule = Schedule(self.trainer, total, warmup, self.schedule_by, self.schedule_margin_s)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self.schedule.factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.schedule is not None:
-            self.schedule.stop_if_ended()  # the clock ran the schedule to its end: stop inside the guard
-
-    def on_train_end(self) -> None:
-        if self.schedule is not None:
-            log.info("%s", self.schedule.report())
 
     # -- evaluation on whole volumes -------------------------------------------------------------------------
     def segment_volume(self, image: Tensor, out_hw: tuple[int, int], mode: Mode | None = None) -> np.ndarray:

@@ -9,12 +9,15 @@ any machine, fast or slow; the price is that two runs on machines of different s
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Literal
 
 from lightning.pytorch.callbacks import Timer
 
 ScheduleBy = Literal["steps", "clock"]
+
+log = logging.getLogger(__name__)
 
 
 def _timer(trainer: Any) -> Timer | None:
@@ -84,3 +87,19 @@ class Schedule:
             f"max_epochs / max_steps plan ({100.0 * step / max(1, total):.0f}%); schedule "
             f"{100.0 * self.progress(step):.0f}% through (by {self.by})"
         )
+
+
+class ScheduleHooks:
+    """LightningModule hooks of a run with a :class:`Schedule` in ``self.schedule`` (None: no schedule):
+    stop once the clock has ended the schedule, and say at the end how far the run got. Put it before
+    ``L.LightningModule`` in the bases (every family's module does)."""
+
+    schedule: Schedule | None = None
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.schedule is not None:
+            self.schedule.stop_if_ended()  # the clock ran the schedule to its end: stop inside the guard
+
+    def on_train_end(self) -> None:
+        if self.schedule is not None:
+            log.info("%s", self.schedule.report())

@@ -168,6 +168,7 @@ def test_clock_schedule_ends_inside_the_guard_whatever_the_step_count():
     assert not sched.trainer.should_stop
     timer.elapsed = 900.0
     assert sched.factor(21) == pytest.approx(0.0, abs=1e-9) and sched.ended()
+    assert sched.factor(5) == 0.0  # a budget too short to finish the warm-up still ends at zero
     sched.stop_if_ended()
     assert sched.trainer.should_stop  # the run stops inside the guard
     assert sched.report() == (

@@ -31,7 +31,7 @@ from sautomed.models.baselines.unet2d import segment_slices, window_slices
 from sautomed.models.baselines.unet3d import segment_patches
 from sautomed.postprocess import keep_largest_component
 from sautomed.run_folder import check_checkpoint_config
-from sautomed.schedule import Schedule, ScheduleBy
+from sautomed.schedule import Schedule, ScheduleBy, ScheduleHooks
 from sautomed.tools.thumbnails import write_run_thumbnail
 from sautomed.writers import prediction_item
 
@@ -61,7 +61,7 @@ class BaselineInference:
     blend: Literal["gaussian", "constant"] = "gaussian"
 
 
-class BaselineModule(L.LightningModule):
+class BaselineModule(ScheduleHooks, L.LightningModule):
     """A U-Net baseline.
 
     Args:
@@ -176,14 +176,6 @@ class BaselineModule(L.LightningModule):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.schedule is not None:
-            self.schedule.stop_if_ended()  # the clock ran the schedule to its end: stop inside the guard
-
-    def on_train_end(self) -> None:
-        if self.schedule is not None:
-            log.info("%s", self.schedule.report())
 
     # -- whole volumes ----------------------------------------------------------------------------------
     def segment_volume(self, image: Tensor, out_hw: tuple[int, int]) -> np.ndarray:

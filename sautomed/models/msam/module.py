@@ -56,7 +56,7 @@ from sautomed.models.msam.optim import build_optimizer
 from sautomed.models.msam.patches import binary_target
 from sautomed.models.msam.refinement import refine_with_clicks
 from sautomed.run_folder import check_checkpoint_config
-from sautomed.schedule import Schedule, ScheduleBy
+from sautomed.schedule import Schedule, ScheduleBy, ScheduleHooks
 from sautomed.tools.thumbnails import write_run_thumbnail
 from sautomed.writers import prediction_item
 
@@ -105,7 +105,7 @@ class RefinementSettings:
     seed: int = 0
 
 
-class MSAMModule(L.LightningModule):
+class MSAMModule(ScheduleHooks, L.LightningModule):
     """M-SAM training and evaluation.
 
     Args:
@@ -289,14 +289,6 @@ class MSAMModule(L.LightningModule):
         self.schedule = Schedule(self.trainer, int(total), 0, self.schedule_by, self.schedule_margin_s)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self.schedule.factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.schedule is not None:
-            self.schedule.stop_if_ended()  # the clock ran the schedule to its end: stop inside the guard
-
-    def on_train_end(self) -> None:
-        if self.schedule is not None:
-            log.info("%s", self.schedule.report())
 
     # -- evaluation -----------------------------------------------------------------------------------------
     def segment_volume(self, image: Tensor, out_shape: tuple[int, int, int]) -> np.ndarray:
