@@ -385,7 +385,9 @@ class SAutoMedModule(ScheduleHooks, L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         cfg = checkpoint.get("sautomed")
-        check_checkpoint_config(cfg, FAMILY, asdict(self.network_cfg), _NON_STRUCTURAL)
+        check_checkpoint_config(
+            cfg, FAMILY, asdict(self.network_cfg), _NON_STRUCTURAL, asdict(NetworkConfig())
+        )
         self.class_names = tuple(cfg["class_names"])
         self.preprocessing = cfg.get("preprocessing")
         self.fit_split = cfg.get("split")

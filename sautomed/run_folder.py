@@ -33,7 +33,11 @@ class CheckpointMismatchError(ValueError):
 
 
 def check_checkpoint_config(
-    cfg: dict[str, Any] | None, family: str, network: dict[str, Any], non_structural: set[str]
+    cfg: dict[str, Any] | None,
+    family: str,
+    network: dict[str, Any],
+    non_structural: set[str],
+    defaults: dict[str, Any] | None = None,
 ) -> None:
     """Refuse a checkpoint whose recorded config is not of `family` or whose network settings differ.
 
@@ -42,6 +46,8 @@ def check_checkpoint_config(
         family: the model family loading it.
         network: the loading model's network settings (a dataclass's `asdict`).
         non_structural: settings that may differ (e.g. the SAM checkpoint path).
+        defaults: the settings' defaults: a setting the checkpoint does not record (it was written before
+            the setting existed) counts as its default, which is what that older version ran.
 
     Raises `CheckpointMismatchError` naming every differing setting.
     """
@@ -50,7 +56,7 @@ def check_checkpoint_config(
     if cfg.get("family") != family:
         found = cfg.get("family")
         raise CheckpointMismatchError(f"checkpoint of model family {found!r}, expected {family!r}")
-    theirs = cfg.get("network") or {}
+    theirs = {**(defaults or {}), **(cfg.get("network") or {})}
     diffs = [
         f"{k}: checkpoint {theirs.get(k)!r} vs config {network.get(k)!r}"
         for k in sorted(set(network) | set(theirs))

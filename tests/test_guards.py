@@ -121,3 +121,18 @@ def test_test_and_predict_give_the_same_labels(trained_run, tiny_phantoms, tmp_p
         assert a.dtype == b.dtype and torch.equal(a, b)  # the very same model input
     for a, b in zip(tested["labels"], seen["labels"]):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_checkpoint_from_before_a_setting_existed_loads_as_its_default(trained_run, tmp_path, capsys):
+    """An older checkpoint does not record settings added since; they count as their defaults (what the
+    older version ran), and only a real difference is refused."""
+    cfg, run = trained_run
+    ckpt = torch.load(run / "last.ckpt", map_location="cpu", weights_only=True)
+    for key in ("context", "sam_decoder_finetune"):  # both added after the first releases
+        assert ckpt["sautomed"]["network"].pop(key) == getattr(NetworkConfig(), key)
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    args = ["test", "--config", str(cfg), "--ckpt_path", str(tmp_path / "old.ckpt")]
+    assert main([*args, "--trainer.default_root_dir", str(tmp_path / "eval")]) == 0
+    changed = [*args, "--trainer.default_root_dir", str(tmp_path / "x"), "--model.network.history", "false"]
+    assert main(changed) == 1
+    assert "history: checkpoint True vs config False" in capsys.readouterr().err

@@ -327,7 +327,8 @@ class BaselineModule(ScheduleHooks, L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         cfg = checkpoint.get("sautomed")
-        check_checkpoint_config(cfg, FAMILY, self._network_record(), set())
+        defaults = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(UNetSettings()).items()}
+        check_checkpoint_config(cfg, FAMILY, self._network_record(), set(), defaults)
         self.class_names = tuple(cfg["class_names"])
         self.preprocessing = cfg.get("preprocessing")
         self.fit_split = cfg.get("split")

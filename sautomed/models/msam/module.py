@@ -225,7 +225,7 @@ class MSAMModule(ScheduleHooks, L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse (one line, before any weight is loaded) a checkpoint of another family or network."""
         cfg = checkpoint.get("sautomed")
-        check_checkpoint_config(cfg, FAMILY, asdict(self.network_cfg), _NON_STRUCTURAL)
+        check_checkpoint_config(cfg, FAMILY, asdict(self.network_cfg), _NON_STRUCTURAL, asdict(MSAMConfig()))
         self.preprocessing = cfg.get("preprocessing")
         self.fit_split = cfg.get("split")
 
