@@ -38,6 +38,7 @@ from torch import Tensor
 from sautomed.metrics import ClassResult, evaluate_case, summarize
 from sautomed.models.msam.automatic import AutoSettings, segment_automatic
 from sautomed.models.msam.clicks import ClickMode
+from sautomed.models.msam.cutout import cut_out_lesion
 from sautomed.models.msam.evaluation import (
     CLASS_NAMES,
     MODES,
@@ -95,6 +96,10 @@ class RefinementSettings:
         click_mode: ``random`` error voxel (the public code) or ``center`` of the largest error; used by the
             oracle evaluation too.
         seed: seed of the simulated clicks (combined with the step / the case).
+        cutout_probability: chance that a crop of a clicked batch has a box of its lesion painted over, the
+            target unchanged (``cutout.py``; our addition, 0 = off): the clicks then carry what the image
+            does not, so a network trained from scratch learns to follow them.
+        cutout_size: the painted box's side, as a range of fractions of the crop side.
     """
 
     iterations: int = 11
@@ -103,6 +108,8 @@ class RefinementSettings:
     detach_between: bool = False
     click_mode: ClickMode = "random"
     seed: int = 0
+    cutout_probability: float = 0.0
+    cutout_size: tuple[float, float] = (0.2, 0.4)
 
 
 class MSAMModule(ScheduleHooks, L.LightningModule):
@@ -254,6 +261,8 @@ class MSAMModule(ScheduleHooks, L.LightningModule):
             r.seed * 1_000_003 + int(self.global_step) * 64 + self.global_rank
         )
         prompt_free = int(float(torch.rand(1, generator=gen)) < r.prompt_free_probability)
+        if r.cutout_probability > 0 and not prompt_free:
+            image = cut_out_lesion(image, target, r.cutout_probability, tuple(r.cutout_size), gen)
         res = refine_with_clicks(
             self.net,
             image,
