@@ -141,9 +141,10 @@ class SegmentationDataModule(L.LightningDataModule):
             self._cache = VolumeCache(Path(self.cache_dir or default))
         return self._cache
 
-    def _run_dir(self) -> Path:
+    def _run_dir(self) -> Path | None:
+        """The trainer's run folder; None without a trainer (then no splits.json is written anywhere)."""
         trainer = getattr(self, "trainer", None)
-        return Path(trainer.default_root_dir if trainer is not None else ".")
+        return Path(trainer.default_root_dir) if trainer is not None else None
 
     def prepare_data(self) -> None:
         if self.phantoms is None:

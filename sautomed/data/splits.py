@@ -110,7 +110,7 @@ def write_splits(splits: list[dict[str, list[str]]], path: Path) -> Path:
 
 def resolve_split(
     case_ids: Sequence[str],
-    run_dir: Path,
+    run_dir: Path | None,
     fold: int,
     folds: int = 5,
     seed: int = 0,
@@ -118,22 +118,24 @@ def resolve_split(
 ) -> tuple[list[str], list[str]]:
     """(train ids, val ids) of ``fold``: from ``user_file``, else ``run_dir/splits.json``, else computed.
 
-    A computed or user-given split is written to ``run_dir/splits.json``. ``ValueError`` when ``fold`` is
+    A computed or user-given split is written to ``run_dir/splits.json``; ``run_dir`` None (a data module
+    used without a trainer) reads and writes no run folder. ``ValueError`` when ``fold`` is
     out of range, when a user's fold trains on a validation case, or when the run folder's split is not the
     one ``folds`` and ``seed`` make.
     """
-    existing = Path(run_dir) / SPLITS_FILE
+    existing = None if run_dir is None else Path(run_dir) / SPLITS_FILE
     if user_file is not None:
         splits = read_splits(Path(user_file), case_ids)
         check_disjoint(splits, Path(user_file))
-        if Path(user_file).resolve() != existing.resolve():
+        if existing is not None and Path(user_file).resolve() != existing.resolve():
             write_splits(splits, existing)  # the run folder records the split it used
-    elif existing.is_file():
+    elif existing is not None and existing.is_file():
         splits = read_splits(existing, case_ids)
         check_matches_config(splits, existing, case_ids, folds, seed)
     else:
         splits = kfold_split(case_ids, folds, seed)
-        write_splits(splits, existing)
+        if existing is not None:
+            write_splits(splits, existing)
     if not 0 <= fold < len(splits):
         raise ValueError(
             f"fold {fold} out of range: the split has {len(splits)} folds (0..{len(splits) - 1})"

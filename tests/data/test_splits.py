@@ -42,6 +42,18 @@ def test_resolve_writes_and_reuses(tmp_path):
         resolve_split(IDS, run, fold=5, seed=1)
 
 
+def test_without_a_run_folder_nothing_is_written(tmp_path, monkeypatch):
+    """A data module used without a trainer (the Python API) must not drop splits.json into the working
+    folder, where it could replace a user's own file."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "splits.json").write_text("mine")
+    assert resolve_split(IDS, None, fold=1, seed=1) == (
+        kfold_split(IDS, 5, 1)[1]["train"],
+        kfold_split(IDS, 5, 1)[1]["val"],
+    )
+    assert (tmp_path / "splits.json").read_text() == "mine" and len(list(tmp_path.iterdir())) == 1
+
+
 def test_run_folder_split_of_other_folds_or_seed_is_an_error(tmp_path):
     run = tmp_path / "run"
     resolve_split(IDS, run, fold=0, folds=5, seed=1)
