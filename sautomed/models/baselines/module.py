@@ -316,8 +316,7 @@ class BaselineModule(ScheduleHooks, L.LightningModule):
 
     def _network_record(self) -> dict[str, Any]:
         """The network as the checkpoint records it: its kind and every U-Net setting (tuples as lists)."""
-        unet = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.unet_cfg).items()}
-        return {"kind": self.network_kind, **unet}
+        return {"kind": self.network_kind, **_unet_record(self.unet_cfg)}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["sautomed"] = self.sautomed_config()
@@ -327,11 +326,15 @@ class BaselineModule(ScheduleHooks, L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         cfg = checkpoint.get("sautomed")
-        defaults = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(UNetSettings()).items()}
-        check_checkpoint_config(cfg, FAMILY, self._network_record(), set(), defaults)
+        check_checkpoint_config(cfg, FAMILY, self._network_record(), set(), _unet_record(UNetSettings()))
         self.class_names = tuple(cfg["class_names"])
         self.preprocessing = cfg.get("preprocessing")
         self.fit_split = cfg.get("split")
+
+
+def _unet_record(unet: UNetSettings) -> dict[str, Any]:
+    """U-Net settings as a checkpoint records them (tuples as lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(unet).items()}
 
 
 def check_data_fits(kind: NetworkKind, unet: UNetSettings, dm: Any) -> None:
