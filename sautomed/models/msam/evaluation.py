@@ -34,6 +34,7 @@ from torch import Tensor
 
 from sautomed.data.splits import split_provenance
 from sautomed.metrics import ClassResult, dice, write_metrics
+from sautomed.models.msam.brs import BRSSettings
 from sautomed.models.msam.clicks import ClickMode
 from sautomed.models.msam.network import MSAMNet
 from sautomed.models.msam.patches import crop_or_pad, crop_start
@@ -92,6 +93,8 @@ def oracle_dsc(
     seed: int = 0,
     accumulate_clicks: bool = False,
     click_mode: ClickMode = "random",
+    brs: BRSSettings | None = None,
+    merge: bool = False,
 ) -> list[float]:
     """Oracle-prompted DSC after each of ``clicks`` clicks, in an ``image_size``^3 crop centred on the lesion.
 
@@ -113,6 +116,8 @@ def oracle_dsc(
         gen,
         accumulate_clicks=accumulate_clicks,
         click_mode=click_mode,
+        brs=brs,
+        merge=merge,
     )
     return [dice((out[0, 0] > 0).cpu().numpy(), tgt) for out in res.logits]
 

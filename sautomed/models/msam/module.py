@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,7 +37,7 @@ from torch import Tensor
 
 from sautomed.metrics import ClassResult, evaluate_case, summarize
 from sautomed.models.msam.automatic import AutoSettings, segment_automatic
-from sautomed.models.msam.clicks import ClickMode
+from sautomed.models.msam.corrupt import corrupt_masks
 from sautomed.models.msam.cutout import cut_out_lesion
 from sautomed.models.msam.evaluation import (
     CLASS_NAMES,
@@ -55,7 +55,7 @@ from sautomed.models.msam.loss import LossSettings, refinement_loss
 from sautomed.models.msam.network import MSAMConfig, MSAMNet
 from sautomed.models.msam.optim import build_optimizer
 from sautomed.models.msam.patches import binary_target
-from sautomed.models.msam.refinement import refine_with_clicks
+from sautomed.models.msam.refinement import RefinementSettings, refine_with_clicks
 from sautomed.run_folder import check_checkpoint_config
 from sautomed.schedule import Schedule, ScheduleBy, ScheduleHooks
 from sautomed.tools.thumbnails import write_run_thumbnail
@@ -81,35 +81,6 @@ _NON_STRUCTURAL = {"sam_med3d_checkpoint", "encoder_finetune"}
 
 class CheckpointFamilyError(ValueError):
     """A checkpoint of another model family (or not a sautomed checkpoint)."""
-
-
-@dataclass(frozen=True)
-class RefinementSettings:
-    """Click refinement in training.
-
-    Attributes:
-        iterations: decoder iterations per crop (11 in the public code, 10 in the rebuttal).
-        prompt_free_probability: chance that a crop's first iteration gets no click (only the padding
-            point), so the network learns the automatic mode's prompt-free first pass.
-        accumulate_clicks: every click so far instead of only the newest (the public default).
-        detach_between: cut gradients between iterations (the public code keeps them).
-        click_mode: ``random`` error voxel (the public code) or ``center`` of the largest error; used by the
-            oracle evaluation too.
-        seed: seed of the simulated clicks (combined with the step / the case).
-        cutout_probability: chance that a crop of a clicked batch has a box of its lesion painted over, the
-            target unchanged (``cutout.py``; our addition, 0 = off): the clicks then carry what the image
-            does not, so a network trained from scratch learns to follow them.
-        cutout_size: the painted box's side, as a range of fractions of the crop side.
-    """
-
-    iterations: int = 11
-    prompt_free_probability: float = 0.0
-    accumulate_clicks: bool = False
-    detach_between: bool = False
-    click_mode: ClickMode = "random"
-    seed: int = 0
-    cutout_probability: float = 0.0
-    cutout_size: tuple[float, float] = (0.2, 0.4)
 
 
 class MSAMModule(ScheduleHooks, L.LightningModule):
@@ -261,8 +232,15 @@ class MSAMModule(ScheduleHooks, L.LightningModule):
             r.seed * 1_000_003 + int(self.global_step) * 64 + self.global_rank
         )
         prompt_free = int(float(torch.rand(1, generator=gen)) < r.prompt_free_probability)
-        if r.cutout_probability > 0 and not prompt_free:
-            image = cut_out_lesion(image, target, r.cutout_probability, tuple(r.cutout_size), gen)
+        if (r.cutout_probability > 0 or r.cutout_fake_probability > 0) and not prompt_free:
+            size = tuple(r.cutout_size)
+            image = cut_out_lesion(
+                image, target, r.cutout_probability, size, gen, r.cutout_fill, r.cutout_fake_probability
+            )
+        initial = None
+        if r.corrupt_probability > 0 and not prompt_free:
+            if float(torch.rand(1, generator=gen)) < r.corrupt_probability:
+                initial = corrupt_masks(target, tuple(r.corrupt_radius), gen)
         res = refine_with_clicks(
             self.net,
             image,
@@ -273,6 +251,7 @@ class MSAMModule(ScheduleHooks, L.LightningModule):
             r.accumulate_clicks,
             r.detach_between,
             r.click_mode,
+            initial=initial,
         )
         loss = refinement_loss(res.logits, target, self.loss_settings)
         bs = image.shape[0]

@@ -18,12 +18,55 @@ rebuttal; the caller chooses.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import Tensor
 
+from sautomed.models.msam.brs import BRSSettings, ClickConsistentDecoder
 from sautomed.models.msam.clicks import ClickMode, sample_clicks
+from sautomed.models.msam.corrupt import mask_to_low_res
+from sautomed.models.msam.merge import progressive_merge
 from sautomed.models.msam.network import MSAMNet
+
+
+@dataclass(frozen=True)
+class RefinementSettings:
+    """Click refinement in training.
+
+    Attributes:
+        iterations: decoder iterations per crop (11 in the public code, 10 in the rebuttal).
+        prompt_free_probability: chance that a crop's first iteration gets no click (only the padding
+            point), so the network learns the automatic mode's prompt-free first pass.
+        accumulate_clicks: every click so far instead of only the newest (the public default).
+        detach_between: cut gradients between iterations (the public code keeps them).
+        click_mode: ``random`` error voxel (the public code) or ``center`` of the largest error; used by the
+            oracle evaluation too.
+        seed: seed of the simulated clicks (combined with the step / the case).
+        cutout_probability: chance that a crop of a clicked batch has a box of its lesion painted over, the
+            target unchanged (``cutout.py``; our addition, 0 = off): the clicks then carry what the image
+            does not, so a network trained from scratch learns to follow them.
+        cutout_size: the painted box's side, as a range of fractions of the crop side.
+        cutout_fill: the painted level, ``median`` outside the lesion or ``random`` (``cutout.py``).
+        cutout_fake_probability: chance of a fake-lesion box outside the lesion, for negative clicks.
+        corrupt_probability: chance that a clicked batch starts its refinement from corrupted copies of
+            the references instead of an empty mask (``corrupt.py``; our addition, 0 = off): balls of
+            lesion removed and of background added, mistakes the clicks must correct locally.
+        corrupt_radius: the balls' radius, as a range of fractions of the crop side.
+    """
+
+    iterations: int = 11
+    prompt_free_probability: float = 0.0
+    accumulate_clicks: bool = False
+    detach_between: bool = False
+    click_mode: ClickMode = "random"
+    seed: int = 0
+    cutout_probability: float = 0.0
+    cutout_size: tuple[float, float] = (0.2, 0.4)
+    cutout_fill: Literal["median", "random"] = "median"
+    cutout_fake_probability: float = 0.0
+    corrupt_probability: float = 0.0
+    corrupt_radius: tuple[float, float] = (0.06, 0.2)
 
 
 @dataclass
@@ -53,6 +96,9 @@ def refine_with_clicks(
     accumulate_clicks: bool = False,
     detach_between: bool = False,
     click_mode: ClickMode = "random",
+    brs: BRSSettings | None = None,
+    merge: bool = False,
+    initial: Tensor | None = None,
 ) -> RefinementResult:
     """Oracle-click refinement of a batch of crops.
 
@@ -67,13 +113,23 @@ def refine_with_clicks(
             (the public M-SAM default).
         detach_between: cut the gradient between iterations (the public code keeps it).
         click_mode: ``random`` error voxel (the public code) or ``center`` of the largest error (clicks.py).
+        brs: click-consistent decoding at inference (brs.py; None or ``steps`` 0: the plain network).
+        merge: progressive merge at inference (merge.py): from the second click on, only the change that
+            the newest click asked for enters the mask.
+        initial: (B, 1, S, S, S) bool masks to start from instead of an empty prediction (training with
+            corrupted masks, corrupt.py): the first click comes from their error region, and the network
+            gets them as its previous logits.
     """
     if iterations < 1:
         raise ValueError(f"iterations must be >= 1, got {iterations}")
     emb = net.encode(image)  # (B, C, g, g, g): the only encoder call
+    consistent = ClickConsistentDecoder(net, emb, brs) if brs is not None and brs.steps > 0 else None
     result = RefinementResult()
     low = None
     pred = torch.zeros_like(target, dtype=torch.bool)
+    if initial is not None:
+        pred = initial.bool()
+        low = mask_to_low_res(pred, net.low_res_size).to(emb.dtype)
     all_points: list[Tensor] = []
     all_labels: list[Tensor] = []
     for t in range(iterations):
@@ -86,8 +142,13 @@ def refine_with_clicks(
             points = (torch.cat(all_points, 1), torch.cat(all_labels, 1)) if accumulate_clicks else (p, lab)
         prev = None if low is None else (low.detach() if detach_between else low)
         so_far = (torch.cat(all_points, 1), torch.cat(all_labels, 1)) if all_points else None
-        low = net.decode(emb, points, prev, so_far)  # (B, 1, 4g, 4g, 4g); so_far: the click maps' clicks
+        if consistent is not None:  # f-BRS: the embedding's scale and bias fitted to every click so far
+            low = consistent.decode(points, prev, so_far)
+        else:  # (B, 1, 4g, 4g, 4g); so_far: the click maps' clicks
+            low = net.decode(emb, points, prev, so_far)
         logits = net.upscale(low, tuple(target.shape[-3:]))  # (B, 1, S, S, S)
+        if merge and points is not None and len(all_points) > 1:  # not the first click: merge its change
+            logits, low = progressive_merge(result.logits[-1], logits, prev, low, p[:, 0], lab[:, 0])
         result.logits.append(logits)
         pred = logits.detach() > 0
     result.low_res = low

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from msam_helpers import blob_batch, tiny_config
 
@@ -44,3 +45,26 @@ def test_the_training_step_hides_lesion_only_in_clicked_batches(monkeypatch):
     assert not torch.equal(seen[-1], image)  # a clicked batch: the lesion is partly painted over
     module(1.0).training_step({"image": image, "label": target}, 0)
     assert torch.equal(seen[-1], image)  # a prompt-free batch (the automatic mode's pass) never is
+
+
+def test_random_fill_paints_a_level_within_the_crop_and_fake_lesions_leave_the_lesion_alone():
+    image, target = blob_batch(2)
+    lesion = target[:, 0] > 0
+    gen = torch.Generator().manual_seed(1)
+    hidden = cut_out_lesion(image, target, 1.0, (0.3, 0.3), gen, fill="random")
+    for b in range(2):
+        changed = hidden[b, 0] != image[b, 0]
+        levels = hidden[b, 0][changed].unique()
+        nonzero = image[b, 0][image[b, 0] != 0]
+        assert len(levels) == 1 and nonzero.min() <= levels[0] <= nonzero.max()
+    gen = torch.Generator().manual_seed(2)
+    fake = cut_out_lesion(image, target, 0.0, (0.3, 0.3), gen, fake_probability=1.0)
+    for b in range(2):
+        changed = fake[b, 0] != image[b, 0]
+        assert changed.any() and not (changed & lesion[b]).any()  # painted outside the lesion only
+        assert torch.allclose(fake[b, 0][changed], image[b, 0][lesion[b]].median())
+    plain = cut_out_lesion(image, target, 1.0, (0.3, 0.3), torch.Generator().manual_seed(0))
+    same = cut_out_lesion(image, target, 1.0, (0.3, 0.3), torch.Generator().manual_seed(0), "median", 0.0)
+    assert torch.equal(plain, same)  # the defaults draw as before
+    with pytest.raises(ValueError, match="fill"):
+        cut_out_lesion(image, target, 1.0, (0.3, 0.3), gen, fill="noise")
