@@ -120,6 +120,10 @@ def export_sam_med3d(net: MSAMNet) -> dict[str, Tensor]:
     """A SAM-Med3D ``Sam3D`` state dict of ``net``: LoRA merged into qkv, no ``fusion.*``, no LoRA keys."""
     if net.config.click_maps:
         raise ValueError("a network with click_maps has no SAM-Med3D equivalent (its mask branch reads them)")
+    if net.config.local_head:
+        raise ValueError(
+            "a network with local_head has no SAM-Med3D equivalent (its head adds to the logits)"
+        )
     sd = {k: v.detach().clone() for k, v in net.state_dict().items() if k.startswith(SAM_MED3D_PREFIXES)}
     for i, block in enumerate(net.image_encoder.blocks):
         sd[f"image_encoder.blocks.{i}.attn.qkv.weight"] = _merged_qkv_weight(block.attn.qkv)

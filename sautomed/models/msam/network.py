@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from sautomed.models.msam.decoder3d import MaskDecoder3D
 from sautomed.models.msam.encoder3d import ImageEncoder3D, RelPosIndexing
+from sautomed.models.msam.local_head import LocalClickHead
 from sautomed.models.msam.mea import Fusion, SumFusion, build_fusion
 from sautomed.models.msam.prompt3d import PEAxisOrder, PromptEncoder3D, click_maps
 from sautomed.models.sam.lora import lora_qkv, set_encoder_trainable
@@ -34,7 +35,10 @@ from sautomed.models.sam.lora import lora_qkv, set_encoder_trainable
 log = logging.getLogger(__name__)
 
 Variant = Literal["vit_b_ori", "tiny"]
-NEW_MODULE_PREFIXES = ("fusion.",)  # modules SAM-Med3D does not have (besides LoRA's lora_A / lora_B)
+NEW_MODULE_PREFIXES = (
+    "fusion.",
+    "local_head.",
+)  # modules SAM-Med3D does not have (besides LoRA's lora_A / lora_B)
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,9 @@ class MSAMConfig:
             from 1 to 10 clicks; ``README.md``). A SAM-Med3D checkpoint loads with the maps' input weights
             at zero (the network then starts as SAM-Med3D); it cannot be exported to SAM-Med3D's format.
         click_sigma: width of a click's Gaussian in low-res cells (4g cells across the crop).
+        local_head: our addition: a small convolutional head adds a local correction, read from the
+            decoder's logits, the previous logits and the click maps, to the decoder's low-res logits
+            (``local_head.py``); zero at initialisation; no SAM-Med3D equivalent (export refused).
     """
 
     variant: Variant = "vit_b_ori"
@@ -109,6 +116,7 @@ class MSAMConfig:
     input_norm: Literal["zscore_nonzero", "none"] = "zscore_nonzero"
     click_maps: bool = False
     click_sigma: float = 1.5
+    local_head: bool = False
 
 
 def zscore_nonzero(image: Tensor, eps: float = 1e-6) -> Tensor:
@@ -172,6 +180,7 @@ class MSAMNet(nn.Module):
             config.mea_heads,
             config.rel_pos_indexing,
         )
+        self.local_head = LocalClickHead() if config.local_head else None
         if config.lora_rank > 0:
             for block in self.image_encoder.blocks:
                 block.attn.qkv = lora_qkv(block.attn.qkv, config.lora_rank, config.lora_alpha)
@@ -214,13 +223,14 @@ class MSAMNet(nn.Module):
         if prev_low_res is None:
             prev_low_res = embedding.new_zeros(b, 1, *self.low_res_size)
         mask_input = prev_low_res
-        if self.config.click_maps:
+        if self.config.click_maps or self.local_head is not None:
             given = clicks if clicks is not None else points
             if given is None:
                 maps = prev_low_res.new_zeros(b, 2, *self.low_res_size)
             else:
                 size = (self.config.image_size,) * 3
                 maps = click_maps(given[0], given[1], self.low_res_size, size, self.config.click_sigma)
+        if self.config.click_maps:
             mask_input = torch.cat([prev_low_res, maps.to(prev_low_res.dtype)], dim=1)  # (B, 3, 4g^3)
         sparse, dense = self.prompt_encoder(points, mask_input)  # (B, N+1, C), E_M (B, C, g^3)
         fusion = None if isinstance(self.fusion, SumFusion) else self.fusion
@@ -232,6 +242,8 @@ class MSAMNet(nn.Module):
             multimask_output=False,
             fusion=fusion,
         )
+        if self.local_head is not None:  # a local correction from the logits and the click maps
+            low = self.local_head(low, prev_low_res, maps)
         return low  # (B, 1, 4g, 4g, 4g)
 
     def upscale(self, low_res: Tensor, size: tuple[int, int, int] | None = None) -> Tensor:
