@@ -128,6 +128,7 @@ def test_test_writes_oracle_prompted_and_automatic_dsc(msam_run):
     summary = json.loads((run / "summary.json").read_text())
     assert set(summary["modes"]) == {"automatic", "oracle_prompted"}
     oracle = summary["oracle_prompted"]
+    assert oracle["progressive_merge"] is False  # the default: the network's own prediction after each click
     assert oracle["num_cases"] == 2 and list(oracle["dsc_after_clicks"]) == [str(k) for k in CLICKS]
     for k in CLICKS:
         assert 0.0 <= oracle["dsc_after_clicks"][str(k)] <= 1.0

@@ -34,7 +34,6 @@ from torch import Tensor
 
 from sautomed.data.splits import split_provenance
 from sautomed.metrics import ClassResult, dice, write_metrics
-from sautomed.models.msam.brs import BRSSettings
 from sautomed.models.msam.clicks import ClickMode
 from sautomed.models.msam.network import MSAMNet
 from sautomed.models.msam.patches import crop_or_pad, crop_start
@@ -67,11 +66,14 @@ class EvaluationSettings:
         oracle_clicks: click counts at which the oracle-prompted DSC is reported.
         oracle: run the oracle-prompted evaluation.
         automatic: run the automatic whole-volume evaluation.
+        merge: progressive merge of each click's change (``merge.py``, our addition; off: the network's
+            prediction after each click as it is).
     """
 
     oracle_clicks: tuple[int, ...] = (1, 3, 5, 10)
     oracle: bool = True
     automatic: bool = True
+    merge: bool = False
 
 
 def reference_on_image_grid(ref: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -93,7 +95,6 @@ def oracle_dsc(
     seed: int = 0,
     accumulate_clicks: bool = False,
     click_mode: ClickMode = "random",
-    brs: BRSSettings | None = None,
     merge: bool = False,
 ) -> list[float]:
     """Oracle-prompted DSC after each of ``clicks`` clicks, in an ``image_size``^3 crop centred on the lesion.
@@ -116,7 +117,6 @@ def oracle_dsc(
         gen,
         accumulate_clicks=accumulate_clicks,
         click_mode=click_mode,
-        brs=brs,
         merge=merge,
     )
     return [dice((out[0, 0] > 0).cpu().numpy(), tgt) for out in res.logits]

@@ -28,7 +28,7 @@ class LocalClickHead(nn.Module):
         hidden: channels of the hidden layers.
     """
 
-    def __init__(self, hidden: int = 16) -> None:
+    def __init__(self, hidden: int = 8) -> None:
         super().__init__()
         self.layers = nn.Sequential(
             nn.Conv3d(4, hidden, 3, padding=1),

@@ -299,6 +299,7 @@ class MSAMModule(ScheduleHooks, L.LightningModule):
             r.seed,
             r.accumulate_clicks,
             r.click_mode,
+            merge=self.evaluation.merge,
         )
 
     def _evaluate(self, batch: dict[str, Any]) -> None:
@@ -336,6 +337,8 @@ class MSAMModule(ScheduleHooks, L.LightningModule):
         means, oracle_rows, oracle_summary = oracle_results(
             self._oracle, self.evaluation.oracle_clicks, self.refinement.click_mode
         )
+        if oracle_summary:
+            oracle_summary["oracle_prompted"]["progressive_merge"] = self.evaluation.merge
         summary.update(oracle_summary)
         for k, value in means.items():
             self.log(f"{prefix}/oracle_dsc@{k}", value)

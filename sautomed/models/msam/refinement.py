@@ -23,7 +23,6 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from sautomed.models.msam.brs import BRSSettings, ClickConsistentDecoder
 from sautomed.models.msam.clicks import ClickMode, sample_clicks
 from sautomed.models.msam.corrupt import mask_to_low_res
 from sautomed.models.msam.merge import progressive_merge
@@ -96,7 +95,6 @@ def refine_with_clicks(
     accumulate_clicks: bool = False,
     detach_between: bool = False,
     click_mode: ClickMode = "random",
-    brs: BRSSettings | None = None,
     merge: bool = False,
     initial: Tensor | None = None,
 ) -> RefinementResult:
@@ -113,7 +111,6 @@ def refine_with_clicks(
             (the public M-SAM default).
         detach_between: cut the gradient between iterations (the public code keeps it).
         click_mode: ``random`` error voxel (the public code) or ``center`` of the largest error (clicks.py).
-        brs: click-consistent decoding at inference (brs.py; None or ``steps`` 0: the plain network).
         merge: progressive merge at inference (merge.py): from the second click on, only the change that
             the newest click asked for enters the mask.
         initial: (B, 1, S, S, S) bool masks to start from instead of an empty prediction (training with
@@ -123,7 +120,6 @@ def refine_with_clicks(
     if iterations < 1:
         raise ValueError(f"iterations must be >= 1, got {iterations}")
     emb = net.encode(image)  # (B, C, g, g, g): the only encoder call
-    consistent = ClickConsistentDecoder(net, emb, brs) if brs is not None and brs.steps > 0 else None
     result = RefinementResult()
     low = None
     pred = torch.zeros_like(target, dtype=torch.bool)
@@ -142,10 +138,7 @@ def refine_with_clicks(
             points = (torch.cat(all_points, 1), torch.cat(all_labels, 1)) if accumulate_clicks else (p, lab)
         prev = None if low is None else (low.detach() if detach_between else low)
         so_far = (torch.cat(all_points, 1), torch.cat(all_labels, 1)) if all_points else None
-        if consistent is not None:  # f-BRS: the embedding's scale and bias fitted to every click so far
-            low = consistent.decode(points, prev, so_far)
-        else:  # (B, 1, 4g, 4g, 4g); so_far: the click maps' clicks
-            low = net.decode(emb, points, prev, so_far)
+        low = net.decode(emb, points, prev, so_far)  # (B, 1, 4g, 4g, 4g); so_far: the click maps' clicks
         logits = net.upscale(low, tuple(target.shape[-3:]))  # (B, 1, S, S, S)
         if merge and points is not None and len(all_points) > 1:  # not the first click: merge its change
             logits, low = progressive_merge(result.logits[-1], logits, prev, low, p[:, 0], lab[:, 0])

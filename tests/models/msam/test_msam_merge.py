@@ -43,3 +43,29 @@ def test_merged_logits_keep_the_previous_ones_outside_the_region():
     assert torch.equal(mask, torch.from_numpy(old | merge_region(old, new, (3, 3, 8), True)))
     assert logits[0, 0, 3, 3, 8] == 2.0 and logits[0, 0, 3, 3, 3] == 3.0  # new inside, old outside
     assert low[0, 0, 0, 0, 2] == 1.0 and low[0, 0, 2, 2, 0] == -1.0  # the low-res cells alike
+
+
+def test_with_merge_each_click_changes_at_most_one_component_holding_it():
+    from msam_helpers import blob_batch, tiny_config
+    from scipy import ndimage
+
+    from sautomed.models.msam.network import MSAMNet
+    from sautomed.models.msam.refinement import refine_with_clicks
+
+    torch.manual_seed(0)
+    net = MSAMNet(tiny_config()).eval()
+    image, target = blob_batch(1)
+    with torch.no_grad():
+        res = refine_with_clicks(net, image, target, 5, torch.Generator().manual_seed(0), merge=True)
+        plain = refine_with_clicks(net, image, target, 5, torch.Generator().manual_seed(0))
+    assert torch.equal(res.logits[0], plain.logits[0])  # the first click takes the whole prediction
+    assert torch.equal(res.points[:, :2], plain.points[:, :2])
+    assert not all(torch.equal(a > 0, b > 0) for a, b in zip(res.logits[1:], plain.logits[1:]))  # merged
+    masks = [(lg[0, 0] > 0).numpy() for lg in res.logits]
+    for t in range(1, len(masks)):
+        changed = masks[t] ^ masks[t - 1]
+        point = tuple(int(v) for v in res.points[0, t])
+        if changed.any():
+            labels, n = ndimage.label(changed, structure=np.ones((3, 3, 3), bool))
+            assert n == 1 and changed[point]  # one region, the one holding the newest click
+            assert masks[t][point] == bool(res.labels[0, t])  # and it now agrees with the click
