@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 
 
-def _ball(shape: tuple[int, ...], centre: Tensor, radius: float) -> Tensor:
-    grids = torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in shape], indexing="ij")
+def _ball(grids: tuple[Tensor, ...], centre: Tensor, radius: float) -> Tensor:
+    """The voxels of the index ``grids`` (one per axis) within ``radius`` of ``centre``."""
     dist2 = sum((g - float(c)) ** 2 for g, c in zip(grids, centre))
     return dist2 <= radius**2
 
@@ -36,6 +36,7 @@ def corrupt_masks(
     out = target > 0
     shape = tuple(target.shape[-3:])
     side = min(shape)
+    grids = torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in shape], indexing="ij")
     masks = []
     for b in range(target.shape[0]):
         lesion = out[b, 0]
@@ -49,7 +50,7 @@ def corrupt_masks(
             for k in range(n_remove):
                 centre = zyx[int(draw[2 + k] * len(zyx)) % len(zyx)]
                 r = (radius[0] + float(draw[2 + balls + k]) * (radius[1] - radius[0])) * side
-                mask &= ~_ball(shape, centre, r)
+                mask &= ~_ball(grids, centre, r)
         else:
             lo, hi = torch.zeros(3), torch.tensor(shape, dtype=torch.float32) - 1  # anywhere
         n_add = 1 + int(draw[1] * balls) % balls
@@ -58,7 +59,7 @@ def corrupt_masks(
             u = torch.rand(4, generator=generator)
             centre = (lo + u[:3] * (hi - lo)).clamp(torch.zeros(3), top)
             r = (radius[0] + float(u[3]) * (radius[1] - radius[0])) * side
-            mask |= _ball(shape, centre, r) & ~lesion
+            mask |= _ball(grids, centre, r) & ~lesion
         masks.append(mask)
     return torch.stack(masks)[:, None]
 

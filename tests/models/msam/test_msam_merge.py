@@ -45,27 +45,53 @@ def test_merged_logits_keep_the_previous_ones_outside_the_region():
     assert low[0, 0, 0, 0, 2] == 1.0 and low[0, 0, 2, 2, 0] == -1.0  # the low-res cells alike
 
 
-def test_with_merge_each_click_changes_at_most_one_component_holding_it():
-    from msam_helpers import blob_batch, tiny_config
+class _GlobalNet:
+    """A stand-in network that answers clicks globally: a ball at the click takes the click's sign, and from
+    the second click on a far corner blob (never lesion) switches on as well, as the trained network's
+    masks grew on unseen cases."""
+
+    low_res_size = (16, 16, 16)
+
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        return image
+
+    def upscale(self, low: torch.Tensor, size=None) -> torch.Tensor:
+        return low
+
+    def decode(self, emb, points, prev, clicks=None) -> torch.Tensor:
+        out = torch.full((1, 1, 16, 16, 16), -1.0) if prev is None else prev.clone()
+        p, lab = points[0][0, -1].tolist(), int(points[1][0, -1])
+        z, y, x = torch.meshgrid(*[torch.arange(16)] * 3, indexing="ij")
+        ball = (z - p[0]) ** 2 + (y - p[1]) ** 2 + (x - p[2]) ** 2 <= 4
+        out[0, 0][ball] = 1.0 if lab else -1.0
+        if prev is not None:
+            out[0, 0, 13:, 13:, 13:] = 1.0  # the global side effect
+        return out
+
+
+def test_with_merge_each_click_changes_only_the_component_holding_it():
     from scipy import ndimage
 
-    from sautomed.models.msam.network import MSAMNet
     from sautomed.models.msam.refinement import refine_with_clicks
 
-    torch.manual_seed(0)
-    net = MSAMNet(tiny_config()).eval()
-    image, target = blob_batch(1)
-    with torch.no_grad():
-        res = refine_with_clicks(net, image, target, 5, torch.Generator().manual_seed(0), merge=True)
-        plain = refine_with_clicks(net, image, target, 5, torch.Generator().manual_seed(0))
+    target = torch.zeros(1, 1, 16, 16, 16)
+    target[0, 0, 3:10, 3:10, 3:10] = 1
+    image = torch.zeros_like(target)
+    net = _GlobalNet()
+    res = refine_with_clicks(net, image, target, 6, torch.Generator().manual_seed(0), merge=True)
+    plain = refine_with_clicks(net, image, target, 6, torch.Generator().manual_seed(0))
     assert torch.equal(res.logits[0], plain.logits[0])  # the first click takes the whole prediction
-    assert torch.equal(res.points[:, :2], plain.points[:, :2])
-    assert not all(torch.equal(a > 0, b > 0) for a, b in zip(res.logits[1:], plain.logits[1:]))  # merged
+    corner = (slice(13, None),) * 3
+    assert all((lg[0, 0][corner] > 0).all() for lg in plain.logits[1:])  # unmerged: the side effect
     masks = [(lg[0, 0] > 0).numpy() for lg in res.logits]
+    assert not any(m[corner].any() for m in masks)  # merged: never, no click asked for it
+    changes = 0
     for t in range(1, len(masks)):
         changed = masks[t] ^ masks[t - 1]
         point = tuple(int(v) for v in res.points[0, t])
         if changed.any():
-            labels, n = ndimage.label(changed, structure=np.ones((3, 3, 3), bool))
+            changes += 1
+            _, n = ndimage.label(changed, structure=np.ones((3, 3, 3), bool))
             assert n == 1 and changed[point]  # one region, the one holding the newest click
             assert masks[t][point] == bool(res.labels[0, t])  # and it now agrees with the click
+    assert changes >= 2
