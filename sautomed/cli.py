@@ -182,7 +182,7 @@ def cmd_phantoms(argv: Sequence[str]) -> int:
     return 0
 
 
-def _layout_from_config(path: Path) -> tuple[str, str, str | None]:
+def _layout_from_config(path: Path) -> tuple[str, str, str | None, int]:
     import yaml
 
     if not path.is_file():
@@ -191,7 +191,7 @@ def _layout_from_config(path: Path) -> tuple[str, str, str | None]:
     data = (cfg.get("data") or {}).get("init_args", cfg.get("data") or {})
     if "root" not in data:
         raise UserError(f"{path}: the config has no data.root")
-    return data.get("layout", "nnunet"), data["root"], data.get("label_map")
+    return data.get("layout", "nnunet"), data["root"], data.get("label_map"), int(data.get("channels", 1))
 
 
 def cmd_check_data(argv: Sequence[str]) -> int:
@@ -203,17 +203,21 @@ def cmd_check_data(argv: Sequence[str]) -> int:
     p.add_argument("--layout", choices=LAYOUTS, help="dataset layout")
     p.add_argument("--root", type=Path, help="dataset root folder")
     p.add_argument("--label-map", type=Path, default=None, help="label map JSON (btcv layout)")
+    p.add_argument(
+        "--channels", type=int, default=None, help="input channels per case (nnunet _0000, _0001 ...)"
+    )
     a = p.parse_args(argv)
     if a.config:
-        layout, root, label_map = _layout_from_config(a.config)
+        layout, root, label_map, channels = _layout_from_config(a.config)
         layout = a.layout or layout
         root = a.root or root
         label_map = a.label_map or label_map
     elif a.layout and a.root:
-        layout, root, label_map = a.layout, a.root, a.label_map
+        layout, root, label_map, channels = a.layout, a.root, a.label_map, 1
     else:
         raise UserError("check-data needs --config CFG, or --layout L and --root DIR")
-    report = check_dataset(get_layout(layout, root, label_map))
+    channels = a.channels or channels
+    report = check_dataset(get_layout(layout, root, label_map, channels))
     print(format_report(report))
     return 0 if report.ok else 1
 

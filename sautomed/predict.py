@@ -90,7 +90,8 @@ def predict_main(argv: Sequence[str]) -> int:
         **{k: tuple(v) if isinstance(v, list) else v for k, v in module.preprocessing.items()}
     )
 
-    plan = plan_predictions(a.input, a.output, a.overwrite)
+    channels = int(getattr(module, "input_channels", 1))  # M-SAM may read several (nnU-Net _0000, _0001)
+    plan = plan_predictions(a.input, a.output, a.overwrite, channels)
     for path, reason in plan.ignored:
         print(f"note: ignored {path}: {reason}", file=sys.stderr)
     for path in plan.kept:
@@ -123,7 +124,7 @@ def predict_main(argv: Sequence[str]) -> int:
         default_root_dir=str(a.output),
     )
     loader = DataLoader(
-        PredictDataset(plan.jobs, preprocessing),
+        PredictDataset(plan.jobs, preprocessing, channels),
         batch_size=1,
         sampler=ShardSampler(len(plan.jobs)),
         collate_fn=collate_single,

@@ -7,6 +7,7 @@ for an input that could not be read, `{"error", "source"}`.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from sautomed.data.io import is_dicom_dir, is_volume_file, write_label_volume
+from sautomed.data.io import is_dicom_dir, is_volume_file, volume_stem, write_label_volume
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +37,31 @@ def _output_name(src: Path) -> str:
     return f"{src.name}.nii.gz" if src.is_dir() else src.name
 
 
-def plan_predictions(inp: Path, out_dir: Path, overwrite: bool) -> PredictPlan:
+def _channel_of(src: Path) -> tuple[str, int] | None:
+    """(case, k) of an nnU-Net channel file ``case_000k.<ext>``; None for any other name."""
+    match = re.match(r"^(.*)_(\d{4})$", volume_stem(src))
+    return None if match is None or src.is_dir() else (match.group(1), int(match.group(2)))
+
+
+def _multichannel(candidates: list[Path], channels: int, plan: PredictPlan) -> list[Path]:
+    """The ``_0000`` files among ``candidates``; the other channel files and the rest go to ``ignored``."""
+    kept = []
+    for src in candidates:
+        found = _channel_of(src)
+        if found is not None and found[1] == 0:
+            kept.append(src)
+        elif found is not None and found[1] < channels:
+            plan.ignored.append((src, f"channel {found[1]} of {found[0]}, read with its _0000 file"))
+        else:
+            plan.ignored.append((src, f"not a case_0000 file of the model's {channels} channels"))
+    return kept
+
+
+def plan_predictions(inp: Path, out_dir: Path, overwrite: bool, channels: int = 1) -> PredictPlan:
     """Turn `--input` (a volume file, a DICOM series folder or a folder of volumes) into output jobs.
 
+    With ``channels`` C > 1 (a model reading several channels) the inputs are nnU-Net channel files: each
+    ``case_0000`` file is a job (its ``case_0001`` .. siblings are read with it) written as ``case.<ext>``.
     Raises FileNotFoundError when the input does not exist, ValueError when an output would replace an input
     (whatever ``overwrite`` says: e.g. ``--output`` is the input folder) or when two inputs would be
     written to the same output.
@@ -62,9 +85,17 @@ def plan_predictions(inp: Path, out_dir: Path, overwrite: bool) -> PredictPlan:
                 candidates.append(p)
             else:
                 plan.ignored.append((p, "not an image volume or DICOM series"))
+    if channels > 1:
+        candidates = _multichannel(candidates, channels, plan)
+        if not candidates and inp.is_file():
+            raise ValueError(f"{inp}: {plan.ignored[-1][1]}")
     claimed: dict[Path, Path] = {}
     for src in candidates:
-        dst = out_dir / _output_name(src)
+        name = _output_name(src)
+        if channels > 1:  # case_0000.nii.gz -> case.nii.gz, as nnU-Net names its predictions
+            stem = volume_stem(src)
+            name = stem[: -len("_0000")] + src.name[len(stem) :]
+        dst = out_dir / name
         if dst.resolve() == src.resolve():
             raise ValueError(
                 f"{dst}: the output would replace its own input {src}; choose another --output folder"

@@ -60,6 +60,17 @@ def _check_case(layout: Layout, case: Case, report: CaseReport) -> None:
         n_nan, n_inf = int(np.isnan(image).sum()), int(np.isinf(image).sum())
         if n_nan or n_inf:
             report.errors.append(f"image {case.image}: {n_nan} NaN and {n_inf} inf voxels")
+    for k, path in enumerate(case.channels, start=1):  # further channels: readable, on channel 0's grid
+        try:
+            channel, channel_geom = read_array(path)
+        except VolumeError as e:
+            report.errors.append(f"channel {k} unreadable: {e}")
+            continue
+        mismatches = grid_mismatches(channel_geom, geom)
+        if mismatches:
+            report.errors.append(f"channel {k} {path} grid differs from channel 0: " + "; ".join(mismatches))
+        elif np.issubdtype(channel.dtype, np.floating) and not np.isfinite(channel).all():
+            report.errors.append(f"channel {k} {path}: non-finite voxels")
     if case.label is None:
         return
     try:

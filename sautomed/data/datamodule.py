@@ -117,6 +117,7 @@ class SegmentationDataModule(L.LightningDataModule):
             seed,
         )
         self.phantoms = phantoms
+        self.channels = 1  # input channels per case; a family reading more sets it (M-SAM's data.channels)
         self._layout: Layout | None = None
         self._cache: VolumeCache | None = None
         self.train_cases: list = []
@@ -127,7 +128,7 @@ class SegmentationDataModule(L.LightningDataModule):
     @property
     def layout(self) -> Layout:
         if self._layout is None:
-            self._layout = get_layout(self.layout_name, self.root, self.label_map)
+            self._layout = get_layout(self.layout_name, self.root, self.label_map, self.channels)
         return self._layout
 
     @property
@@ -215,7 +216,9 @@ class SegmentationDataModule(L.LightningDataModule):
         return self._volume_loader(self.layout, self.val_cases)
 
     def test_dataloader(self) -> DataLoader:
-        layout = get_layout(self.test_layout or self.layout_name, self.test_root or self.root, self.label_map)
+        layout = get_layout(
+            self.test_layout or self.layout_name, self.test_root or self.root, self.label_map, self.channels
+        )
         self.test_cases = layout.cases()
         return self._volume_loader(layout, self.test_cases)
 

@@ -14,8 +14,9 @@ import torch
 from torch.utils.data import Dataset
 
 from sautomed.data.augment import Augmentation, augment_window
+from sautomed.data.errors import DatasetError
 from sautomed.data.io import VolumeError, read_volume
-from sautomed.data.layouts import Layout
+from sautomed.data.layouts import Layout, channel_files, read_channels
 from sautomed.data.preprocess import Prepared, Preprocessing, VolumeCache, preprocess
 
 
@@ -164,10 +165,16 @@ class VolumeDataset(Dataset):
 
 
 class PredictDataset(Dataset):
-    """Volumes read from paths for prediction; a broken input becomes an item carrying its error."""
+    """Volumes read from paths for prediction; a broken input becomes an item carrying its error.
 
-    def __init__(self, inputs: list[tuple[Path, Path]], preprocessing: Preprocessing) -> None:
-        self.inputs, self.preprocessing = inputs, preprocessing
+    With ``channels`` C > 1 each input is a ``case_0000`` file read with its ``case_0001`` .. siblings
+    (one grid, checked), as the nnunet layout reads a training case.
+    """
+
+    def __init__(
+        self, inputs: list[tuple[Path, Path]], preprocessing: Preprocessing, channels: int = 1
+    ) -> None:
+        self.inputs, self.preprocessing, self.channels = inputs, preprocessing, channels
 
     def __len__(self) -> int:
         return len(self.inputs)
@@ -176,9 +183,12 @@ class PredictDataset(Dataset):
         src, out = self.inputs[i]
         item: dict[str, Any] = {"case_id": src.name, "source": str(src), "output": str(out)}
         try:
-            image, geom = read_volume(src)
+            if self.channels > 1:
+                image, geom = read_channels((Path(src), *channel_files(Path(src), self.channels)))
+            else:
+                image, geom = read_volume(src)
             pre, _ = preprocess(image, None, self.preprocessing)
-        except (VolumeError, OSError, RuntimeError, ValueError) as exc:
+        except (VolumeError, DatasetError, OSError, RuntimeError, ValueError) as exc:
             item["error"] = str(exc)
             return item
         item.update(image=torch.from_numpy(pre.astype(np.float32)), geom=geom)  # as VolumeDataset's

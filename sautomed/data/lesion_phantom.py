@@ -80,16 +80,36 @@ def _case(
     return np.clip(np.round(image), 0, 4000).astype(np.int16), label
 
 
+def _t1c(rng: np.random.Generator, flair: np.ndarray, label: np.ndarray) -> np.ndarray:
+    """A T1c-like second channel on the same grid: the enhancing rim bright, necrosis dark, oedema barely
+    visible (unlike FLAIR, where the oedema is the brightest part of the lesion)."""
+    image = flair.astype(np.float64) * 0.8
+    image[label == LESION_LABELS["edema"]] = 340.0
+    image[label == LESION_LABELS["non_enhancing_tumour"]] = 300.0
+    image[label == LESION_LABELS["enhancing_tumour"]] = 900.0 + rng.uniform(-60, 60)
+    image[label == LESION_LABELS["necrosis"]] = 180.0
+    image = ndimage.gaussian_filter(image, sigma=0.7) + rng.normal(0.0, 15.0, flair.shape)
+    return np.clip(np.round(image), 0, 4000).astype(np.int16)
+
+
 def make_lesion_phantoms(
-    out: Path, cases: int, seed: int, size: tuple[int, int, int] = (64, 64, 64), mimics: int = 0
+    out: Path,
+    cases: int,
+    seed: int,
+    size: tuple[int, int, int] = (64, 64, 64),
+    mimics: int = 0,
+    channels: int = 1,
 ) -> Path:
     """Write ``cases`` lesion phantoms as an nnU-Net raw dataset in ``out``; returns ``out``.
 
     ``mimics``: each case gets 0..``mimics`` unlabelled lesion-like blobs (0: none, the default).
+    ``channels``: 1 (FLAIR-like) or 2 (also a T1c-like ``_0001`` on the same grid; channel 0 unchanged).
 
     Files: ``dataset.json``, ``imagesTr/lesion_XXX_0000.nii.gz`` (int16), ``labelsTr/lesion_XXX.nii.gz``
     (labels 0..4 as BraTS). ``size`` is the canonical (z, y, x) size; spacing is 1 mm.
     """
+    if channels not in (1, 2):
+        raise ValueError(f"lesion phantoms have 1 or 2 channels, got {channels}")
     out = Path(out)
     if cases < 1:
         raise ValueError(f"cases must be >= 1, got {cases}")
@@ -103,11 +123,14 @@ def make_lesion_phantoms(
         path = out / "imagesTr" / f"{case_id}_0000.nii.gz"
         geom = storage_geometry(path, tuple(size), (1.0, 1.0, 1.0), axes, flips, degrees)
         write_volume(image, geom, path, overwrite=True)
+        if channels == 2:
+            t1c = _t1c(np.random.default_rng([seed, i, 1]), image, label)
+            write_volume(t1c, geom, path.with_name(f"{case_id}_0001.nii.gz"), overwrite=True)
         write_label_volume(label, geom, out / "labelsTr" / f"{case_id}.nii.gz", overwrite=True)
     spec = {
         "name": "sautomed lesion phantoms",
         "description": f"synthetic MR-like heads with tumour-like lesions, seed {seed}, mimics {mimics}",
-        "channel_names": {"0": "FLAIR"},
+        "channel_names": {"0": "FLAIR", "1": "T1c"} if channels == 2 else {"0": "FLAIR"},
         "labels": {"background": 0, **LESION_LABELS},
         "numTraining": cases,
         "file_ending": ".nii.gz",

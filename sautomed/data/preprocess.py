@@ -48,8 +48,11 @@ class Preprocessing:
 
 
 def normalize(image: np.ndarray, p: Preprocessing) -> np.ndarray:
-    """Clip and scale intensities to float32 in [0, 1] (a constant image gives zeros)."""
+    """Clip and scale intensities to float32 in [0, 1] (a constant image gives zeros); a (C, z, y, x)
+    image is normalised channel by channel (percentiles of each channel)."""
     image = np.asarray(image, dtype=np.float32)
+    if image.ndim == 4:
+        return np.stack([normalize(channel, p) for channel in image])
     if p.normalization == "ct":
         low, high = p.window
     elif p.normalization == "percentile":
@@ -83,12 +86,18 @@ def resize_slices(volume: np.ndarray, size: int | tuple[int, int], nearest: bool
 def preprocess(
     image: np.ndarray, label: np.ndarray | None, p: Preprocessing
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Normalised, resized float16 image (z, S, S) in [0, 1] and uint8 label (z, S, S) or None.
+    """Normalised, resized float16 image (z, S, S) in [0, 1] and uint8 label (z, S, S) or None; a
+    (C, z, y, x) image gives (C, z, S, S).
 
     float16 is what the cache stores; fit, validate, test and predict all feed the model these values, so
     `test` and `predict` give the same labels for the same case and checkpoint.
     """
-    out = np.clip(resize_slices(normalize(image, p), p.image_size, nearest=False), 0.0, 1.0)
+    norm = normalize(image, p)
+    if norm.ndim == 4:
+        out = np.stack([resize_slices(channel, p.image_size, nearest=False) for channel in norm])
+    else:
+        out = resize_slices(norm, p.image_size, nearest=False)
+    out = np.clip(out, 0.0, 1.0)
     lab = None if label is None else resize_slices(np.asarray(label, np.uint8), p.image_size, nearest=True)
     return out.astype(np.float16), lab
 
@@ -96,7 +105,7 @@ def preprocess(
 @dataclass(frozen=True)
 class Prepared:
     case_id: str
-    image: np.ndarray  # (z, S, S) float16 in [0, 1]
+    image: np.ndarray  # (z, S, S) float16 in [0, 1]; (C, z, S, S) when more than one channel is read
     label: np.ndarray | None  # (z, S, S) uint8 class indices
     geom: Geometry  # of the original volume (for writing predictions back)
     label_full: np.ndarray | None = None  # (z, y, x) uint8 class indices on the original canonical grid
@@ -147,6 +156,8 @@ def cache_key(layout: Layout, case: Case, p: Preprocessing) -> str:
         "image": path_sha256(case.image),
         "label": None if case.label is None else path_sha256(case.label),
     }
+    if layout.channels > 1:  # only then: single-channel keys stay what they were
+        parts["channels"] = [path_sha256(c) for c in case.channels[: layout.channels - 1]]
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
@@ -225,7 +236,7 @@ def _load(path: Path, case_id: str) -> Prepared:
     arrays = tuple(a for a in (image, label, label_full) if a is not None)
     if meta["digest"] != _array_digest(*arrays) or meta["case_id"] != case_id:
         raise ValueError("checksum or case id mismatch")
-    if image.ndim != 3 or (label is not None and label.shape != image.shape):
+    if image.ndim not in (3, 4) or (label is not None and label.shape != image.shape[-3:]):
         raise ValueError(f"shape mismatch {image.shape} / {None if label is None else label.shape}")
     g = meta["geom"]
     geom = Geometry(
@@ -237,6 +248,8 @@ def _load(path: Path, case_id: str) -> Prepared:
         tuple(g["axes"]),
         tuple(g["flips"]),
     )
-    if geom.shape_zyx[0] != image.shape[0] or (label_full is not None and label_full.shape != geom.shape_zyx):
+    if geom.shape_zyx[0] != image.shape[-3] or (
+        label_full is not None and label_full.shape != geom.shape_zyx
+    ):
         raise ValueError(f"cached shapes {image.shape} do not match the geometry {geom.shape_zyx}")
     return Prepared(case_id, image, label, geom, label_full)

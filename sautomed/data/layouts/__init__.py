@@ -1,7 +1,8 @@
 """Dataset layouts: where a dataset keeps its images and labels, and how its label values map to classes.
 
-``get_layout(name, root, label_map=None)`` returns a :class:`Layout` (a small picklable value); its
-``cases()`` lists the cases and ``load(case)`` reads one as canonical arrays (see :mod:`sautomed.data.io`).
+``get_layout(name, root, label_map=None, channels=1)`` returns a :class:`Layout` (a small picklable value);
+its ``cases()`` lists the cases and ``load(case)`` reads one as canonical arrays
+(see :mod:`sautomed.data.io`).
 
 Discovery rules (a folder where some images have a label and others do not reports the unlabelled ones as
 orphans, and ``cases()`` raises :class:`DatasetError` naming them; where no image has a label, e.g. a test
@@ -22,7 +23,8 @@ set, every case has ``label=None``):
 - ``segthor``: ``Patient_XX/Patient_XX.nii.gz`` + ``Patient_XX/GT.nii.gz`` under ``root/train`` if it exists,
   else under ``root`` (a folder of patients), or ``root`` itself being one patient folder.
 - ``nnunet`` (and MSD): ``dataset.json`` (labels ``{name: int}`` or MSD ``{"0": "background", ...}``,
-  ``file_ending`` default ``.nii.gz``), ``imagesTr/CASE_0000<ending>`` (channel 0 is used) or MSD
+  ``file_ending`` default ``.nii.gz``), ``imagesTr/CASE_0000<ending>`` (channel 0; with ``channels`` C > 1
+  also ``CASE_0001`` .. ``CASE_000{C-1}``, which must share channel 0's grid) or MSD
   ``imagesTr/CASE<ending>``, ``labelsTr/CASE<ending>``; an MSD ``training`` list, when present, names the
   files. Label values are mapped to 1..C in the order of their declared values.
 - ``folder``: every volume file and DICOM series sub-folder of ``root``, unlabelled (for prediction); a
@@ -38,6 +40,7 @@ from .btcv import BTCV_CLASSES, BTCV_MAP
 from .cases import Case, Discovery, LabelMap, LoadedCase, Orphan
 from .chaos import CHAOS_CT_CLASSES, CHAOS_CT_MAP, CHAOS_MR_CLASSES, CHAOS_MR_MAP, read_png_stack
 from .layout import LAYOUTS, DatasetError, Layout, describe, get_layout
+from .nnunet import channel_files, read_channels
 from .segthor import SEGTHOR_CLASSES
 
 __all__ = [
@@ -56,7 +59,9 @@ __all__ = [
     "Layout",
     "LoadedCase",
     "Orphan",
+    "channel_files",
     "describe",
     "get_layout",
+    "read_channels",
     "read_png_stack",
 ]

@@ -17,14 +17,15 @@ LabelMap = tuple[
 @dataclass(frozen=True)
 class Case:
     case_id: str
-    image: Path  # file or DICOM folder
+    image: Path  # file or DICOM folder (channel 0)
     label: Path | None  # file, or for CHAOS the Ground folder of PNGs
+    channels: tuple[Path, ...] = ()  # the files of channels 1.. (nnunet `_0001` ...) when more are read
 
 
 @dataclass(frozen=True)
 class LoadedCase:
     case_id: str
-    image: np.ndarray  # float32 (z, y, x) canonical, raw intensities
+    image: np.ndarray  # float32 (z, y, x) canonical, raw intensities; (C, z, y, x) with C > 1 channels
     label: np.ndarray | None  # uint8 (z, y, x) canonical, values 0..C after the layout's label map
     geom: Geometry
 

@@ -23,7 +23,7 @@ from .chaos import (
     read_png_stack,
 )
 from .folder import discover_folder
-from .nnunet import discover_nnunet, nnunet_labels
+from .nnunet import discover_nnunet, nnunet_labels, read_channels
 from .segthor import SEGTHOR_CLASSES, discover_segthor
 
 LAYOUTS: tuple[str, ...] = ("btcv", "chaos", "segthor", "nnunet", "folder")
@@ -42,6 +42,7 @@ class Layout:
     unmapped: Literal["error", "background"] = "error"
     file_ending: str = ".nii.gz"  # nnunet
     modality: str = ""  # chaos: "CT" or "MR"
+    channels: int = 1  # input channels read per case (nnunet `_0000`, `_0001`, ...; other layouts: 1)
 
     # ---------------------------------------------------------------------------------- discovery
     def discover(self) -> Discovery:
@@ -102,8 +103,17 @@ class Layout:
         return read_label_volume(case.label, reference=geom)
 
     def load(self, case: Case) -> LoadedCase:
-        """Read one case: float32 image and uint8 mapped label, canonical (z, y, x)."""
-        image, geom = read_volume(case.image)
+        """Read one case: float32 image and uint8 mapped label, canonical (z, y, x); with more than one
+        channel the image is (C, z, y, x), its channels checked to share channel 0's grid."""
+        if self.channels > 1:
+            if len(case.channels) != self.channels - 1:
+                raise DatasetError(
+                    f"{case.case_id}: {self.channels} channels expected, the case has "
+                    f"{len(case.channels) + 1}"
+                )
+            image, geom = read_channels((case.image, *case.channels))
+        else:
+            image, geom = read_volume(case.image)
         label = None
         if case.label is not None:
             label = self.remap(self.read_source_label(case, geom), str(case.label))
@@ -119,7 +129,7 @@ def _discover(layout: Layout) -> tuple[list[Case], list[Orphan]]:
     if layout.name == "segthor":
         return discover_segthor(layout.root)
     if layout.name == "nnunet":
-        return discover_nnunet(layout.root, layout.file_ending)
+        return discover_nnunet(layout.root, layout.file_ending, layout.channels)
     return discover_folder(layout.root)
 
 
@@ -140,10 +150,16 @@ def _read_label_map_json(path: Path) -> tuple[tuple[str, ...], LabelMap]:
     return names, tuple((s, s, t) for s, t in sorted(mapping.items()))
 
 
-def get_layout(name: str, root: str | Path, label_map: str | Path | None = None) -> Layout:
-    """The :class:`Layout` ``name`` (one of :data:`LAYOUTS`) for the dataset at ``root``."""
+def get_layout(name: str, root: str | Path, label_map: str | Path | None = None, channels: int = 1) -> Layout:
+    """The :class:`Layout` ``name`` (one of :data:`LAYOUTS`) for the dataset at ``root``, reading
+    ``channels`` input channels per case (more than one: the nnunet layout only)."""
     if name not in LAYOUTS:
         raise DatasetError(f"unknown layout {name!r}; choose one of {', '.join(LAYOUTS)}")
+    if channels < 1 or (channels > 1 and name != "nnunet"):
+        raise DatasetError(
+            f"{root}: {channels} input channels asked for; the {name} layout has one "
+            "(several channels: the nnunet layout's case_0000, case_0001 ... files)"
+        )
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DatasetError(f"{root}: dataset root does not exist or is not a folder")
@@ -155,7 +171,7 @@ def get_layout(name: str, root: str | Path, label_map: str | Path | None = None)
         layout = Layout(name, root, SEGTHOR_CLASSES, tuple((v, v, v) for v in range(1, 5)))
     elif name == "nnunet":
         names, mapping, ending = nnunet_labels(root)
-        layout = Layout(name, root, names, mapping, file_ending=ending)
+        layout = Layout(name, root, names, mapping, file_ending=ending, channels=channels)
     else:
         patients = chaos_patients(root)
         modalities = [m for m in ("CT", "MR") if patients[m]]
@@ -173,7 +189,7 @@ def get_layout(name: str, root: str | Path, label_map: str | Path | None = None)
     if label_map is not None:
         names, mapping = _read_label_map_json(Path(label_map))
         layout = Layout(
-            layout.name, root, names, mapping, (), "background", layout.file_ending, layout.modality
+            layout.name, root, names, mapping, (), "background", layout.file_ending, layout.modality, channels
         )
     return layout
 

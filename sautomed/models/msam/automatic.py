@@ -54,8 +54,8 @@ def window_starts(length: int, window: int, stride: int) -> list[int]:
 
 
 def _window(net: MSAMNet, crop: Tensor, points, prev_low: Tensor | None) -> tuple[Tensor, Tensor]:
-    """(S, S, S) crop -> (low-res logits (1, 1, 4g^3), full logits (S, S, S))."""
-    low = net.decode(net.encode(crop[None, None]), points, prev_low)
+    """(C, S, S, S) crop -> (low-res logits (1, 1, 4g^3), full logits (S, S, S))."""
+    low = net.decode(net.encode(crop[None]), points, prev_low)
     return low, net.upscale(low)[0, 0]
 
 
@@ -67,11 +67,14 @@ def interior_point(component: np.ndarray) -> tuple[int, int, int]:
 
 @torch.no_grad()
 def segment_automatic(net: MSAMNet, volume: Tensor, settings: AutoSettings = AutoSettings()) -> Tensor:  # noqa: B008
-    """(Z, Y, X) preprocessed volume -> (Z, Y, X) float logits of the lesion (> 0: lesion)."""
+    """(C, Z, Y, X) preprocessed volume (C input channels; (Z, Y, X) for one) -> (Z, Y, X) float logits of
+    the lesion (> 0: lesion)."""
     s = net.config.image_size
-    shape = tuple(volume.shape)
+    volume = volume if volume.dim() == 4 else volume[None]
+    shape = tuple(volume.shape[1:])
     padded = tuple(max(n, s) for n in shape)
     vol = F.pad(volume.float(), [0, padded[2] - shape[2], 0, padded[1] - shape[1], 0, padded[0] - shape[0]])
+    every = (slice(None),)  # all channels
     stride = max(1, int(round(s * (1 - settings.overlap))))
     total = torch.zeros(padded, device=vol.device)
     count = torch.zeros(padded, device=vol.device)
@@ -79,7 +82,7 @@ def segment_automatic(net: MSAMNet, volume: Tensor, settings: AutoSettings = Aut
         for y in window_starts(padded[1], s, stride):
             for x in window_starts(padded[2], s, stride):
                 box = (slice(z, z + s), slice(y, y + s), slice(x, x + s))
-                _, logits = _window(net, vol[box], None, None)
+                _, logits = _window(net, vol[every + box], None, None)
                 total[box] += logits
                 count[box] += 1
     logits = total / count
@@ -95,7 +98,7 @@ def segment_automatic(net: MSAMNet, volume: Tensor, settings: AutoSettings = Aut
             box = tuple(slice(a, a + s) for a in start)
             prev = F.interpolate(logits[box][None, None], size=net.low_res_size, mode="trilinear")
             click = torch.tensor([[[p - a for p, a in zip(point, start)]]], device=vol.device)
-            emb = net.encode(vol[box][None, None])
+            emb = net.encode(vol[every + box][None])
             for _ in range(settings.self_prompt_iterations):
                 prev = net.decode(emb, (click, torch.ones(1, 1, dtype=torch.long, device=vol.device)), prev)
             refined = net.upscale(prev)[0, 0]  # (S, S, S) in the window

@@ -63,6 +63,11 @@ def adapt_to(net: MSAMNet, sd: Mapping[str, Tensor]) -> tuple[dict[str, Tensor],
         extra = own[key].shape[1] - 1
         out[key] = torch.cat([out[key], out[key].new_zeros(out[key].shape[0], extra, *out[key].shape[2:])], 1)
         resized[key] = (tuple(sd[key].shape), tuple(own[key].shape))
+    key = "image_encoder.patch_embed.proj.weight"  # several input channels: the one kernel shared out
+    if key in out and key in own and out[key].shape[1] == 1 and own[key].shape[1] > 1:
+        c = own[key].shape[1]
+        out[key] = out[key].repeat(1, c, 1, 1, 1) / c  # equal channels give SAM-Med3D's response
+        resized[key] = (tuple(sd[key].shape), tuple(own[key].shape))
     global_blocks = set(net.image_encoder.global_attn_indexes)
     for k, v in sd.items():
         m = _REL_POS.match(k)
@@ -124,6 +129,8 @@ def export_sam_med3d(net: MSAMNet) -> dict[str, Tensor]:
         raise ValueError(
             "a network with local_head has no SAM-Med3D equivalent (its head adds to the logits)"
         )
+    if net.config.in_channels != 1:
+        raise ValueError(f"a network of {net.config.in_channels} input channels has no SAM-Med3D equivalent")
     sd = {k: v.detach().clone() for k, v in net.state_dict().items() if k.startswith(SAM_MED3D_PREFIXES)}
     for i, block in enumerate(net.image_encoder.blocks):
         sd[f"image_encoder.blocks.{i}.attn.qkv.weight"] = _merged_qkv_weight(block.attn.qkv)

@@ -29,7 +29,8 @@ def cut_out_lesion(
     fill: str = "median",
     fake_probability: float = 0.0,
 ) -> Tensor:
-    """(B, 1, S, S, S) crops and binary targets -> the crops with a lesion box painted over (a copy).
+    """(B, C, S, S, S) crops and (B, 1, S, S, S) binary targets -> the crops with a lesion box painted over
+    in every channel (a copy).
 
     Args:
         image: the crops.
@@ -47,26 +48,30 @@ def cut_out_lesion(
     for b in range(image.shape[0]):
         draw = torch.rand(5, generator=generator)
         lesion = target[b, 0] > 0
+        inside = image[b, 0] != 0  # the head: channel 0's non-zero voxels
         if fake_probability > 0:
             fake = torch.rand(3, generator=generator)
-            outside = (~lesion & (image[b, 0] != 0)).nonzero()
+            outside = (~lesion & inside).nonzero()
             if float(fake[0]) < fake_probability and lesion.any() and len(outside):
                 box = _box(outside[int(fake[1] * len(outside)) % len(outside)], size, float(fake[2]), S)
-                patch = out[(b, 0, *box)]
                 keep = lesion[box]
-                out[(b, 0, *box)] = torch.where(keep, patch, image[b, 0][lesion].median())
+                for ch in range(image.shape[1]):  # every channel: the lesion's median level
+                    patch = out[(b, ch, *box)]
+                    out[(b, ch, *box)] = torch.where(keep, patch, image[b, ch][lesion].median())
         if float(draw[0]) >= probability or not lesion.any():
             continue
         where = lesion.nonzero()  # (N, 3)
         box = _box(where[int(draw[1] * len(where)) % len(where)], size, float(draw[2]), S)
-        nonzero = image[b, 0][image[b, 0] != 0]
-        if fill == "random" and nonzero.numel():
-            lo, hi = torch.quantile(nonzero.float(), torch.tensor([0.01, 0.99]))
-            level = lo + float(draw[3]) * (hi - lo)
-        else:
-            rest = image[b, 0][~lesion & (image[b, 0] != 0)]
-            level = rest.median() if rest.numel() else image[b, 0].median()
-        out[(b, 0, *box)] = level
+        for ch in range(image.shape[1]):
+            x = image[b, ch]
+            nonzero = x[inside]
+            if fill == "random" and nonzero.numel():
+                lo, hi = torch.quantile(nonzero.float(), torch.tensor([0.01, 0.99]))
+                level = lo + float(draw[3]) * (hi - lo)
+            else:
+                rest = x[~lesion & inside]
+                level = rest.median() if rest.numel() else x.median()
+            out[(b, ch, *box)] = level
     return out
 
 

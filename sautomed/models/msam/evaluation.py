@@ -99,19 +99,19 @@ def oracle_dsc(
 ) -> list[float]:
     """Oracle-prompted DSC after each of ``clicks`` clicks, in an ``image_size``^3 crop centred on the lesion.
 
-    ``image`` (Z, S, S) and the bool ``target`` (Z, S, S) share a grid; the clicks' seed is the case's CRC32
-    combined with ``seed``, so a case gets the same clicks in every evaluation.
+    ``image`` (C, Z, S, S) (C input channels) and the bool ``target`` (Z, S, S) share a grid; the clicks'
+    seed is the case's CRC32 combined with ``seed``, so a case gets the same clicks in every evaluation.
     """
     s = image_size
     where = np.argwhere(target)
     centre = (where.min(0) + where.max(0)) // 2
     start = crop_start(centre, target.shape, s)
-    img = torch.from_numpy(crop_or_pad(image.float().cpu().numpy(), start, s)).to(image.device)  # (S,) * 3
+    img = torch.from_numpy(crop_or_pad(image.float().cpu().numpy(), start, s)).to(image.device)  # (C, S^3)
     tgt = crop_or_pad(target, start, s)
     gen = torch.Generator().manual_seed(zlib.crc32(case_id.encode()) ^ seed)
     res = refine_with_clicks(
         net,
-        img[None, None],  # (1, 1, S, S, S)
+        img[None],  # (1, C, S, S, S)
         torch.from_numpy(tgt.astype(np.float32))[None, None].to(image.device),
         clicks,
         gen,

@@ -148,6 +148,11 @@ class MSAMModule(ScheduleHooks, L.LightningModule):
         self._oracle: list[OracleCase] = []  # (case, DSC after 1, 2, ... clicks)
 
     @property
+    def input_channels(self) -> int:
+        """Input channels the network reads (``predict`` reads a case's ``_0000`` .. files if more than 1)."""
+        return self.network_cfg.in_channels
+
+    @property
     def inference(self) -> AutoSettings:
         """How ``predict`` segments volumes: the automatic mode's settings (its flags replace fields)."""
         return self.automatic
@@ -217,6 +222,12 @@ class MSAMModule(ScheduleHooks, L.LightningModule):
         dm = self._datamodule()
         if dm is not None and hasattr(dm, "preprocessing"):
             self.preprocessing = asdict(dm.preprocessing)
+        channels = getattr(dm, "channels", 1) if dm is not None else self.input_channels
+        if channels != self.input_channels:
+            raise ValueError(
+                f"data.channels {channels} and model.network.in_channels {self.input_channels} differ: "
+                "set both to the number of input channels"
+            )
         theirs = getattr(dm, "foreground_labels", self.foreground_labels)
         if (None if theirs is None else list(theirs)) != self.foreground_labels:
             raise ValueError(
@@ -226,7 +237,7 @@ class MSAMModule(ScheduleHooks, L.LightningModule):
 
     # -- training ----------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        image, target = batch["image"], batch["label"]  # (B, 1, S, S, S) each
+        image, target = batch["image"], batch["label"]  # (B, C_in, S, S, S), (B, 1, S, S, S)
         r = self.refinement
         gen = torch.Generator().manual_seed(
             r.seed * 1_000_003 + int(self.global_step) * 64 + self.global_rank
@@ -280,7 +291,8 @@ class MSAMModule(ScheduleHooks, L.LightningModule):
 
     # -- evaluation -----------------------------------------------------------------------------------------
     def segment_volume(self, image: Tensor, out_shape: tuple[int, int, int]) -> np.ndarray:
-        """(Z, S, S) preprocessed volume -> (Z, Y, X) uint8 labels (1 = lesion) on the original grid."""
+        """(C, Z, S, S) (or (Z, S, S)) preprocessed volume -> (Z, Y, X) uint8 labels (1 = lesion) on the
+        original grid."""
         logits = segment_automatic(self.net, image, self.automatic)  # (Z, S, S)
         if tuple(logits.shape) != tuple(out_shape):
             logits = F.interpolate(logits[None, None], size=out_shape, mode="trilinear")[0, 0]
@@ -306,9 +318,9 @@ class MSAMModule(ScheduleHooks, L.LightningModule):
         if batch["label"] is None:
             raise ValueError(f"case {batch['case_id']} has no label: it cannot be evaluated")
         ref = binary_target(batch["label"].cpu().numpy(), self.foreground_labels).astype(np.uint8)
-        image = batch["image"]  # (Z, S, S)
+        image = batch["image"] if batch["image"].dim() == 4 else batch["image"][None]  # (C, Z, S, S)
         if self.evaluation.oracle and ref.any():
-            ref_img = reference_on_image_grid(ref, tuple(image.shape))  # (Z, S, S)
+            ref_img = reference_on_image_grid(ref, tuple(image.shape[1:]))  # (Z, S, S)
             case = batch["case_id"]
             self._oracle.append((case, self.oracle_dsc(image, ref_img, case)))
         if self.evaluation.automatic:
@@ -316,7 +328,7 @@ class MSAMModule(ScheduleHooks, L.LightningModule):
             self._rows += evaluate_case(
                 batch["case_id"], pred, ref, batch["geom"].spacing_zyx, self.class_names
             )
-            write_run_thumbnail(self._trainer, batch["case_id"], image, ref, pred)
+            write_run_thumbnail(self._trainer, batch["case_id"], image[0], ref, pred)
 
     def on_validation_epoch_start(self) -> None:
         self._sync_from_datamodule()

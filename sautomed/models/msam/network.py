@@ -100,6 +100,9 @@ class MSAMConfig:
         local_head: our addition: a small convolutional head adds a local correction, read from the
             decoder's logits, the previous logits and the click maps, to the decoder's low-res logits
             (``local_head.py``); zero at initialisation; no SAM-Med3D equivalent (export refused).
+        in_channels: input channels (= ``data.channels``: FLAIR, T1c, ... as nnU-Net's ``_0000``, ``_0001``);
+            each is z-scored on its own. SAM-Med3D has one: a checkpoint's patch embedding is shared out
+            over the channels (each gets its kernel / C); such a network is not exported to its format.
     """
 
     variant: Variant = "vit_b_ori"
@@ -117,12 +120,13 @@ class MSAMConfig:
     click_maps: bool = False
     click_sigma: float = 1.5
     local_head: bool = False
+    in_channels: int = 1
 
 
 def zscore_nonzero(image: Tensor, eps: float = 1e-6) -> Tensor:
-    """Per sample: (x - mean) / std over the voxels > 0 (all voxels when none is); (B, C, ...) kept."""
-    b = image.shape[0]
-    flat = image.reshape(b, -1).float()
+    """Per sample and channel: (x - mean) / std over the voxels > 0 (all voxels when none is); shape kept."""
+    b, c = image.shape[:2]
+    flat = image.reshape(b * c, -1).float()
     mask = flat > 0
     mask = torch.where(mask.any(1, keepdim=True), mask, torch.ones_like(mask))
     n = mask.sum(1, keepdim=True).clamp_min(1)
@@ -144,9 +148,12 @@ class MSAMNet(nn.Module):
         self.config = config
         v = VARIANTS[config.variant]
         s = config.image_size
+        if config.in_channels < 1:
+            raise ValueError(f"in_channels must be >= 1, got {config.in_channels}")
         self.image_encoder = ImageEncoder3D(
             img_size=s,
             patch_size=v.patch_size,
+            in_chans=config.in_channels,
             embed_dim=v.encoder_embed_dim,
             depth=v.encoder_depth,
             num_heads=v.encoder_num_heads,
@@ -203,7 +210,7 @@ class MSAMNet(nn.Module):
             p.requires_grad_(False)
 
     def encode(self, image: Tensor) -> Tensor:
-        """(B, 1, S, S, S) crop -> E_I (B, C, g, g, g). Called once per crop; refinement reuses it."""
+        """(B, C_in, S, S, S) crop -> E_I (B, C, g, g, g). Called once per crop; refinement reuses it."""
         if self.config.input_norm == "zscore_nonzero":
             image = zscore_nonzero(image)
         return self.image_encoder(image)

@@ -56,10 +56,13 @@ def binary_target(label: np.ndarray, foreground_labels: Sequence[int] | None) ->
 
 
 def crop_or_pad(volume: np.ndarray, start: Sequence[int], size: int) -> np.ndarray:
-    """The ``size``^3 block of ``volume`` (z, y, x) starting at ``start`` (may be negative), zeros outside."""
-    out = np.zeros((size, size, size), dtype=volume.dtype)
-    src, dst = [], []
-    for s, n in zip(start, volume.shape):
+    """The ``size``^3 block of ``volume`` (z, y, x) starting at ``start`` (may be negative), zeros outside;
+    leading axes (channels: (C, z, y, x)) are kept whole."""
+    lead = volume.shape[:-3]
+    out = np.zeros((*lead, size, size, size), dtype=volume.dtype)
+    src: list[slice] = [slice(None)] * len(lead)
+    dst: list[slice] = [slice(None)] * len(lead)
+    for s, n in zip(start, volume.shape[-3:]):
         lo, hi = max(0, s), min(n, s + size)
         src.append(slice(lo, max(lo, hi)))
         dst.append(slice(lo - s, lo - s + max(0, hi - lo)))
@@ -101,7 +104,8 @@ class EpochSampler(Sampler[tuple[int, int]]):
 
 
 class LesionCropDataset(Dataset):
-    """Random 3D crops. Item: ``image`` (1, c, c, c) float32, ``label`` (1, c, c, c) float32 in {0, 1}.
+    """Random 3D crops. Item: ``image`` (C, c, c, c) float32 (C input channels), ``label`` (1, c, c, c)
+    float32 in {0, 1}.
 
     Args:
         volumes: preprocessed labelled volumes.
@@ -138,14 +142,15 @@ class LesionCropDataset(Dataset):
         else:
             centre = np.array([rng.integers(n) for n in shape])
         start = crop_start(centre, shape, s.size)
-        image = crop_or_pad(np.asarray(self.volumes[c].image, np.float32), start, s.size)
+        volume = np.asarray(self.volumes[c].image, np.float32)
+        image = crop_or_pad(volume if volume.ndim == 4 else volume[None], start, s.size)  # (C, c, c, c)
         target = crop_or_pad(self.targets[c], start, s.size)
         if s.flip:
             axes = tuple(a for a in range(3) if rng.random() < 0.5)
             if axes:
-                image, target = np.flip(image, axes), np.flip(target, axes)
+                image, target = np.flip(image, tuple(a + 1 for a in axes)), np.flip(target, axes)
         return {
-            "image": torch.from_numpy(np.ascontiguousarray(image))[None],
+            "image": torch.from_numpy(np.ascontiguousarray(image)),
             "label": torch.from_numpy(np.ascontiguousarray(target, dtype=np.float32))[None],
         }
 
@@ -156,6 +161,8 @@ class MSAMDataModule(SegmentationDataModule):
     Args:
         crops: training-crop settings.
         foreground_labels: labels forming the binary target (None: all > 0, the whole tumour).
+        channels: input channels per case, nnU-Net's ``case_0000`` (FLAIR), ``case_0001`` (T1c) ... files of
+            the nnunet layout, checked to share one grid (= ``model.network.in_channels``).
         **kwargs: the shared ``SegmentationDataModule``'s arguments; ``phantoms`` here makes lesion phantoms
             (``sautomed.data.lesion_phantom``) of 64^3 when the folders are missing.
     """
@@ -164,11 +171,13 @@ class MSAMDataModule(SegmentationDataModule):
         self,
         crops: CropSettings = CropSettings(),  # noqa: B008
         foreground_labels: list[int] | None = None,
+        channels: int = 1,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.crops = crops
         self.foreground_labels = foreground_labels
+        self.channels = channels
 
     def prepare_data(self) -> None:
         if self.phantoms is None:
@@ -181,7 +190,7 @@ class MSAMDataModule(SegmentationDataModule):
         for root, cases, seed in todo:
             spec = Path(root) / "dataset.json"
             if not spec.is_file():
-                make_lesion_phantoms(Path(root), cases, seed)
+                make_lesion_phantoms(Path(root), cases, seed, channels=self.channels)
             elif json.loads(spec.read_text()).get("numTraining") != cases:
                 log.warning("%s exists with another number of cases: using it as it is", root)
 
