@@ -8,6 +8,7 @@ Neighbour features come from the encoded cache; volume edges repeat the edge sli
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import torch
@@ -16,6 +17,28 @@ from torch import Tensor
 
 Mode = Literal["mid_to_ends", "end_to_end"]
 MODES: tuple[str, ...] = ("mid_to_ends", "end_to_end")
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """How volumes are segmented in validate / test / predict.
+
+    Args:
+        mode: `mid_to_ends` (middle slice first, then both chains as a batch of 2) or `end_to_end`.
+        encode_chunk: slices per encoder call (bounds memory).
+        largest_component: keep only the largest 3D connected component of each class.
+        bf16: run the network under bfloat16 autocast.
+        sam_refine: LiteMedSAM as published re-segments the box of each class's largest component on every
+            slice (`models/sautomed/refine.py`; backbone litemedsam and its `network.sam_checkpoint` only).
+        sam_refine_margin: pixels of S added to each side of those boxes.
+    """
+
+    mode: Mode = "mid_to_ends"
+    encode_chunk: int = 8
+    largest_component: bool = False
+    bf16: bool = False
+    sam_refine: bool = False
+    sam_refine_margin: int = 6
 
 
 class SliceNetwork(Protocol):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,10 +23,11 @@ from torch import Tensor
 
 from sautomed.data.splits import split_provenance
 from sautomed.guards import check_encoder_finetune, check_sam_decoder_finetune, weights_from_elsewhere
-from sautomed.inference import InferenceEngine, Mode
+from sautomed.inference import InferenceEngine, InferenceSettings, Mode, logits_to_labels
 from sautomed.losses import LossWeights, SAutoMedLoss, hard_dice_per_class
 from sautomed.metrics import ClassResult, evaluate_case, summarize, write_metrics
 from sautomed.models.sautomed.network import NetworkConfig, SAutoMedNet
+from sautomed.models.sautomed.refine import PretrainedBoxRefiner
 from sautomed.models.sautomed.teacher import teacher_boxes
 from sautomed.models.sautomed.window import encode_window, encode_window_cached, neighbours
 from sautomed.postprocess import keep_largest_component
@@ -48,23 +49,6 @@ _NON_STRUCTURAL = {
     "state_min_area",
     "state_largest_component",
 }
-
-
-@dataclass(frozen=True)
-class InferenceSettings:
-    """How volumes are segmented in validate / test / predict.
-
-    Args:
-        mode: `mid_to_ends` (middle slice first, then both chains as a batch of 2) or `end_to_end`.
-        encode_chunk: slices per encoder call (bounds memory).
-        largest_component: keep only the largest 3D connected component of each class.
-        bf16: run the network under bfloat16 autocast.
-    """
-
-    mode: Mode = "mid_to_ends"
-    encode_chunk: int = 8
-    largest_component: bool = False
-    bf16: bool = False
 
 
 class SAutoMedModule(ScheduleHooks, L.LightningModule):
@@ -139,6 +123,10 @@ class SAutoMedModule(ScheduleHooks, L.LightningModule):
         self.loss_weights = loss
         self.lr, self.weight_decay, self.scheduler = lr, weight_decay, scheduler
         self.inference = inference
+        if inference.sam_refine and network.backbone != "litemedsam":
+            raise ValueError("model.inference.sam_refine needs network.backbone: litemedsam")
+        self.refine_source = network.sam_checkpoint  # LiteMedSAM's weights for inference.sam_refine
+        self._refiner: PretrainedBoxRefiner | None = None
         self.net = SAutoMedNet(network)
         self.criterion = SAutoMedLoss(loss, network.num_classes)
         self.class_names: tuple[str, ...] = tuple(f"class_{i}" for i in range(1, network.num_classes + 1))
@@ -159,9 +147,19 @@ class SAutoMedModule(ScheduleHooks, L.LightningModule):
                 inference=InferenceSettings(**cfg["inference"]),
             )
         module.load_state_dict(ckpt["state_dict"])
+        module.refine_source = cfg["network"].get("sam_checkpoint")
         module.class_names = tuple(cfg["class_names"])
         module.preprocessing = dict(cfg["preprocessing"])
         return module
+
+    def box_refiner(self) -> PretrainedBoxRefiner:
+        """LiteMedSAM as published, loaded on first use from the weights the network started from."""
+        if self._refiner is None:
+            if not self.refine_source:  # a refiner of random weights would only look right
+                raise ValueError("model.inference.sam_refine needs network.sam_checkpoint (LiteMedSAM)")
+            size, margin = self.network_cfg.image_size, self.inference.sam_refine_margin
+            self._refiner = PretrainedBoxRefiner(self.refine_source, size, margin)
+        return self._refiner
 
     def engine(self, mode: Mode | None = None, bf16: bool | None = None) -> InferenceEngine:
         s = self.inference
@@ -261,7 +259,13 @@ class SAutoMedModule(ScheduleHooks, L.LightningModule):
     # -- evaluation on whole volumes -------------------------------------------------------------------------
     def segment_volume(self, image: Tensor, out_hw: tuple[int, int], mode: Mode | None = None) -> np.ndarray:
         """(Z, S, S) preprocessed volume -> (Z, H, W) uint8 canonical labels at the original in-plane size."""
-        labels = self.engine(mode).segment(image, out_hw).cpu().numpy()
+        if self.inference.sam_refine:  # the chain's boxes through LiteMedSAM as published (refine.py)
+            engine = self.engine(mode)
+            logits = engine.propagate(engine.encode_volume(image))
+            scores = self.box_refiner().scores(image, logits, self.network_cfg.num_classes)
+            labels = logits_to_labels(scores, out_hw).cpu().numpy()
+        else:
+            labels = self.engine(mode).segment(image, out_hw).cpu().numpy()
         if self.inference.largest_component:
             labels = keep_largest_component(labels, self.network_cfg.num_classes)
         return labels

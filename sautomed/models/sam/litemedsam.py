@@ -55,8 +55,9 @@ class LiteMedSAM(nn.Module):
         return self.image_encoder(self.normalise(slices.float()))
 
     @torch.no_grad()
-    def decode_boxes(self, feats: Tensor, boxes: Tensor, threshold: float = 0.5) -> Tensor:
-        """(N, 256, h, w) embeddings, (N, 4) boxes (x0, y0, x1, y1 in pixels of S) -> (N, S, S) bool."""
+    def box_probabilities(self, feats: Tensor, boxes: Tensor) -> Tensor:
+        """(N, 256, h, w) embeddings, (N, 4) boxes (x0, y0, x1, y1 in pixels of S) -> (N, S, S) mask
+        probabilities of SAM's single-mask box path."""
         sparse, dense = self.prompt_encoder(points=None, boxes=boxes[:, None].float(), masks=None)
         pe = self.prompt_encoder.get_dense_pe()
         # SAM's decoder repeats one image's embedding for each of its prompts: one image at a time
@@ -75,7 +76,11 @@ class LiteMedSAM(nn.Module):
         S = self.image_size
         if logits.shape[-1] != S:
             logits = F.interpolate(logits, size=(S, S), mode="bilinear", align_corners=False)
-        return torch.sigmoid(logits[:, 0]) > threshold
+        return torch.sigmoid(logits[:, 0])
+
+    def decode_boxes(self, feats: Tensor, boxes: Tensor, threshold: float = 0.5) -> Tensor:
+        """(N, 256, h, w) embeddings, (N, 4) boxes (x0, y0, x1, y1 in pixels of S) -> (N, S, S) bool."""
+        return self.box_probabilities(feats, boxes) > threshold
 
     def segment_boxes(self, slices: Tensor, boxes: Tensor, threshold: float = 0.5) -> Tensor:
         """(N, S, S) slices, (N, 4) boxes (x0, y0, x1, y1 in pixels of S) -> (N, S, S) bool masks."""

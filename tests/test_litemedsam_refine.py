@@ -1,0 +1,92 @@
+"""`inference.sam_refine` (models/sautomed/refine.py): LiteMedSAM as published re-segments the boxes of the
+chain's masks. Real weights and real MR (slow, runs in CI): a degraded mask handed in as the chain's logits
+comes back closer to the reference; the boxes grow by the margin; settings that cannot work are refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from sautomed.data.layouts import get_layout
+from sautomed.data.preprocess import Preprocessing, preprocess
+from sautomed.inference import InferenceSettings
+from sautomed.models.sautomed.network import NetworkConfig
+from sautomed.models.sautomed.refine import PretrainedBoxRefiner
+from sautomed.module import SAutoMedModule
+
+ROOT = Path(__file__).resolve().parents[1] / ".." / "shared"
+MR = ROOT / "data" / "chaos-mr"
+WEIGHTS = ROOT / "weights" / "lite_medsam.pth"
+S = 128
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return float(2 * (a & b).sum() / max(1, a.sum() + b.sum()))
+
+
+@pytest.fixture(scope="module")
+def refiner() -> PretrainedBoxRefiner:
+    if not WEIGHTS.is_file():
+        pytest.fail(f"{WEIGHTS} missing; CI provides ../shared beside the project")
+    return PretrainedBoxRefiner(str(WEIGHTS), S, margin=6)
+
+
+def test_boxes_grow_by_the_margin_and_stay_inside(refiner):
+    labels = np.zeros((2, S, S), np.uint8)
+    labels[0, 10:20, 30:50] = 1  # rows 10-19, columns 30-49
+    labels[0, 0:5, 120:128] = 2  # at the edge: clipped
+    labels[1, 60, 60:62] = 1  # 2 pixels: below MIN_PIXELS, no box
+    found = refiner.boxes(labels, 2)
+    assert [(z, c) for z, c, _ in found] == [(0, 1), (0, 2)]
+    assert found[0][2].tolist() == [24, 4, 55, 25]  # x0 y0 x1 y1, each side 6 pixels out
+    assert found[1][2].tolist() == [114, 0, 127, 10]
+
+
+@pytest.mark.slow
+def test_a_degraded_chain_mask_comes_back_closer_to_the_reference(refiner):
+    layout = get_layout("nnunet", MR)
+    loaded = layout.load(layout.cases()[0])
+    image, label = preprocess(
+        loaded.image, loaded.label, Preprocessing(image_size=S, normalization="percentile")
+    )
+    zs = [z for z in range(label.shape[0]) if (label[z] == 1).sum() > 200][::4][:6]  # liver slices
+    ref = label[zs] == 1
+    # the chain's liver: the reference eroded by 5 pixels, with an interior hole (still one component)
+    degraded = np.stack([ndimage.binary_erosion(mask, iterations=5) for mask in ref])
+    for i, mask in enumerate(degraded):
+        dist = ndimage.distance_transform_edt(mask)
+        degraded[i] &= dist < 0.6 * dist.max()
+    logits = torch.full((len(zs), 5, S, S), -5.0)
+    logits[:, 0] = 0.0
+    logits[:, 1] = torch.from_numpy(np.where(degraded, 5.0, -5.0))
+    volume = torch.from_numpy(image[zs].astype(np.float32))
+    scores = refiner.scores(volume, logits, 4)
+    assert scores.shape == (len(zs), 5, S, S) and torch.all(scores[:, 0] == 0.5)
+    assert torch.all(scores[:, 2:] == 0)  # no other class on these inputs: nothing to refine
+    refined = scores.argmax(1).numpy() == 1
+    before, after = _dice(degraded, ref), _dice(refined, ref)
+    print(f"liver DSC: chain {before:.3f}, refined {after:.3f}")
+    assert before < 0.75 and after > 0.85  # the box of the holed mask still spans the organ
+
+
+def test_refinement_needs_the_litemedsam_backbone_and_its_weights():
+    refine = InferenceSettings(sam_refine=True)
+    with pytest.raises(ValueError, match="sam_refine needs network.backbone: litemedsam"):
+        SAutoMedModule(
+            NetworkConfig(backbone="tiny", image_size=64, num_classes=2, encoder_finetune="full"),
+            inference=refine,
+        )
+    module = SAutoMedModule(
+        NetworkConfig(
+            backbone="litemedsam", image_size=S, num_classes=2, encoder_finetune="frozen", lora_rank=0
+        ),
+        inference=refine,
+    )  # random weights: the refiner would be a random decoder that looks right
+    with pytest.raises(ValueError, match=r"sam_refine needs network.sam_checkpoint \(LiteMedSAM\)"):
+        module.box_refiner()
+    with pytest.raises(ValueError, match="sam_refine_margin must be >= 0"):
+        PretrainedBoxRefiner(str(WEIGHTS), S, margin=-1)
