@@ -124,7 +124,7 @@ class SAutoMedModule(ScheduleHooks, L.LightningModule):
         self.lr, self.weight_decay, self.scheduler = lr, weight_decay, scheduler
         self.inference = inference
         if inference.sam_refine and network.backbone != "litemedsam":
-            raise ValueError("model.inference.sam_refine needs network.backbone: litemedsam")
+            raise ValueError("inference.sam_refine needs network.backbone: litemedsam")
         self.refine_source = network.sam_checkpoint  # LiteMedSAM's weights for inference.sam_refine
         self._refiner: PretrainedBoxRefiner | None = None
         self.net = SAutoMedNet(network)
@@ -155,8 +155,10 @@ class SAutoMedModule(ScheduleHooks, L.LightningModule):
     def box_refiner(self) -> PretrainedBoxRefiner:
         """LiteMedSAM as published, loaded on first use from the weights the network started from."""
         if self._refiner is None:
+            if self.network_cfg.backbone != "litemedsam":
+                raise ValueError("inference.sam_refine needs network.backbone: litemedsam")
             if not self.refine_source:  # a refiner of random weights would only look right
-                raise ValueError("model.inference.sam_refine needs network.sam_checkpoint (LiteMedSAM)")
+                raise ValueError("inference.sam_refine needs network.sam_checkpoint (LiteMedSAM)")
             size, margin = self.network_cfg.image_size, self.inference.sam_refine_margin
             self._refiner = PretrainedBoxRefiner(self.refine_source, size, margin)
         return self._refiner

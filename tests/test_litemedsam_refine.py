@@ -6,11 +6,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 from scipy import ndimage
 
+from sautomed.cli import main
 from sautomed.data.layouts import get_layout
 from sautomed.data.preprocess import Preprocessing, preprocess
 from sautomed.inference import InferenceSettings
@@ -90,3 +93,57 @@ def test_refinement_needs_the_litemedsam_backbone_and_its_weights():
         module.box_refiner()
     with pytest.raises(ValueError, match="sam_refine_margin must be >= 0"):
         PretrainedBoxRefiner(str(WEIGHTS), S, margin=-1)
+
+
+def _checkpoint(module: SAutoMedModule, path: Path) -> Path:
+    """A checkpoint of ``module`` as the run folder would hold it (untrained)."""
+    module.class_names = ("liver", "right_kidney", "left_kidney", "spleen")[: module.network_cfg.num_classes]
+    module.preprocessing = {"image_size": module.network_cfg.image_size, "normalization": "percentile"}
+    ckpt = {"state_dict": module.state_dict(), "epoch": 0, "global_step": 0}
+    ckpt["pytorch-lightning_version"] = lightning.__version__
+    module.on_save_checkpoint(ckpt)
+    torch.save(ckpt, path)
+    return path
+
+
+def _few_slices(tmp_path: Path, n: int = 6) -> Path:
+    """The first shared CHAOS MR case cut to ``n`` slices around its middle (geometry kept by SimpleITK)."""
+    img = sitk.ReadImage(str(sorted((MR / "imagesTr").iterdir())[0]))
+    mid = img.GetSize()[2] // 2
+    path = tmp_path / "case_0000.nii.gz"
+    sitk.WriteImage(img[:, :, mid - n // 2 : mid + n // 2], str(path))
+    return path
+
+
+def test_predict_sam_refine_refuses_another_backbone(tmp_path, capsys):
+    tiny = SAutoMedModule(
+        NetworkConfig(backbone="tiny", image_size=64, num_classes=4, encoder_finetune="full")
+    )
+    ckpt = _checkpoint(tiny, tmp_path / "tiny.ckpt")
+    src = _few_slices(tmp_path)
+    argv = ["predict", "--ckpt_path", str(ckpt), "--input", str(src), "--output", str(tmp_path / "out")]
+    assert main([*argv, "--sam-refine", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "inference.sam_refine needs network.backbone: litemedsam" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_predict_with_sam_refine_writes_labels_on_the_input_grid(tmp_path, capsys):
+    net = NetworkConfig(
+        backbone="litemedsam",
+        image_size=S,
+        num_classes=4,
+        sam_checkpoint=str(WEIGHTS),
+        encoder_finetune="frozen",
+        lora_rank=0,
+        decoder="per_class",
+    )
+    ckpt = _checkpoint(SAutoMedModule(net, inference=InferenceSettings(sam_refine=True)), tmp_path / "l.ckpt")
+    src = _few_slices(tmp_path)
+    out = tmp_path / "out"
+    argv = ["predict", "--ckpt_path", str(ckpt), "--input", str(src), "--output", str(out), "--no-progress"]
+    assert main(argv) == 0, capsys.readouterr().err
+    a, b = sitk.ReadImage(str(src)), sitk.ReadImage(str(out / src.name))
+    assert a.GetSize() == b.GetSize() and a.GetSpacing() == b.GetSpacing()
+    assert a.GetOrigin() == b.GetOrigin() and a.GetDirection() == b.GetDirection()
+    assert set(np.unique(sitk.GetArrayFromImage(b))) <= {0, 1, 2, 3, 4}
