@@ -223,9 +223,12 @@ def test_litemedsam_beside_tiny_in_one_run():
         compare=("tiny",),
         case_slices=4,
         threads=1,
+        sam_refine=True,
     )
     r = run_bench(s)
     assert list(r["backbones"]) == ["litemedsam", "tiny"]
+    assert r["refine_case_s"] > 0 and r["backbones"]["litemedsam"]["refine_case_s"] == r["refine_case_s"]
+    assert "refine_case_s" not in r["backbones"]["tiny"]  # LiteMedSAM's own pass: the litemedsam model only
     for name, b in r["backbones"].items():
         for key in BACKBONE_KEYS:
             assert isinstance(b[key], float) and b[key] > 0, (name, key)
@@ -244,6 +247,7 @@ def test_litemedsam_beside_tiny_in_one_run():
     assert r["predict_case_s"] == r["backbones"]["litemedsam"]["predict_case_s"]
     report = format_report(r)
     assert "litemedsam" in report and "tiny" in report and "before: warm-ups 1..2" in report
+    assert "+ inference.sam_refine, worst case" in report
 
 
 def test_compare_and_chain_flags():
@@ -258,6 +262,7 @@ def test_compare_and_chain_flags():
     assert (s.warmup_min, s.warmup_slices) == (windows.get("warmup_min", 1), windows["warmup_max"])
     assert s.loss["warmup"] == cfg["model"]["loss"]["warmup"]
     assert s.before_warmups == (1, 3) and s.case_slices == 35 and s.mode == "mid_to_ends"
+    assert s.sam_refine == cfg["model"]["inference"]["sam_refine"] and s.sam_refine_margin == 6
     s = settings_from_args(build_parser().parse_args(["--model", "tiny", "--compare", "litemedsam,tiny"]))
     assert s.compare == ("litemedsam",)  # the model itself is not compared with itself
     with pytest.raises(ValueError, match="unknown backbone"):

@@ -16,9 +16,9 @@ from scipy import ndimage
 from sautomed.cli import main
 from sautomed.data.layouts import get_layout
 from sautomed.data.preprocess import Preprocessing, preprocess
-from sautomed.inference import InferenceSettings
+from sautomed.inference import InferenceSettings, logits_to_labels
 from sautomed.models.sautomed.network import NetworkConfig
-from sautomed.models.sautomed.refine import PretrainedBoxRefiner
+from sautomed.models.sautomed.refine import PretrainedBoxRefiner, worst_case_logits
 from sautomed.module import SAutoMedModule
 
 ROOT = Path(__file__).resolve().parents[1] / ".." / "shared"
@@ -147,3 +147,10 @@ def test_predict_with_sam_refine_writes_labels_on_the_input_grid(tmp_path, capsy
     assert a.GetSize() == b.GetSize() and a.GetSpacing() == b.GetSpacing()
     assert a.GetOrigin() == b.GetOrigin() and a.GetDirection() == b.GetDirection()
     assert set(np.unique(sitk.GetArrayFromImage(b))) <= {0, 1, 2, 3, 4}
+
+
+def test_the_benchs_worst_case_puts_every_class_on_every_slice(refiner):
+    logits = worst_case_logits(3, 4, S)
+    labels = logits_to_labels(logits, (S, S)).numpy()
+    assert [sorted(set(np.unique(z)) - {0}) for z in labels] == [[1, 2, 3, 4]] * 3
+    assert len(refiner.boxes(labels, 4)) == 3 * 4

@@ -220,6 +220,12 @@ def _backbone_table(r: dict[str, Any]) -> list[str]:
         lines.append(f"{name:12s} " + " ".join(cells))
         if b.get("train_error"):
             lines.append(f"{'':12s} training step FAILED: {b['train_error']}")
+        if b.get("refine_case_s") is not None:
+            total = b["refine_case_s"] + (b.get("predict_case_s") or 0.0)
+            lines.append(
+                f"{'':12s} + inference.sam_refine, worst case (every class on every slice): "
+                f"{b['refine_case_s']:.3f} s, predict with it {total:.3f} s"
+            )
     first = next((b for b in bbs.values() if b.get("train_chain_before")), None)
     if first is not None:
         lines.append("* the config's step uses cached encoder features (frozen encoder, augmented copies)")

@@ -27,6 +27,7 @@ from sautomed.bench.timing import count_encoded, loadavg, predicted_ratio, sync,
 from sautomed.bench.workload import build_net, encoder_gflop_per_slice, naive_loop, synthetic_volume
 from sautomed.inference import InferenceEngine
 from sautomed.models.sautomed.network import SAutoMedNet
+from sautomed.models.sautomed.refine import PretrainedBoxRefiner, worst_case_logits
 
 # what one backbone's training worker records (`Measures.training`; chain.train_measures)
 TRAIN_KEYS = (
@@ -288,6 +289,13 @@ def run_bench(
     r["encoder_s_per_slice"] = r["backbones"][model]["encoder_s_per_slice"]
     r["predict_case_s"] = r["backbones"][model]["predict_case_s"]
     del nets, case_engines
+    r["refine_case_s"] = None  # inference.sam_refine: LiteMedSAM's second pass, its worst case (refine.py)
+    if s.sam_refine and model == "litemedsam":
+        refiner = PretrainedBoxRefiner(None, size, s.sam_refine_margin)
+        C = net.cfg.num_classes
+        worst = worst_case_logits(s.case_slices, C, size).to(dev)
+        m.timed({"refine_case": lambda: refiner.scores(case, worst, C)})
+        r["backbones"][model]["refine_case_s"] = r["refine_case_s"]
 
     r.update(dict.fromkeys(("train_step_s", "train_peak_mb", "train_step_mb", "train_peak_mb_checkpointed")))
     if s.train:

@@ -38,6 +38,8 @@ class BenchSettings:
     compare: tuple[str, ...] = ()  # backbones measured beside the model (same config)
     case_slices: int = 35  # slices of the synthetic case of `predict_case_s`
     mode: Mode = "mid_to_ends"  # the config's model.inference.mode (predict_case_s)
+    sam_refine: bool = False  # the config's model.inference.sam_refine (refine_case_s, litemedsam only)
+    sam_refine_margin: int = 6
     device: str = "cpu"
     dtype: str = "fp32"
     repeats: int = 3
@@ -145,6 +147,8 @@ def settings_from_args(a: argparse.Namespace) -> BenchSettings:
         compare=tuple(dict.fromkeys(b for b in compare if b != network.get("backbone", "tiny"))),
         case_slices=a.case_slices,
         mode=(model.get("inference") or {}).get("mode", "mid_to_ends"),
+        sam_refine=bool((model.get("inference") or {}).get("sam_refine", False)),
+        sam_refine_margin=int((model.get("inference") or {}).get("sam_refine_margin", 6)),
         device=a.device,
         dtype=a.dtype,
         repeats=a.repeats,

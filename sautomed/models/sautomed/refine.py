@@ -30,15 +30,21 @@ class PretrainedBoxRefiner:
     """LiteMedSAM as published, re-segmenting the chain's boxes.
 
     Args:
-        source: LiteMedSAM's checkpoint (a path, or ``litemedsam``: the weights cache).
+        source: LiteMedSAM's checkpoint (a path, or ``litemedsam``: the weights cache); None: random
+            weights (``sautomed bench`` times it; never used to segment).
         image_size: the network's input size S (the boxes are in pixels of S).
         margin: pixels of S added to each side of a component's bounding box.
     """
 
-    def __init__(self, source: str, image_size: int, margin: int) -> None:
+    def __init__(self, source: str | None, image_size: int, margin: int) -> None:
         if margin < 0:
             raise ValueError(f"inference.sam_refine_margin must be >= 0, got {margin}")
-        self.sam = LiteMedSAM.from_checkpoint(source, image_size)
+        # source None: random weights, for `sautomed bench` (timing only; the module refuses it)
+        self.sam = (
+            LiteMedSAM(image_size).eval()
+            if source is None
+            else LiteMedSAM.from_checkpoint(source, image_size)
+        )
         self.image_size, self.margin = image_size, margin
 
     def boxes(self, labels: np.ndarray, num_classes: int) -> list[tuple[int, int, np.ndarray]]:
@@ -72,3 +78,13 @@ class PretrainedBoxRefiner:
             box_t = torch.from_numpy(box)[None].to(volume.device)
             out[z, c] = sam.box_probabilities(feats[z][None], box_t)[0]
         return out
+
+
+def worst_case_logits(slices: int, num_classes: int, size: int) -> Tensor:
+    """(slices, C+1, size, size) chain logits with every class on every slice, side by side in stripes:
+    the refiner's most expensive input (one box per class and slice), for ``sautomed bench``."""
+    logits = torch.zeros(slices, num_classes + 1, size, size)
+    width = size // (num_classes + 1)
+    for c in range(1, num_classes + 1):
+        logits[:, c, size // 4 : 3 * size // 4, c * width : (c + 1) * width] = 1.0
+    return logits
