@@ -154,3 +154,12 @@ def test_the_benchs_worst_case_puts_every_class_on_every_slice(refiner):
     labels = logits_to_labels(logits, (S, S)).numpy()
     assert [sorted(set(np.unique(z)) - {0}) for z in labels] == [[1, 2, 3, 4]] * 3
     assert len(refiner.boxes(labels, 4)) == 3 * 4
+
+
+def test_one_decoder_call_per_slice_equals_one_per_box(refiner):
+    torch.manual_seed(0)
+    feat = torch.randn(1, 256, S // 4, S // 4)
+    boxes = torch.tensor([[10.0, 12, 60, 70], [64, 30, 120, 90], [0, 0, 127, 127]])
+    together = refiner.sam.image_box_probabilities(feat, boxes)
+    alone = refiner.sam.box_probabilities(feat.expand(3, -1, -1, -1), boxes)
+    assert together.shape == (3, S, S) and torch.allclose(together, alone, atol=1e-5)

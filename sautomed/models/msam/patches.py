@@ -142,8 +142,8 @@ class LesionCropDataset(Dataset):
         else:
             centre = np.array([rng.integers(n) for n in shape])
         start = crop_start(centre, shape, s.size)
-        volume = np.asarray(self.volumes[c].image, np.float32)
-        image = crop_or_pad(volume if volume.ndim == 4 else volume[None], start, s.size)  # (C, c, c, c)
+        volume = self.volumes[c].image  # float16: cut the crop first, then convert it alone
+        image = crop_or_pad(volume if volume.ndim == 4 else volume[None], start, s.size).astype(np.float32)
         target = crop_or_pad(self.targets[c], start, s.size)
         if s.flip:
             axes = tuple(a for a in range(3) if rng.random() < 0.5)

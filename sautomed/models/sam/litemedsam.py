@@ -78,6 +78,23 @@ class LiteMedSAM(nn.Module):
             logits = F.interpolate(logits, size=(S, S), mode="bilinear", align_corners=False)
         return torch.sigmoid(logits[:, 0])
 
+    @torch.no_grad()
+    def image_box_probabilities(self, feat: Tensor, boxes: Tensor) -> Tensor:
+        """One image's (1, 256, h, w) embedding and its (k, 4) boxes -> (k, S, S) mask probabilities, in one
+        decoder call (SAM's decoder repeats the embedding for each prompt; as ``box_probabilities``)."""
+        sparse, dense = self.prompt_encoder(points=None, boxes=boxes[:, None].float(), masks=None)
+        logits = self.mask_decoder(
+            image_embeddings=feat,
+            image_pe=self.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=False,
+        )[0]  # (k, 1, 4h, 4w)
+        S = self.image_size
+        if logits.shape[-1] != S:
+            logits = F.interpolate(logits, size=(S, S), mode="bilinear", align_corners=False)
+        return torch.sigmoid(logits[:, 0])
+
     def decode_boxes(self, feats: Tensor, boxes: Tensor, threshold: float = 0.5) -> Tensor:
         """(N, 256, h, w) embeddings, (N, 4) boxes (x0, y0, x1, y1 in pixels of S) -> (N, S, S) bool."""
         return self.box_probabilities(feats, boxes) > threshold

@@ -74,9 +74,12 @@ class PretrainedBoxRefiner:
             part = slices[start : start + chunk]
             for z, f in zip(part, sam.encode(volume[part].float())):
                 feats[z] = f
-        for z, c, box in found:
-            box_t = torch.from_numpy(box)[None].to(volume.device)
-            out[z, c] = sam.box_probabilities(feats[z][None], box_t)[0]
+        for z in slices:  # one decoder call per slice, all its classes' boxes at once
+            here = [(c, box) for zz, c, box in found if zz == z]
+            boxes = torch.from_numpy(np.stack([box for _, box in here])).to(volume.device)
+            probs = sam.image_box_probabilities(feats[z][None], boxes)  # (k, S, S)
+            for (c, _), p in zip(here, probs):
+                out[z, c] = p
         return out
 
 
