@@ -50,9 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--largest-component", action="store_true", default=None, help="keep largest component")
     p.add_argument(
         "--sam-refine",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=None,
-        help="LiteMedSAM as published re-segments the chain's boxes (3D-SAutoMed, litemedsam backbone)",
+        help="LiteMedSAM as published re-segments the chain's boxes (3D-SAutoMed, litemedsam backbone; "
+        "default: the checkpoint's inference.sam_refine)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     predict_outputs.add_output_arguments(p)  # --statistics, --preview, --dicom-seg
@@ -89,8 +90,8 @@ def predict_main(argv: Sequence[str]) -> int:
         changes["bf16"] = True
     if a.largest_component:
         changes["largest_component"] = True
-    if a.sam_refine:
-        changes["sam_refine"] = True
+    if a.sam_refine is not None:
+        changes["sam_refine"] = a.sam_refine
     module.inference = with_inference_changes(module, changes)
     if module.preprocessing is None:
         raise UserError(f"{a.ckpt_path}: the checkpoint carries no preprocessing settings")

@@ -143,6 +143,10 @@ def test_predict_with_sam_refine_writes_labels_on_the_input_grid(tmp_path, capsy
     out = tmp_path / "out"
     argv = ["predict", "--ckpt_path", str(ckpt), "--input", str(src), "--output", str(out), "--no-progress"]
     assert main(argv) == 0, capsys.readouterr().err
+    assert main([*argv[:-3], "--output", str(tmp_path / "plain"), "--no-sam-refine", "--no-progress"]) == 0
+    plain = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "plain" / src.name)))
+    refined = sitk.GetArrayFromImage(sitk.ReadImage(str(out / src.name)))
+    assert not np.array_equal(plain, refined)  # the checkpoint's refinement, and the flag that turns it off
     a, b = sitk.ReadImage(str(src)), sitk.ReadImage(str(out / src.name))
     assert a.GetSize() == b.GetSize() and a.GetSpacing() == b.GetSpacing()
     assert a.GetOrigin() == b.GetOrigin() and a.GetDirection() == b.GetDirection()
