@@ -13,6 +13,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 import yaml
+from test_msam_cli import msam_config
 
 from sautomed.cli import main
 from sautomed.data.errors import DatasetError, VolumeError
@@ -202,39 +203,15 @@ def test_crops_carry_every_channel(two_channel, tmp_path):
 
 
 def _config(path: Path, data: Path, run_dir: Path, channels: int, in_channels: int) -> Path:
-    cfg = {
-        "seed_everything": 0,
-        "trainer": {
-            "default_root_dir": str(run_dir),
-            "accelerator": "cpu",
-            "devices": 1,
-            "max_steps": 2,
-            "max_epochs": 1,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "log_every_n_steps": 1,
-        },
-        "model": {
-            "class_path": "sautomed.models.msam.module.MSAMModule",
-            "init_args": {
-                "network": {"variant": "tiny", "image_size": 32, "in_channels": in_channels},
-                "refinement": {"iterations": 2, "cutout_probability": 0.5},
-                "evaluation": {"oracle_clicks": [1, 3]},
-                "automatic": {"self_prompt_iterations": 1, "min_component_voxels": 5},
-            },
-        },
-        "data": {
-            "layout": "nnunet",
-            "root": str(data / "train"),
-            "test_root": str(data / "test"),
-            "folds": 1,
-            "channels": channels,
-            "preprocessing": {"image_size": 36, "normalization": "percentile"},
-            "crops": {"size": 32, "samples_per_epoch": 4},
-            "batch_size": 2,
-            "cache_dir": str(path.parent / "cache"),
-        },
-    }
+    """test_msam_cli's two-step tiny M-SAM config, on the 2-channel phantoms."""
+    cfg = yaml.safe_load(msam_config(path, data, run_dir).read_text())
+    model = cfg["model"]["init_args"]
+    model["network"]["in_channels"] = in_channels
+    model["refinement"] = {"iterations": 2, "cutout_probability": 0.5}
+    model["evaluation"] = {"oracle_clicks": [1, 3]}
+    cfg["data"].update(
+        folds=1, channels=channels, preprocessing={"image_size": 36, "normalization": "percentile"}
+    )
     path.write_text(yaml.safe_dump(cfg))
     return path
 
