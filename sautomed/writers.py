@@ -7,7 +7,6 @@ for an input that could not be read, `{"error", "source"}`.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from sautomed.data.io import is_dicom_dir, is_volume_file, volume_stem, write_label_volume
+from sautomed.data.layouts.nnunet import CHANNEL
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def _output_name(src: Path) -> str:
 
 def _channel_of(src: Path) -> tuple[str, int] | None:
     """(case, k) of an nnU-Net channel file ``case_000k.<ext>``; None for any other name."""
-    match = re.match(r"^(.*)_(\d{4})$", volume_stem(src))
+    match = CHANNEL.match(volume_stem(src))
     return None if match is None or src.is_dir() else (match.group(1), int(match.group(2)))
 
 
