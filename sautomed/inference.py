@@ -31,6 +31,8 @@ class InferenceSettings:
         sam_refine: LiteMedSAM as published re-segments the box of each class's largest component on every
             slice (`models/sautomed/refine.py`; backbone litemedsam and its `network.sam_checkpoint` only).
         sam_refine_margin: pixels of S added to each side of those boxes.
+        source: ``chain`` (the slice chain's logits) or ``dense`` (the network's dense proposals alone,
+            ``network.dense_head``: the ablation of everything after them).
     """
 
     mode: Mode = "mid_to_ends"
@@ -39,6 +41,7 @@ class InferenceSettings:
     bf16: bool = False
     sam_refine: bool = False
     sam_refine_margin: int = 6
+    source: Literal["chain", "dense"] = "chain"
 
 
 class SliceNetwork(Protocol):

@@ -15,12 +15,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sautomed.boxes import box_cxcywh_to_xyxy, boxes_from_labels, generalized_box_iou
+from sautomed.models.sautomed.dense import dense_loss
 
 
 class _StepOutputLike(Protocol):  # sautomed.models.sautomed.network.StepOutput
     logits: Tensor
     boxes: Tensor
     presence: Tensor
+    dense: Tensor | None
 
 
 @dataclass
@@ -36,6 +38,7 @@ class LossWeights:
         warmup: weight of the same loss on the warm-up slices' outputs (their mean), added to the target
             slice's. 0 (the paper): only the target slice is supervised. > 0 supervises every step of the
             chain, the first one from the initial state included (what inference's first slice runs from).
+        dense: cross-entropy + soft Dice of the dense proposals at the feature grid (``network.dense_head``).
     """
 
     ce: float = 0.5
@@ -44,6 +47,7 @@ class LossWeights:
     box_giou: float = 2.0
     presence: float = 1.0
     warmup: float = 0.0
+    dense: float = 1.0
 
 
 def soft_dice_loss(probs: Tensor, onehot: Tensor, smooth: float = 1.0) -> Tensor:
@@ -94,7 +98,8 @@ class SAutoMedLoss(nn.Module):
     def forward(self, out: _StepOutputLike, target: Tensor) -> dict[str, Tensor]:
         """out: a ``StepOutput`` (logits (B, C+1, h, w), boxes (B, C, 4), presence (B, C));
         target: (B, H, W) long labels in 0..C.
-        Returns {"loss", "ce", "dice", "box_l1", "box_giou", "presence"}.
+        Returns {"loss", "ce", "dice", "box_l1", "box_giou", "presence"}, and "dense" when the output holds
+        dense proposals (``dense.py``).
         """
         C = self.num_classes
         logits = out.logits.float()
@@ -123,11 +128,8 @@ class SAutoMedLoss(nn.Module):
 
         w = self.weights
         total = w.ce * ce + w.dice * dice + w.box_l1 * box_l1 + w.box_giou * box_giou + w.presence * presence
-        return {
-            "loss": total,
-            "ce": ce,
-            "dice": dice,
-            "box_l1": box_l1,
-            "box_giou": box_giou,
-            "presence": presence,
-        }
+        terms = {"ce": ce, "dice": dice, "box_l1": box_l1, "box_giou": box_giou, "presence": presence}
+        if getattr(out, "dense", None) is not None:
+            terms["dense"] = dense_loss(out.dense, target)
+            total = total + w.dense * terms["dense"]
+        return {"loss": total, **terms}

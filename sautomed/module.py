@@ -26,9 +26,10 @@ from sautomed.guards import check_encoder_finetune, check_sam_decoder_finetune, 
 from sautomed.inference import InferenceEngine, InferenceSettings, Mode, logits_to_labels
 from sautomed.losses import LossWeights, SAutoMedLoss, hard_dice_per_class
 from sautomed.metrics import ClassResult, evaluate_case, summarize, write_metrics
+from sautomed.models.sautomed.dense import dense_volume_logits, pretrain_dense_head
 from sautomed.models.sautomed.network import NetworkConfig, SAutoMedNet
 from sautomed.models.sautomed.refine import PretrainedBoxRefiner
-from sautomed.models.sautomed.teacher import teacher_boxes
+from sautomed.models.sautomed.teacher import forced_boxes
 from sautomed.models.sautomed.window import encode_window, encode_window_cached, neighbours
 from sautomed.postprocess import keep_largest_component
 from sautomed.run_folder import CheckpointMismatchError, check_checkpoint_config
@@ -75,6 +76,9 @@ class SAutoMedModule(ScheduleHooks, L.LightningModule):
             instead of the box generator's (every slice of its chain; `models/sautomed/teacher.py`). 0 (the
             paper): always the generator's. Inference always uses the generator's boxes.
         box_teacher_jitter: how far each side of a forced box moves, as a fraction of the box's size.
+        dense_pretrain_steps: with `network.dense_head`, a frozen encoder and fixed augmented copies: every
+            copy's slices are encoded into the feature cache and the dense head trains this many steps on
+            them before the chain (`models/sautomed/dense.py`); 0: it trains with the chain only.
 
     Refuses `network.encoder_finetune: lora` without `network.sam_checkpoint` (`guards.py`), unless the
     weights come from a trained checkpoint (`from_checkpoint_dict`, `--ckpt_path`).
@@ -95,6 +99,7 @@ class SAutoMedModule(ScheduleHooks, L.LightningModule):
         inference: InferenceSettings = InferenceSettings(),
         box_teacher_forcing: float = 0.0,
         box_teacher_jitter: float = 0.1,
+        dense_pretrain_steps: int = 0,
     ) -> None:
         super().__init__()
         if not 0.0 <= box_teacher_forcing <= 1.0 or box_teacher_jitter < 0:
@@ -105,6 +110,11 @@ class SAutoMedModule(ScheduleHooks, L.LightningModule):
         if box_teacher_forcing > 0 and not network.box_prompts:
             raise ValueError("model.box_teacher_forcing needs network.box_prompts on")
         self.box_teacher_forcing, self.box_teacher_jitter = box_teacher_forcing, box_teacher_jitter
+        if dense_pretrain_steps < 0 or (dense_pretrain_steps and not network.dense_head):
+            raise ValueError("model.dense_pretrain_steps needs network.dense_head and must be >= 0")
+        if inference.source == "dense" and not network.dense_head:
+            raise ValueError("model.inference.source: dense needs network.dense_head")
+        self.dense_pretrain_steps = dense_pretrain_steps
         check_encoder_finetune(network.encoder_finetune, network.sam_checkpoint)
         check_sam_decoder_finetune(network.sam_decoder_finetune, network.sam_checkpoint)
         if not 0.0 <= warmup_fraction <= 1.0 or warmup_max_steps < 1:
@@ -170,11 +180,7 @@ class SAutoMedModule(ScheduleHooks, L.LightningModule):
 
     # -- training -----------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        image, index, label = (
-            batch["image"],
-            batch["index"],
-            batch["label"],
-        )  # (B, n+3, S, S), (B, n+3), (B, S, S)
+        image, index, label = batch["image"], batch["index"], batch["label"]  # (B,n+3,S,S), (B,n+3), (B,S,S)
         direction = batch["direction"]  # (B,): +1 or -1
         n = image.shape[1] - 3
         keys = batch.get("slice_key")  # (B, n+3) stable slice identities (data.windows.augmented_copies)
@@ -186,7 +192,9 @@ class SAutoMedModule(ScheduleHooks, L.LightningModule):
         # Warm-ups: their slices were encoded without gradients; their (cheap) decoder steps keep gradients,
         # otherwise the initial history tokens and the history filter would never receive one.
         state = self.net.initial_state(image.shape[0], image.device)
-        forced = self._forced_boxes(batch, n)  # per chain slice: None or (boxes, use)
+        seed = int(self.global_step) * 7919 + self.global_rank
+        C = self.network_cfg.num_classes
+        forced = forced_boxes(batch, n, self.box_teacher_forcing, self.box_teacher_jitter, seed, C)
         warmup_outs = []
         for k in range(1, n + 1):
             prev, nxt = neighbours(feats, direction, k)
@@ -217,25 +225,6 @@ class SAutoMedModule(ScheduleHooks, L.LightningModule):
                 self.log(f"train/dsc/{name}", value, batch_size=bs)
         return terms["loss"]
 
-    def _forced_boxes(self, batch: dict[str, Tensor], n: int) -> list[tuple[Tensor, Tensor] | None]:
-        """Teacher-forced prompts of the chain's n warm-ups and its target (None where not forced)."""
-        p = self.box_teacher_forcing
-        if p <= 0:
-            return [None] * (n + 1)
-        labels = [batch["label"]]
-        if n:
-            if batch.get("warmup_label") is None:
-                raise ValueError("model.box_teacher_forcing needs the warm-up slices' labels")
-            labels = [*batch["warmup_label"].unbind(1), batch["label"]]  # n x (B, S, S), then the target
-        gen = torch.Generator().manual_seed(int(self.global_step) * 7919 + self.global_rank)
-        C = self.network_cfg.num_classes
-        chosen = torch.rand(batch["label"].shape[0], generator=gen) < p  # the same samples along the chain
-        out: list[tuple[Tensor, Tensor] | None] = []
-        for lab in labels:
-            boxes, use = teacher_boxes(lab, C, self.box_teacher_jitter, gen)
-            out.append((boxes, use & chosen.to(use.device).unsqueeze(1)))
-        return out
-
     def configure_optimizers(self) -> Any:
         loaded = set(self.net.load_report.loaded) if self.net.load_report is not None else set()
         groups: dict[bool, list[torch.nn.Parameter]] = {False: [], True: []}
@@ -261,14 +250,16 @@ class SAutoMedModule(ScheduleHooks, L.LightningModule):
     # -- evaluation on whole volumes -------------------------------------------------------------------------
     def segment_volume(self, image: Tensor, out_hw: tuple[int, int], mode: Mode | None = None) -> np.ndarray:
         """(Z, S, S) preprocessed volume -> (Z, H, W) uint8 canonical labels at the original in-plane size."""
-        if self.inference.sam_refine:  # the chain's boxes through LiteMedSAM as published (refine.py)
-            engine = self.engine(mode)
-            logits = engine.propagate(engine.encode_volume(image))
-            scores = self.box_refiner().scores(image, logits, self.network_cfg.num_classes)
-            labels = logits_to_labels(scores, out_hw).cpu().numpy()
+        s, engine = self.inference, self.engine(mode)
+        feats = engine.encode_volume(image)
+        if s.source == "dense":  # the dense proposals alone, without the chain (dense.py)
+            logits = dense_volume_logits(self.net.dense_head, feats)
         else:
-            labels = self.engine(mode).segment(image, out_hw).cpu().numpy()
-        if self.inference.largest_component:
+            logits = engine.propagate(feats)
+        if s.sam_refine:  # their boxes through LiteMedSAM as published (refine.py)
+            logits = self.box_refiner().scores(image, logits, self.network_cfg.num_classes)
+        labels = logits_to_labels(logits, out_hw).cpu().numpy()
+        if s.largest_component:
             labels = keep_largest_component(labels, self.network_cfg.num_classes)
         return labels
 
@@ -371,6 +362,14 @@ class SAutoMedModule(ScheduleHooks, L.LightningModule):
 
     def on_fit_start(self) -> None:
         self._sync_from_datamodule()
+
+    def on_train_start(self) -> None:  # after the Timer starts: the clock schedule counts this time too
+        if self.dense_pretrain_steps:
+            data = getattr(self.trainer.train_dataloader, "dataset", None)
+            if getattr(data, "augmented_copies", 0) < 1 or self.network_cfg.encoder_finetune != "frozen":
+                raise ValueError("dense_pretrain_steps needs data.windows.augmented_copies, a frozen encoder")
+            steps, seed = self.dense_pretrain_steps, int(torch.initial_seed()) % 2**31 + self.global_rank
+            pretrain_dense_head(self.net, data.copies, data.key_offset, self._feature_cache, steps, seed)
 
     def sautomed_config(self) -> dict[str, Any]:
         return {

@@ -15,9 +15,7 @@ import os
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
-import numpy as np
 import torch
-from scipy import ndimage
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -29,6 +27,7 @@ from sautomed.models.sam.upstream import ImageEncoderViT
 from sautomed.models.sam.weights import resolve_weights
 from sautomed.models.sautomed.box_prompt import BoxPromptGenerator
 from sautomed.models.sautomed.decoder import SAM_DECODER_UNUSED, MultiClassMaskDecoder, PerClassMaskDecoder
+from sautomed.models.sautomed.dense import DenseHead, dense_boxes, dense_presence, largest_component_2d
 from sautomed.models.sautomed.history import HistoryTokens
 from sautomed.models.sautomed.slice_attention import SliceAttention
 
@@ -42,6 +41,7 @@ NEW_MODULE_PREFIXES = (
     "mask_decoder.class_tokens.",
     "mask_decoder.class_hypernetworks_mlps.",
     "mask_decoder.class_embed.",
+    "dense_head.",
 )
 
 
@@ -95,6 +95,9 @@ class NetworkConfig:
             embedding, exactly as published; z is the box prompt generator's memory and the history tokens
             are extra queries of the generator. With a pretrained decoder and a few training cases, what
             the decoder knew then cannot be overwritten by the new modules.
+        dense_head: dense class proposals on the encoder features of the slice and its neighbours
+            (``dense.py``, needs box prompts): a class absent from the previous slice gets its anchor from
+            them, and they give the presence that gates the per-class decoder's logits.
     """
 
     backbone: Literal["tiny", "vit_b", "vit_l", "vit_h", "litemedsam"] = "tiny"
@@ -122,6 +125,7 @@ class NetworkConfig:
     decoder: Literal["joint", "per_class"] = "joint"
     sam_decoder_finetune: Literal["full", "frozen"] = "full"
     context: Literal["decoder", "prompts"] = "decoder"
+    dense_head: bool = False
 
 
 class State(NamedTuple):
@@ -137,6 +141,7 @@ class StepOutput(NamedTuple):
     boxes: Tensor  # (B, C, 4) generator's boxes for this slice (zeros when box prompts are off)
     presence: Tensor  # (B, C) presence logits (zeros when box prompts are off)
     state: State  # for the next slice
+    dense: Tensor | None = None  # (B, C+1, h, w) dense proposals (network.dense_head), else None
 
 
 class SAutoMedNet(nn.Module):
@@ -166,6 +171,9 @@ class SAutoMedNet(nn.Module):
             if cfg.box_prompts
             else None
         )
+        if cfg.dense_head and not cfg.box_prompts:
+            raise ValueError("network.dense_head needs network.box_prompts on (it proposes their anchors)")
+        self.dense_head = DenseHead(D, cfg.num_classes) if cfg.dense_head else None
         if self.box_prompt is not None and cfg.decoder == "per_class":
             # the prompt tokens start as SAM's own box embedding
             nn.init.zeros_(self.box_prompt.feature_proj.weight)
@@ -317,10 +325,17 @@ class SAutoMedNet(nn.Module):
             history = state.history if state.history is not None else self._initial_history(B)
         in_prompts = self.cfg.context == "prompts"
         prompts, history_out = None, None
+        proposals = self.dense_head(f_prev, f_t, f_next) if self.dense_head is not None else None
+        anchor_boxes, anchor_present = state.boxes, state.present
+        if proposals is not None:  # a class the previous slice lacks: the dense proposal's box, if any
+            d_boxes, d_present = dense_boxes(proposals, C)
+            d_boxes = d_boxes.to(state.boxes.dtype)
+            anchor_boxes = torch.where(state.present.unsqueeze(-1), state.boxes, d_boxes)
+            anchor_present = state.present | d_present
         if self.box_prompt is not None:
             # boxes (B, C, 4), presence (B, C), queries (B, C, D)
             boxes, presence, queries, history_out = self.box_prompt.forward_with_history(
-                z, pe, state.boxes, state.present, history if in_prompts else None
+                z, pe, anchor_boxes, anchor_present, history if in_prompts else None
             )
             # prompts context: the box enters SAM as a given box does (no gradient through its Fourier
             # embedding, whose high frequencies swamp the box loss); the box and presence losses train it
@@ -342,7 +357,9 @@ class SAutoMedNet(nn.Module):
             logits, history_out = self.mask_decoder(z, pe, dense, history, prompts)  # (B, C+1, S/4, S/4)
         if self.cfg.decoder == "per_class" and self.box_prompt is not None:
             # p(c at a pixel) ~ p(c in the slice) * p(pixel | box): SAM segments whatever box it is given
-            gate = torch.nn.functional.logsigmoid(presence.to(logits.dtype))  # (B, C)
+            # (with dense proposals, p(c in the slice) is theirs: it carries over to unseen cases, dense.py)
+            gate_logit = presence if proposals is None else dense_presence(proposals)
+            gate = torch.nn.functional.logsigmoid(gate_logit.to(logits.dtype))  # (B, C)
             logits = torch.cat([logits[:, :1], logits[:, 1:] + gate[:, :, None, None]], dim=1)
 
         next_history = None
@@ -351,7 +368,7 @@ class SAutoMedNet(nn.Module):
         with torch.no_grad():  # the next anchors come from this slice's prediction
             next_boxes, next_present = self._next_boxes(logits, presence)  # (B, C, 4), (B, C)
         next_state = State(next_history, next_boxes.to(logits.dtype), next_present)
-        return StepOutput(logits, boxes, presence, next_state)
+        return StepOutput(logits, boxes, presence, next_state, proposals)
 
     def _next_boxes(self, logits: Tensor, presence: Tensor) -> tuple[Tensor, Tensor]:
         """The anchors handed to the next slice: boxes of this slice's argmax labels, gated as configured."""
@@ -368,20 +385,6 @@ class SAutoMedNet(nn.Module):
         if cfg.state_presence_gate and self.box_prompt is not None:
             present = present & (presence > 0)
         return boxes * present.unsqueeze(-1), present
-
-
-def largest_component_2d(labels: Tensor, num_classes: int) -> Tensor:
-    """(B, h, w) labels -> the same with each class cut to its largest 4-connected component per slice."""
-    arr = labels.cpu().numpy()
-    out = np.zeros_like(arr)
-    for b in range(arr.shape[0]):
-        for c in range(1, num_classes + 1):
-            comp, n = ndimage.label(arr[b] == c)
-            if n == 0:
-                continue
-            sizes = np.bincount(comp.ravel())[1:]
-            out[b][comp == 1 + int(sizes.argmax())] = c
-    return torch.from_numpy(out).to(labels.device)
 
 
 def build_network(cfg: NetworkConfig) -> SAutoMedNet:

@@ -41,3 +41,26 @@ def teacher_boxes(
     lo, hi = torch.minimum(xyxy[..., :2], xyxy[..., 2:]), torch.maximum(xyxy[..., :2], xyxy[..., 2:])
     jittered = box_xyxy_to_cxcywh(torch.cat([lo, hi], dim=-1))
     return jittered, present
+
+
+def forced_boxes(
+    batch: dict[str, Tensor], n: int, chance: float, jitter: float, seed: int, num_classes: int
+) -> list[tuple[Tensor, Tensor] | None]:
+    """Teacher-forced prompts of a training chain's n warm-ups and its target (None where not forced).
+
+    ``chance``: the share of the batch's samples forced (the same samples along the chain); ``seed``: the
+    draws' seed (the module passes one per step and rank, so a run repeats)."""
+    if chance <= 0:
+        return [None] * (n + 1)
+    labels = [batch["label"]]
+    if n:
+        if batch.get("warmup_label") is None:
+            raise ValueError("model.box_teacher_forcing needs the warm-up slices' labels")
+        labels = [*batch["warmup_label"].unbind(1), batch["label"]]  # n x (B, S, S), then the target
+    gen = torch.Generator().manual_seed(seed)
+    chosen = torch.rand(batch["label"].shape[0], generator=gen) < chance
+    out: list[tuple[Tensor, Tensor] | None] = []
+    for lab in labels:
+        boxes, use = teacher_boxes(lab, num_classes, jitter, gen)
+        out.append((boxes, use & chosen.to(use.device).unsqueeze(1)))
+    return out

@@ -1,0 +1,193 @@
+"""Dense class proposals (network.dense_head): anchors for classes absent before, the presence gate,
+their loss, the pretraining on every cached slice, and the refusals."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from sautomed.data.augment import Augmentation
+from sautomed.data.datamodule import WindowDataset
+from sautomed.data.preprocess import Prepared
+from sautomed.inference import InferenceSettings
+from sautomed.losses import LossWeights, SAutoMedLoss
+from sautomed.models.sautomed.box_prompt import BoxPromptGenerator
+from sautomed.models.sautomed.dense import (
+    dense_boxes,
+    dense_loss,
+    dense_presence,
+    dense_volume_logits,
+    pretrain_dense_head,
+)
+from sautomed.models.sautomed.network import NetworkConfig, build_network
+from sautomed.models.sautomed.window import encode_window_cached
+from sautomed.module import SAutoMedModule
+
+S, C = 32, 2
+
+
+def _net(**kw):
+    torch.manual_seed(0)
+    cfg = dict(
+        backbone="tiny", image_size=S, num_classes=C, encoder_finetune="frozen", lora_rank=0, patch_size=8
+    )
+    return build_network(NetworkConfig(**{**cfg, "decoder": "per_class", "dense_head": True, **kw}))
+
+
+def _proposal(b: int, h: int, cls: int, rows: slice, cols: slice) -> torch.Tensor:
+    """(b, C+1, h, h) logits: background everywhere, class `cls` in the rectangle."""
+    logits = torch.zeros(b, C + 1, h, h)
+    logits[:, 0] = 10.0
+    logits[:, cls, rows, cols] = 20.0
+    return logits
+
+
+def test_dense_boxes_and_presence_follow_the_proposal():
+    logits = _proposal(1, 8, 2, slice(2, 4), slice(4, 8))
+    logits[0, 2, 7, 0] = 20.0  # a stray pixel: not part of the largest component
+    boxes, present = dense_boxes(logits, C)
+    assert present.tolist() == [[False, True]]
+    torch.testing.assert_close(boxes[0, 1], torch.tensor([0.75, 0.375, 0.5, 0.25]))  # cx, cy, w, h
+    p = dense_presence(logits)
+    assert p[0, 1] > 5 and p[0, 0] < -5
+
+
+def test_a_class_absent_from_the_previous_slice_gets_the_proposal_box_as_anchor(monkeypatch):
+    net = _net().eval()
+    h = net.feature_size
+    seen = {}
+    original = BoxPromptGenerator.forward_with_history
+
+    def spy(self, z, pe, prev_boxes, prev_present, history):
+        seen["boxes"], seen["present"] = prev_boxes.clone(), prev_present.clone()
+        return original(self, z, pe, prev_boxes, prev_present, history)
+
+    monkeypatch.setattr(BoxPromptGenerator, "forward_with_history", spy)
+    proposal = _proposal(1, h, 2, slice(0, h // 2), slice(0, h // 2))
+    monkeypatch.setattr(net.dense_head, "forward", lambda a, b, c: proposal)
+    f = torch.randn(1, net.feature_dim, h, h)
+    state = net.initial_state(1)
+    prev = torch.tensor([[[0.8, 0.8, 0.2, 0.2], [0.9, 0.9, 0.1, 0.1]]])
+    with torch.no_grad():
+        net.step(f, f, f, state._replace(boxes=prev, present=torch.tensor([[True, False]])))
+    torch.testing.assert_close(seen["boxes"][0, 0], prev[0, 0])  # present before: the paper's anchor
+    torch.testing.assert_close(seen["boxes"][0, 1], torch.tensor([0.25, 0.25, 0.5, 0.5]))  # the proposal
+    assert seen["present"].tolist() == [[True, True]]
+    # the gate is the proposals' presence: with both anchors from the state, only the gate differs
+    both = state._replace(boxes=prev, present=torch.tensor([[True, True]]))
+    with torch.no_grad():
+        absent = net.step(f, f, f, both).logits  # class 1 nowhere in the proposal
+        both_classes = proposal.clone()
+        both_classes[:, 1, -2:, -2:] = 20.0  # class 1 in a corner, class 2 as before
+        monkeypatch.setattr(net.dense_head, "forward", lambda a, b, c: both_classes)
+        there = net.step(f, f, f, both).logits
+    shift = torch.nn.functional.logsigmoid(torch.tensor(-10.0)).item()  # p(class 1) ~ e^-10 at best
+    torch.testing.assert_close(
+        absent[:, 1] - there[:, 1], torch.full_like(absent[:, 1], shift), atol=1e-3, rtol=0
+    )
+    torch.testing.assert_close(absent[:, [0, 2]], there[:, [0, 2]])
+
+
+def test_the_dense_loss_is_in_the_total_and_trains_the_head():
+    net = _net(encoder_finetune="full").train()
+    label = torch.zeros(2, S, S, dtype=torch.long)
+    label[:, 4:16, 4:16] = 1
+    f = net.encode(torch.rand(2, S, S))
+    out = net.step(f, f, f, net.initial_state(2))
+    assert out.dense is not None and out.dense.shape == (2, C + 1, net.feature_size, net.feature_size)
+    terms = SAutoMedLoss(LossWeights(dense=2.0), C)(out, label)
+    without = SAutoMedLoss(LossWeights(dense=0.0), C)(out, label)
+    torch.testing.assert_close(terms["loss"], without["loss"] + 2.0 * terms["dense"])
+    torch.testing.assert_close(terms["dense"], dense_loss(out.dense, label))
+    terms["loss"].backward()
+    assert all(p.grad is not None for p in net.dense_head.parameters())
+
+
+def _volume(z: int = 10) -> Prepared:
+    rng = np.random.default_rng(0)
+    label = np.zeros((z, S, S), np.uint8)
+    label[2:8, 8:20, 8:20] = 1
+    label[4:6, 22:28, 4:10] = 2
+    image = (rng.random((z, S, S)) * 0.2 + 0.6 * (label > 0)).astype(np.float32)
+    return Prepared("v", image, label, None)
+
+
+def test_pretraining_fills_the_chain_cache_and_learns_the_slices():
+    net = _net()
+    ds = WindowDataset([_volume(), _volume(12)], 8, 0, Augmentation(probability=1.0), 0.8, augmented_copies=2)
+    cache: dict[int, torch.Tensor] = {}
+    h0 = {k: v.clone() for k, v in net.dense_head.state_dict().items()}
+    losses = pretrain_dense_head(net, ds.copies, ds.key_offset, cache, 150, seed=3)
+    assert sorted(cache) == list(range(2 * 10 + 2 * 12))  # every slice of every copy, once
+    assert np.mean(losses[-20:]) < 0.5 * np.mean(losses[:5])
+    item = ds[(0, 1, 2)]  # the chain reads the very same features from the cache
+    before = dict(cache)
+    feats = encode_window_cached(net, item["image"][None], item["slice_key"][None], cache)
+    assert cache.keys() == before.keys()
+    torch.testing.assert_close(feats[0, 0], before[int(item["slice_key"][0])].float())
+    again = _net()  # a seed repeats the pretraining exactly
+    assert all(torch.equal(h0[k], v) for k, v in again.dense_head.state_dict().items())
+    assert pretrain_dense_head(again, ds.copies, ds.key_offset, {}, 150, seed=3) == losses
+    vol = _volume()  # and what it learnt segments a volume of the kind
+    with torch.no_grad():
+        f = net.encode(torch.from_numpy(vol.image))
+        pred = dense_volume_logits(net.dense_head, f).argmax(1)
+    k = S // net.feature_size  # 4 x 4 features
+    small = torch.from_numpy(vol.label[:, k // 2 :: k, k // 2 :: k].astype(np.int64))
+    assert ((pred == 1) & (small == 1)).sum() > 0.5 * (small == 1).sum()
+
+
+def test_dense_settings_are_refused_where_they_cannot_work():
+    with pytest.raises(ValueError, match="box_prompts"):
+        _net(box_prompts=False)
+    plain = NetworkConfig(backbone="tiny", image_size=S, num_classes=C, encoder_finetune="full")
+    with pytest.raises(ValueError, match="dense_pretrain_steps"):
+        SAutoMedModule(network=plain, dense_pretrain_steps=10)
+    with pytest.raises(ValueError, match="source: dense"):
+        SAutoMedModule(network=plain, inference=InferenceSettings(source="dense"))
+
+
+def test_fit_pretrains_the_dense_head_and_validate_reads_either_source(
+    tiny_phantoms, tmp_path, make_config, caplog
+):
+    from sautomed.cli import main
+
+    run = tmp_path / "run"
+    cfg = make_config(
+        tmp_path / "c.yaml", tiny_phantoms, run, windows={"samples_per_epoch": 8, "augmented_copies": 2}
+    )
+    net = ["--model.network.encoder_finetune", "frozen", "--model.network.lora_rank", "0"]
+    net += ["--model.network.decoder", "per_class", "--model.network.dense_head", "true"]
+    fit = [
+        "fit",
+        "--config",
+        str(cfg),
+        *net,
+        "--model.dense_pretrain_steps",
+        "30",
+        "--trainer.limit_val_batches",
+        "0",
+    ]
+    with caplog.at_level("INFO", logger="sautomed.models.sautomed.dense"):
+        assert main(fit) == 0
+    found = re.search(
+        r"dense head pretrained: 30 steps on (\d+) cached slices, loss ([\d.]+) -> ([\d.]+)", caplog.text
+    )
+    assert found and int(found[1]) >= 2 * 2 * 10  # every slice of both copies of the training cases
+    assert float(found[3]) < float(found[2])
+    ckpt = torch.load(run / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["sautomed"]["network"]["dense_head"] is True
+    assert any(k.startswith("net.dense_head.") for k in ckpt["state_dict"])
+    scores = {}
+    for source in ("chain", "dense"):
+        out = tmp_path / source
+        args = ["validate", "--config", str(cfg), *net, "--ckpt_path", str(run / "last.ckpt")]
+        args += ["--trainer.default_root_dir", str(out), "--model.inference.source", source]
+        assert main(args) == 0
+        scores[source] = (out / "summary.json").read_text()
+    assert scores["chain"] != scores["dense"]  # two different segmentations of the same cases
+    bad = ["fit", "--config", str(cfg), "--model.dense_pretrain_steps", "30", "--trainer.default_root_dir"]
+    assert main([*bad, str(tmp_path / "bad")]) == 1  # no dense head: refused with one line, exit 1
