@@ -257,7 +257,8 @@ class SAutoMedModule(ScheduleHooks, L.LightningModule):
         else:
             logits = engine.propagate(feats)
         if s.sam_refine:  # their boxes through LiteMedSAM as published (refine.py)
-            logits = self.box_refiner().scores(image, logits, self.network_cfg.num_classes)
+            shared = None if s.bf16 else (self.net.image_encoder, feats)  # fp32 features may serve it too
+            logits = self.box_refiner().scores(image, logits, self.network_cfg.num_classes, shared=shared)
         labels = logits_to_labels(logits, out_hw).cpu().numpy()
         if s.largest_component:
             labels = keep_largest_component(labels, self.network_cfg.num_classes)

@@ -167,3 +167,35 @@ def test_one_decoder_call_per_slice_equals_one_per_box(refiner):
     together = refiner.sam.image_box_probabilities(feat, boxes)
     alone = refiner.sam.box_probabilities(feat.expand(3, -1, -1, -1), boxes)
     assert together.shape == (3, S, S) and torch.allclose(together, alone, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_frozen_published_encoders_features_serve_the_refiner_where_min_max_is_the_identity(refiner):
+    rng = np.random.default_rng(0)
+    volume = torch.from_numpy(rng.random((3, S, S)).astype(np.float32) * 0.9)  # spans [0, 0.9): min-max acts
+    volume[0, 0, 0], volume[0, 0, 1] = 0.0, 1.0  # slice 0 spans [0, 1]: min-max is the identity
+    volume[1, 0, 0], volume[1, 0, 1] = 0.0, 1.0
+    logits = torch.full((3, 3, S, S), -5.0)
+    logits[:, 0] = 0.0
+    logits[:, 1, 40:80, 30:70] = 5.0
+    encoder = refiner.sam.image_encoder
+    with torch.no_grad():
+        feats = encoder(volume[:, None].expand(-1, 3, -1, -1))  # what the network's encode gives
+    calls = []
+    original = refiner.sam.encode
+    refiner.sam.encode = lambda x: calls.append(len(x)) or original(x)
+    try:
+        alone = refiner.scores(volume, logits, 2)
+        assert sum(calls) == 3
+        shared = refiner.scores(volume, logits, 2, shared=(encoder, feats))
+        assert sum(calls) == 3 + 1  # only slice 2 encoded again
+        torch.testing.assert_close(shared, alone, atol=1e-4, rtol=0)
+        other = type(encoder)()  # other weights: never shared
+        other.load_state_dict(encoder.state_dict())
+        with torch.no_grad():
+            next(other.parameters()).add_(0.1)
+        assert not refiner.same_encoder(other) and refiner.same_encoder(encoder)
+        refiner.scores(volume, logits, 2, shared=(other, feats))
+        assert sum(calls) == 4 + 3
+    finally:
+        refiner.sam.encode = original

@@ -10,7 +10,9 @@ score of 0.5, are the new scores (argmax: a pixel goes to the most probable clas
 Why: trained on 3 cases, the new modules that feed SAM's decoder (slice attention, history, the box queries)
 fit those cases and make the decoder's masks worse on an unseen one (masks from reference boxes through the
 trained network: liver 0.77 against 0.93 for LiteMedSAM as published; docs/results.md), while the chain's
-boxes are good. The refiner costs one more encoder pass per slice and one decoder pass per class and slice.
+boxes are good. The refiner costs one more encoder pass per slice and one decoder call per slice; where the
+network's encoder is LiteMedSAM's as published (frozen) and a slice already spans [0, 1] (min-max is then the
+identity), the network's features of that slice are the refiner's, and are reused instead.
 """
 
 from __future__ import annotations
@@ -59,9 +61,25 @@ class PretrainedBoxRefiner:
                     out.append((z, c, box))
         return out
 
+    def same_encoder(self, encoder: torch.nn.Module) -> bool:
+        """Whether `encoder` holds exactly the refiner's encoder weights and buffers (a frozen start)."""
+        mine, theirs = self.sam.image_encoder.state_dict(), encoder.state_dict()
+        return mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k].to(mine[k])) for k in mine)
+
     @torch.no_grad()
-    def scores(self, volume: Tensor, logits: Tensor, num_classes: int, chunk: int = 8) -> Tensor:
-        """(Z, S, S) preprocessed volume and the chain's (Z, C+1, h, w) logits -> (Z, C+1, S, S) scores."""
+    def scores(
+        self,
+        volume: Tensor,
+        logits: Tensor,
+        num_classes: int,
+        chunk: int = 8,
+        shared: tuple[torch.nn.Module, Tensor] | None = None,
+    ) -> Tensor:
+        """(Z, S, S) preprocessed volume and the chain's (Z, C+1, h, w) logits -> (Z, C+1, S, S) scores.
+
+        ``shared``: the network's encoder and its (Z, D, h, w) features of the volume as it is. When that
+        encoder holds the refiner's weights (``same_encoder``) and h = S/4, the features of the slices that
+        already span [0, 1] are used instead of a second encoder pass."""
         S = self.image_size
         sam = self.sam.to(volume.device)
         labels = keep_largest_component(logits_to_labels(logits, (S, S)).cpu().numpy(), num_classes)
@@ -69,15 +87,22 @@ class PretrainedBoxRefiner:
         out[:, 0] = 0.5
         found = self.boxes(labels, num_classes)
         slices = sorted({z for z, _, _ in found})
-        feats = {}
-        for start in range(0, len(slices), chunk):  # only the slices that hold a box
-            part = slices[start : start + chunk]
+        own: dict[int, Tensor] = {}
+        feats = None
+        if shared is not None and shared[1].shape[-1] * 4 == S and self.same_encoder(shared[0]):
+            feats = shared[1]
+        if feats is not None:  # min-max is the identity on a slice whose values span [0, 1]
+            lo, hi = volume.amin(dim=(1, 2)), volume.amax(dim=(1, 2))
+            own = {z: feats[z] for z in slices if float(lo[z]) == 0.0 and float(hi[z]) == 1.0}
+        todo = [z for z in slices if z not in own]
+        for start in range(0, len(todo), chunk):  # only the slices that hold a box
+            part = todo[start : start + chunk]
             for z, f in zip(part, sam.encode(volume[part].float())):
-                feats[z] = f
+                own[z] = f
         for z in slices:  # one decoder call per slice, all its classes' boxes at once
             here = [(c, box) for zz, c, box in found if zz == z]
             boxes = torch.from_numpy(np.stack([box for _, box in here])).to(volume.device)
-            probs = sam.image_box_probabilities(feats[z][None], boxes)  # (k, S, S)
+            probs = sam.image_box_probabilities(own[z][None], boxes)  # (k, S, S)
             for (c, _), p in zip(here, probs):
                 out[z, c] = p
         return out
