@@ -48,12 +48,26 @@ def test_litemedsam_loads_strictly_and_outputs_full_size_masks(state_dict):
 
 
 def test_batchnorm_keeps_its_pretrained_statistics_in_training(state_dict):
-    enc = TinyViTEncoder().train()
+    torch.manual_seed(0)
+    enc = TinyViTEncoder().eval()
+    for m in enc.modules():  # non-trivial statistics, as a checkpoint has them
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        reference = enc(x)
     bn = enc.patch_embed.seq[0].bn
     before = bn.running_mean.clone()
-    enc(torch.rand(2, 3, 32, 32))
-    assert not bn.training
-    assert torch.equal(bn.running_mean, before)
+    enc.train()
+    with torch.no_grad():
+        torch.testing.assert_close(enc(x), reference)
+    for m in enc.modules():  # every flag set by assignment, as Lightning restores them after validation
+        m.training = True
+    with torch.no_grad():
+        torch.testing.assert_close(enc(x), reference)  # not batch statistics
+        torch.testing.assert_close(enc(x[:1]), reference[:1])  # a batch of one normalises as in a batch
+    assert torch.equal(bn.running_mean, before) and int(bn.num_batches_tracked) == 0  # never updated
 
 
 def test_lora_on_tiny_vit_starts_as_identity_and_adapts_only_q_and_v():

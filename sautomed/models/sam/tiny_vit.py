@@ -42,13 +42,28 @@ MERGE_STRIDES = (2, 2, 1)  # patch merging after layers 0, 1, 2
 OUT_CHANS = 256
 
 
+class PretrainedBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d that always normalises with its running (pretrained) statistics and never updates them,
+    whatever its ``training`` flag says. A flag is not enough: Lightning restores every submodule's flag
+    after validation by assignment, and a module starts a fit with every flag set, so BatchNorm ran on batch
+    statistics in the fits before 2026-12-02 (a few neighbouring slices of one volume) and its running
+    statistics drifted, so the encoder seen at inference was not the one trained on. The affine weight and
+    bias stay parameters (they train with ``encoder_finetune: full``); the state-dict names are BatchNorm2d's.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+        )
+
+
 class ConvBN(nn.Sequential):
     """Conv2d without bias followed by BatchNorm2d (state-dict names ``c.*`` and ``bn.*``)."""
 
     def __init__(self, cin: int, cout: int, kernel: int = 1, stride: int = 1, groups: int = 1) -> None:
         super().__init__()
         self.add_module("c", nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False))
-        self.add_module("bn", nn.BatchNorm2d(cout))
+        self.add_module("bn", PretrainedBatchNorm2d(cout))
 
 
 class PatchEmbed(nn.Module):
