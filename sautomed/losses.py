@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sautomed.boxes import box_cxcywh_to_xyxy, boxes_from_labels, generalized_box_iou
-from sautomed.models.sautomed.dense import dense_loss
 
 
 class _StepOutputLike(Protocol):  # sautomed.models.sautomed.network.StepOutput
@@ -56,6 +55,17 @@ def soft_dice_loss(probs: Tensor, onehot: Tensor, smooth: float = 1.0) -> Tensor
     inter = (probs * onehot).sum(dims)
     denom = probs.sum(dims) + onehot.sum(dims)
     return 1 - ((2 * inter + smooth) / (denom + smooth)).mean()
+
+
+def dense_loss(logits: Tensor, target: Tensor) -> Tensor:
+    """Cross-entropy + soft Dice (foreground classes) of (B, C+1, h, w) logits against (B, H, W) labels,
+    nearest-downsampled to the logits' grid (the dense proposals' loss, ``models/sautomed/dense.py``)."""
+    if target.shape[-2:] != logits.shape[-2:]:
+        target = F.interpolate(target[:, None].float(), size=logits.shape[-2:], mode="nearest")[:, 0]
+    target, logits = target.long(), logits.float()
+    probs = logits.softmax(dim=1)[:, 1:]
+    onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2)[:, 1:].to(probs.dtype)
+    return F.cross_entropy(logits, target) + soft_dice_loss(probs, onehot)
 
 
 @torch.no_grad()

@@ -13,11 +13,10 @@ from sautomed.data.augment import Augmentation
 from sautomed.data.datamodule import WindowDataset
 from sautomed.data.preprocess import Prepared
 from sautomed.inference import InferenceSettings
-from sautomed.losses import LossWeights, SAutoMedLoss
+from sautomed.losses import LossWeights, SAutoMedLoss, dense_loss
 from sautomed.models.sautomed.box_prompt import BoxPromptGenerator
 from sautomed.models.sautomed.dense import (
     dense_boxes,
-    dense_loss,
     dense_presence,
     dense_volume_logits,
     pretrain_dense_head,

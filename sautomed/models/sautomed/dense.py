@@ -29,6 +29,7 @@ from scipy import ndimage
 from torch import Tensor, nn
 
 from sautomed.boxes import boxes_from_labels
+from sautomed.losses import dense_loss
 
 log = logging.getLogger(__name__)
 
@@ -82,20 +83,6 @@ def dense_presence(logits: Tensor) -> Tensor:
     """(B, C+1, h, w) dense logits -> (B, C) log-odds of each class's most confident position."""
     p = logits.float().softmax(dim=1)[:, 1:].amax(dim=(2, 3)).clamp(1e-6, 1 - 1e-6)  # (B, C)
     return (torch.log(p) - torch.log1p(-p)).to(logits.dtype)
-
-
-def dense_loss(logits: Tensor, target: Tensor) -> Tensor:
-    """Cross-entropy + soft Dice (foreground classes) of (B, C+1, h, w) logits against (B, H, W) labels,
-    nearest-downsampled to the logits' grid."""
-    if target.shape[-2:] != logits.shape[-2:]:
-        target = F.interpolate(target[:, None].float(), size=logits.shape[-2:], mode="nearest")[:, 0]
-    target = target.long()
-    logits = logits.float()
-    probs = logits.softmax(dim=1)[:, 1:]
-    onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2)[:, 1:].to(probs.dtype)
-    inter = (probs * onehot).sum(dim=(0, 2, 3))
-    dice = 1 - (2 * inter + 1) / (probs.sum(dim=(0, 2, 3)) + onehot.sum(dim=(0, 2, 3)) + 1)
-    return F.cross_entropy(logits, target) + dice.mean()
 
 
 @torch.no_grad()
