@@ -49,6 +49,7 @@ _NON_STRUCTURAL = {
     "state_presence_gate",  # how the chain hands on its state: an inference choice, no weights
     "state_min_area",
     "state_largest_component",
+    "presence_gate",
 }
 
 

@@ -55,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="LiteMedSAM as published re-segments the chain's boxes (3D-SAutoMed, litemedsam backbone; "
         "default: the checkpoint's inference.sam_refine)",
     )
+    p.add_argument(
+        "--source",
+        choices=("chain", "dense"),
+        default=None,
+        help="3D-SAutoMed: the slice chain's masks, or the dense proposals alone (a checkpoint trained with "
+        "network.dense_head; default: the checkpoint's inference.source)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     predict_outputs.add_output_arguments(p)  # --statistics, --preview, --dicom-seg
     return p
@@ -92,6 +99,8 @@ def predict_main(argv: Sequence[str]) -> int:
         changes["largest_component"] = True
     if a.sam_refine is not None:
         changes["sam_refine"] = a.sam_refine
+    if a.source:
+        changes["source"] = a.source
     module.inference = with_inference_changes(module, changes)
     if module.preprocessing is None:
         raise UserError(f"{a.ckpt_path}: the checkpoint carries no preprocessing settings")

@@ -7,6 +7,7 @@ import re
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 
 from sautomed.data.augment import Augmentation
@@ -88,6 +89,41 @@ def test_a_class_absent_from_the_previous_slice_gets_the_proposal_box_as_anchor(
         absent[:, 1] - there[:, 1], torch.full_like(absent[:, 1], shift), atol=1e-3, rtol=0
     )
     torch.testing.assert_close(absent[:, [0, 2]], there[:, [0, 2]])
+
+
+def test_the_hard_and_region_gates_remove_an_absent_or_far_class_at_inference_only(monkeypatch):
+    nets = {gate: _net(presence_gate=gate) for gate in ("soft", "hard", "region")}  # same seed: same weights
+    h = nets["soft"].feature_size
+    proposal = _proposal(1, h, 2, slice(0, h // 2), slice(0, h // 2))
+    proposal[:, 1, 0, 0] = 9.8  # class 1 just below even odds: presence logit about -0.2
+    f = torch.randn(1, nets["soft"].feature_dim, h, h)
+    prev = torch.tensor([[[0.5, 0.5, 0.4, 0.4], [0.25, 0.25, 0.5, 0.5]]])
+    out = {}
+    for mode in ("eval", "train"):
+        for gate, net in nets.items():
+            getattr(net, mode)()
+            monkeypatch.setattr(net.dense_head, "forward", lambda a, b, c: proposal)
+            state = net.initial_state(1)._replace(boxes=prev, present=torch.tensor([[True, True]]))
+            with torch.no_grad():
+                out[mode, gate] = net.step(f, f, f, state)
+    soft, hard = out["eval", "soft"], out["eval", "hard"]
+    assert torch.all(hard.logits[:, 1] < soft.logits[:, 1] - 1000)  # class 1 cannot win a pixel
+    assert not (hard.logits.argmax(1) == 1).any()
+    assert not hard.state.present[0, 0]  # and the next slice gets no anchor from it
+    torch.testing.assert_close(hard.logits[:, [0, 2]], soft.logits[:, [0, 2]])
+    torch.testing.assert_close(out["train", "hard"].logits, out["train", "soft"].logits)  # training: soft
+    torch.testing.assert_close(out["train", "region"].logits, out["train", "soft"].logits)
+    # region: class 2 only within one feature cell of its proposal (the top-left quarter), class 1 as hard
+    region, k = out["eval", "region"].logits, soft.logits.shape[-1] // h  # logits per feature cell
+    near = (h // 2 + 1) * k
+    torch.testing.assert_close(region[:, :2], hard.logits[:, :2])
+    torch.testing.assert_close(region[:, 2, :near, :near], soft.logits[:, 2, :near, :near])
+    assert torch.all(region[:, 2, near:, :] < soft.logits[:, 2, near:, :] - 1000)
+    assert torch.all(region[:, 2, :, near:] < soft.logits[:, 2, :, near:] - 1000)
+    with pytest.raises(ValueError, match="presence_gate: hard"):
+        _net(presence_gate="hard", decoder="joint", dense_head=False)
+    with pytest.raises(ValueError, match="presence_gate: region"):
+        _net(presence_gate="region", dense_head=False)
 
 
 def test_the_dense_loss_is_in_the_total_and_trains_the_head():
@@ -188,5 +224,15 @@ def test_fit_pretrains_the_dense_head_and_validate_reads_either_source(
         assert main(args) == 0
         scores[source] = (out / "summary.json").read_text()
     assert scores["chain"] != scores["dense"]  # two different segmentations of the same cases
+    image = sorted((tiny_phantoms / "test" / "imagesTr").iterdir())[0]
+    written = {}
+    for source in ("chain", "dense"):  # predict reads either source too, on the input's grid
+        out = tmp_path / f"pred_{source}"
+        argv = ["predict", "--ckpt_path", str(run / "last.ckpt"), "--input", str(image), "--output", str(out)]
+        assert main([*argv, "--source", source, "--no-progress"]) == 0
+        (written[source],) = out.glob("*.nii.gz")
+    a, b = (sitk.ReadImage(str(written[k])) for k in ("chain", "dense"))
+    assert a.GetOrigin() == b.GetOrigin() == sitk.ReadImage(str(image)).GetOrigin()
+    assert not np.array_equal(sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b))
     bad = ["fit", "--config", str(cfg), "--model.dense_pretrain_steps", "30", "--trainer.default_root_dir"]
     assert main([*bad, str(tmp_path / "bad")]) == 1  # no dense head: refused with one line, exit 1

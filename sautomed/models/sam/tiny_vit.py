@@ -247,15 +247,6 @@ class TinyViTEncoder(nn.Module):
         )
         self.grad_checkpointing = False
 
-    def train(self, mode: bool = True) -> TinyViTEncoder:
-        """BatchNorm keeps its pretrained statistics in training too: a batch of a few neighbouring slices
-        of one volume is a poor estimate of them (and a frozen or LoRA encoder must not drift)."""
-        super().train(mode)
-        for m in self.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.eval()
-        return self
-
     @property
     def downsample(self) -> int:
         """Input side over feature side (4)."""

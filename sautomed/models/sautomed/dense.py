@@ -85,9 +85,28 @@ def dense_presence(logits: Tensor) -> Tensor:
     return (torch.log(p) - torch.log1p(-p)).to(logits.dtype)
 
 
+def gate_class_logits(logits: Tensor, presence: Tensor, proposals: Tensor | None, mode: str) -> Tensor:
+    """Class c's logits (B, C+1, H, W) shifted by log sigmoid of its presence logit (B, C): p(c at a pixel)
+    ~ p(c in the slice) * p(pixel | its box). ``hard``: a class whose presence logit is below 0 cannot win a
+    pixel of the slice; ``region``: nor a pixel farther than one feature cell from the proposals' own
+    pixels of that class (``proposals`` (B, C+1, h, w)). The chain hands each organ's box on to the next slice
+    and SAM segments whatever box it is given, so without them it carries an organ past its end or onto a
+    neighbour (docs/method.md)."""
+    cls = logits[:, 1:] + F.logsigmoid(presence.to(logits.dtype))[:, :, None, None]
+    if mode in ("hard", "region"):
+        cls = cls.masked_fill((presence < 0)[:, :, None, None], -1e4)
+    if mode == "region" and proposals is not None:
+        own = F.one_hot(proposals.argmax(1), proposals.shape[1]).permute(0, 3, 1, 2)[:, 1:].float()
+        near = F.interpolate(F.max_pool2d(own, 3, 1, 1), size=cls.shape[-2:], mode="nearest") > 0
+        cls = cls.masked_fill(~near, -1e4)
+    return torch.cat([logits[:, :1], cls], dim=1)
+
+
 @torch.no_grad()
-def dense_volume_logits(head: DenseHead, feats: Tensor) -> Tensor:
+def dense_volume_logits(head: DenseHead | None, feats: Tensor) -> Tensor:
     """(Z, D, h, w) encoded volume -> (Z, C+1, h, w) dense logits (volume edges repeat the edge slice)."""
+    if head is None:  # predict --source dense on a checkpoint trained without the head
+        raise ValueError("inference.source: dense needs a checkpoint trained with network.dense_head")
     prev = torch.cat([feats[:1], feats[:-1]])
     nxt = torch.cat([feats[1:], feats[-1:]])
     return head(prev, feats, nxt)
