@@ -115,29 +115,24 @@ def _few_slices(tmp_path: Path, n: int = 6) -> Path:
     return path
 
 
-def test_predict_sam_refine_refuses_another_backbone(tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--sam-refine"], "inference.sam_refine needs network.backbone: litemedsam"),
+        (["--source", "dense"], "inference.source: dense needs a checkpoint trained with network.dense_head"),
+    ],
+)
+def test_predict_refuses_what_a_tiny_checkpoint_cannot_do(tmp_path, capsys, flags, message):
     tiny = SAutoMedModule(
         NetworkConfig(backbone="tiny", image_size=64, num_classes=4, encoder_finetune="full")
     )
     ckpt = _checkpoint(tiny, tmp_path / "tiny.ckpt")
     src = _few_slices(tmp_path)
     argv = ["predict", "--ckpt_path", str(ckpt), "--input", str(src), "--output", str(tmp_path / "out")]
-    assert main([*argv, "--sam-refine", "--no-progress"]) == 1
+    assert main([*argv, *flags, "--no-progress"]) == 1
     err = capsys.readouterr().err
-    assert "inference.sam_refine needs network.backbone: litemedsam" in err and "Traceback" not in err
-
-
-def test_predict_source_dense_refuses_a_checkpoint_without_the_dense_head(tmp_path, capsys):
-    tiny = SAutoMedModule(
-        NetworkConfig(backbone="tiny", image_size=64, num_classes=4, encoder_finetune="full")
-    )
-    ckpt = _checkpoint(tiny, tmp_path / "tiny.ckpt")
-    src = _few_slices(tmp_path)
-    argv = ["predict", "--ckpt_path", str(ckpt), "--input", str(src), "--output", str(tmp_path / "out")]
-    assert main([*argv, "--source", "dense", "--no-progress"]) == 1
-    err = capsys.readouterr().err
-    assert "inference.source: dense needs a checkpoint trained with network.dense_head" in err
-    assert "Traceback" not in err and not list((tmp_path / "out").glob("*.nii.gz"))
+    assert message in err and "Traceback" not in err
+    assert not list((tmp_path / "out").glob("*.nii.gz"))
 
 
 @pytest.mark.slow

