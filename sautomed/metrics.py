@@ -93,6 +93,20 @@ def evaluate_case(
     return rows
 
 
+def gather_rows(rows: Sequence[ClassResult]) -> list[ClassResult]:
+    """Every rank's rows under DDP (each case once, as ranks may evaluate a padded copy), sorted by case
+    and class; this process's rows alone otherwise."""
+    import torch.distributed as dist
+
+    rows = list(rows)
+    if dist.is_available() and dist.is_initialized():
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, rows)
+        rows = [r for part in gathered for r in part]
+    unique = {(r.case, r.class_name): r for r in rows}
+    return sorted(unique.values(), key=lambda r: (r.case, r.class_name))
+
+
 def _nanmean(values: Iterable[float]) -> float:
     vals = [v for v in values if not math.isnan(v)]
     return float(sum(vals) / len(vals)) if vals else math.nan

@@ -25,7 +25,7 @@ from sautomed.data.splits import split_provenance
 from sautomed.guards import check_encoder_finetune, check_sam_decoder_finetune, weights_from_elsewhere
 from sautomed.inference import InferenceEngine, InferenceSettings, Mode, logits_to_labels
 from sautomed.losses import LossWeights, SAutoMedLoss, hard_dice_per_class
-from sautomed.metrics import ClassResult, evaluate_case, summarize, write_metrics
+from sautomed.metrics import ClassResult, evaluate_case, gather_rows, summarize, write_metrics
 from sautomed.models.sautomed.dense import dense_volume_logits, pretrain_dense_head
 from sautomed.models.sautomed.network import NetworkConfig, SAutoMedNet
 from sautomed.models.sautomed.refine import PretrainedBoxRefiner
@@ -80,6 +80,8 @@ class SAutoMedModule(ScheduleHooks, L.LightningModule):
         dense_pretrain_steps: with `network.dense_head`, a frozen encoder and fixed augmented copies: every
             copy's slices are encoded into the feature cache and the dense head trains this many steps on
             them before the chain (`models/sautomed/dense.py`); 0: it trains with the chain only.
+        dense_pretrain_share: with `schedule_by: clock`, the pretraining also ends once it has used this
+            share of the time budget left after the encoding; the chain has the rest.
 
     Refuses `network.encoder_finetune: lora` without `network.sam_checkpoint` (`guards.py`), unless the
     weights come from a trained checkpoint (`from_checkpoint_dict`, `--ckpt_path`).
@@ -101,6 +103,7 @@ class SAutoMedModule(ScheduleHooks, L.LightningModule):
         box_teacher_forcing: float = 0.0,
         box_teacher_jitter: float = 0.1,
         dense_pretrain_steps: int = 0,
+        dense_pretrain_share: float = 0.4,
     ) -> None:
         super().__init__()
         if not 0.0 <= box_teacher_forcing <= 1.0 or box_teacher_jitter < 0:
@@ -113,9 +116,11 @@ class SAutoMedModule(ScheduleHooks, L.LightningModule):
         self.box_teacher_forcing, self.box_teacher_jitter = box_teacher_forcing, box_teacher_jitter
         if dense_pretrain_steps < 0 or (dense_pretrain_steps and not network.dense_head):
             raise ValueError("model.dense_pretrain_steps needs network.dense_head and must be >= 0")
+        if not 0.0 < dense_pretrain_share <= 1.0:
+            raise ValueError(f"model.dense_pretrain_share must be in (0, 1], got {dense_pretrain_share}")
         if inference.source == "dense" and not network.dense_head:
             raise ValueError("model.inference.source: dense needs network.dense_head")
-        self.dense_pretrain_steps = dense_pretrain_steps
+        self.dense_pretrain_steps, self.dense_pretrain_share = dense_pretrain_steps, dense_pretrain_share
         check_encoder_finetune(network.encoder_finetune, network.sam_checkpoint)
         check_sam_decoder_finetune(network.sam_decoder_finetune, network.sam_checkpoint)
         if not 0.0 <= warmup_fraction <= 1.0 or warmup_max_steps < 1:
@@ -274,16 +279,6 @@ class SAutoMedModule(ScheduleHooks, L.LightningModule):
         self._rows.extend(rows)
         write_run_thumbnail(self._trainer, batch["case_id"], batch["image"], ref, pred)
 
-    def _gather_rows(self) -> list[ClassResult]:
-        rows = self._rows
-        self._rows = []
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            gathered: list[Any] = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, rows)
-            rows = [r for part in gathered for r in part]
-        unique = {(r.case, r.class_name): r for r in rows}
-        return sorted(unique.values(), key=lambda r: (r.case, r.class_name))
-
     def on_validation_epoch_start(self) -> None:
         self._sync_from_datamodule()
         self._rows = []
@@ -297,7 +292,7 @@ class SAutoMedModule(ScheduleHooks, L.LightningModule):
         self._evaluate(batch)
 
     def _finish_evaluation(self, prefix: str) -> None:
-        rows = self._gather_rows()
+        rows, self._rows = gather_rows(self._rows), []
         summary = summarize(rows, self.class_names)
         mean = summary["mean_dsc"]
         self.log(
@@ -371,7 +366,9 @@ class SAutoMedModule(ScheduleHooks, L.LightningModule):
             if getattr(data, "augmented_copies", 0) < 1 or self.network_cfg.encoder_finetune != "frozen":
                 raise ValueError("dense_pretrain_steps needs data.windows.augmented_copies, a frozen encoder")
             steps, seed = self.dense_pretrain_steps, int(torch.initial_seed()) % 2**31 + self.global_rank
-            pretrain_dense_head(self.net, data.copies, data.key_offset, self._feature_cache, steps, seed)
+            left = self.schedule.seconds_left if self.schedule is not None else None
+            cache, share = self._feature_cache, self.dense_pretrain_share
+            pretrain_dense_head(self.net, data.copies, data.key_offset, cache, steps, seed, left, share)
 
     def sautomed_config(self) -> dict[str, Any]:
         return {

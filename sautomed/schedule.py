@@ -57,6 +57,12 @@ class Schedule:
         budget = max(1.0, elapsed + remaining - self.margin_s)
         return min(1.0, elapsed / budget)
 
+    def seconds_left(self) -> float | None:
+        """Seconds of the time budget (max_time less the margin) not yet used; None without the clock."""
+        timer = _timer(self.trainer) if self.by == "clock" else None
+        remaining = timer.time_remaining("train") if timer is not None else None
+        return None if remaining is None else max(0.0, remaining - self.margin_s)
+
     def progress(self, step: int) -> float:
         steps = (step - self.warmup) / max(1, self.total - self.warmup)
         return min(1.0, max(0.0, steps, self.time_fraction()))

@@ -160,7 +160,9 @@ def test_clock_schedule_ends_inside_the_guard_whatever_the_step_count():
     sched = Schedule(_Trainer(timer), total_steps=10_000, warmup_steps=10, by="clock", margin_s=100.0)
     assert sched.factor(0) == pytest.approx(0.1)  # linear warm-up by steps
     assert sched.factor(20) == pytest.approx(1.0, abs=1e-4)
+    assert sched.seconds_left() == pytest.approx(900.0)  # what the dense pretraining takes its share of
     timer.elapsed = 450.0  # half of the 900 s budget, a slow machine: only 20 steps done
+    assert sched.seconds_left() == pytest.approx(450.0)
     assert sched.progress(20) == pytest.approx(0.5)
     assert sched.factor(20) == pytest.approx(0.5)
     assert not sched.ended()
@@ -177,6 +179,7 @@ def test_clock_schedule_ends_inside_the_guard_whatever_the_step_count():
     )
     steps = Schedule(_Trainer(timer), total_steps=110, warmup_steps=10, by="steps", margin_s=100.0)
     assert steps.progress(60) == pytest.approx(0.5) and not steps.ended()  # the clock is ignored
+    assert steps.seconds_left() is None
     assert steps.factor(60) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
 
 

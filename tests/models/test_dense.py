@@ -209,7 +209,9 @@ def test_fit_pretrains_the_dense_head_and_validate_reads_either_source(
     with caplog.at_level("INFO", logger="sautomed.models.sautomed.dense"):
         assert main(fit) == 0
     found = re.search(
-        r"dense head pretrained: 30 steps on (\d+) cached slices, loss ([\d.]+) -> ([\d.]+)", caplog.text
+        r"dense head pretrained: 30 of 30 steps .* \(no clock\) on (\d+) cached slices .*, "
+        r"loss ([\d.]+) -> ([\d.]+)",
+        caplog.text,
     )
     assert found and int(found[1]) >= 2 * 2 * 10  # every slice of both copies of the training cases
     assert float(found[3]) < float(found[2])
@@ -236,3 +238,28 @@ def test_fit_pretrains_the_dense_head_and_validate_reads_either_source(
     assert not np.array_equal(sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b))
     bad = ["fit", "--config", str(cfg), "--model.dense_pretrain_steps", "30", "--trainer.default_root_dir"]
     assert main([*bad, str(tmp_path / "bad")]) == 1  # no dense head: refused with one line, exit 1
+
+
+def test_under_a_clock_the_pretraining_takes_its_share_of_the_time_left_and_anneals(monkeypatch, caplog):
+    """A slower machine or more cases must not spend the whole budget here: with 10 s left after the
+    encoding and a share of 0.5, steps that each take 1 s stop after 5 of the 150, the learning rate
+    annealed by the clock; with no time left the head is not trained and the log says so."""
+    from sautomed.models.sautomed import dense as dense_mod
+
+    ds = WindowDataset([_volume()], 8, 0, Augmentation(probability=1.0), 0.8, augmented_copies=1)
+    ticks = iter(range(10_000))
+    monkeypatch.setattr(dense_mod.time, "monotonic", lambda: float(next(ticks)))  # 1 s per reading
+    lrs: list[float] = []
+    real_step = torch.optim.AdamW.step
+    monkeypatch.setattr(
+        torch.optim.AdamW,
+        "step",
+        lambda o, *a, **k: (lrs.append(o.param_groups[0]["lr"]), real_step(o, *a, **k))[1],
+    )
+    net = _net()
+    losses = pretrain_dense_head(net, ds.copies, ds.key_offset, {}, 150, 3, lambda: 10.0, 0.5)
+    assert len(losses) == 4  # readings at 1, 2, 3, 4 s of a 5 s share; the 5th ends it
+    assert lrs[0] < dense_mod.PRETRAIN_LR and lrs == sorted(lrs, reverse=True) and lrs[-1] < 0.2 * lrs[0]
+    with caplog.at_level("WARNING"):
+        assert pretrain_dense_head(_net(), ds.copies, ds.key_offset, {}, 150, 3, lambda: 0.0, 0.5) == []
+    assert "no time left" in caplog.text

@@ -14,13 +14,19 @@ sample for it; a box query is one.
 
 Training: its own loss (cross-entropy + soft Dice at the feature grid) on every chain step, and, with a frozen
 encoder and fixed augmented copies, ``pretrain_dense_head`` first: every slice of every copy encoded once (the
-chain's feature cache, which the chain then reads), and the head trained on all of them.
+chain's feature cache, which the chain then reads), and the head trained on all of them. Under a clock
+schedule (``model.schedule_by: clock``) the pretraining ends when it has used its share of the time left
+after the encoding (``model.dense_pretrain_share``), or at its step count, whichever comes first, its learning
+rate annealed to zero by whichever is further along; the chain keeps the rest. Without that bound a slower
+machine, or a fourth training case, spent the whole 20-minute budget here and left the chain none of it.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -119,15 +125,21 @@ def pretrain_dense_head(
     cache: dict[int, Tensor],
     steps: int,
     seed: int,
+    seconds_left: Callable[[], float | None] | None = None,
+    share: float = 1.0,
 ) -> list[float]:
     """Fill the chain's feature cache with every slice of every augmented copy, then train the dense head.
 
     copies / key_offset: the training data's fixed augmented copies ([volume][copy] -> (image, label)) and
     the slice_key of each copy's first slice (``WindowDataset``). The cache maps slice_key -> float16
-    features, as ``window.encode_window_cached`` keeps them. Returns the loss of every step.
+    features, as ``window.encode_window_cached`` keeps them. ``seconds_left``: the run's time budget left
+    (``Schedule.seconds_left``; None: no clock); the training then stops after ``share`` of what is left once
+    the cache is full, or at ``steps``. Returns the loss of every step taken (the same steps and losses for
+    a seed when no clock bounds them).
     """
     head: DenseHead = net.dense_head
     device = next(head.parameters()).device
+    started = time.monotonic()
     feats: list[Tensor] = []
     labels: list[Tensor] = []
     neighbour: list[tuple[int, int]] = []  # per slice: its position in `feats` minus one, plus one
@@ -147,6 +159,16 @@ def pretrain_dense_head(
             neighbour.extend((base + max(k - 1, 0), base + min(k + 1, z - 1)) for k in range(z))
     if not feats or steps <= 0:
         return []
+    encoded_s, left = time.monotonic() - started, seconds_left() if seconds_left is not None else None
+    budget = None if left is None else share * max(0.0, left)
+    if left is not None and left < encoded_s:
+        log.warning(
+            "encoding the %d cached slices took %.0f s; %.0f s of the time budget are left for the dense "
+            "head and the chain: fewer data.windows.augmented_copies or a longer trainer.max_time",
+            len(feats),
+            encoded_s,
+            left,
+        )
     grid = feats[0].shape[-2:]
     small = torch.stack(labels)[:, None].float()
     small = F.interpolate(small, size=grid, mode="nearest")[:, 0].long().to(device)  # (N, h, w)
@@ -157,9 +179,15 @@ def pretrain_dense_head(
     gen = torch.Generator().manual_seed(seed)
     losses = []
     head.train()
+    started = time.monotonic()
     for step in range(steps):
+        done = step / steps
+        if budget is not None:
+            done = max(done, (time.monotonic() - started) / budget if budget > 0 else 1.0)
+            if done >= 1.0:
+                break
         for group in opt.param_groups:
-            group["lr"] = PRETRAIN_LR * 0.5 * (1 + math.cos(math.pi * step / steps))
+            group["lr"] = PRETRAIN_LR * 0.5 * (1 + math.cos(math.pi * done))
         idx = torch.randint(len(stack), (min(PRETRAIN_BATCH, len(stack)),), generator=gen)
         f = [stack[i].to(device, torch.float32) for i in (prev_i[idx], idx, next_i[idx])]
         loss = dense_loss(head(*f), small[idx])
@@ -167,10 +195,18 @@ def pretrain_dense_head(
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
+    if not losses:
+        log.warning("dense head not pretrained: no time left in the budget after encoding")
+        return losses
     log.info(
-        "dense head pretrained: %d steps on %d cached slices, loss %.3f -> %.3f",
+        "dense head pretrained: %d of %d steps in %.0f s (%s) on %d cached slices (encoded in %.0f s), "
+        "loss %.3f -> %.3f",
+        len(losses),
         steps,
+        time.monotonic() - started,
+        "no clock" if budget is None else f"its share of the clock: {budget:.0f} s",
         len(stack),
+        encoded_s,
         losses[0],
         losses[-1],
     )
