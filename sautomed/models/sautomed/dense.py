@@ -179,11 +179,11 @@ def pretrain_dense_head(
     gen = torch.Generator().manual_seed(seed)
     losses = []
     head.train()
-    started = time.monotonic()
+    training_from = time.monotonic()
     for step in range(steps):
         done = step / steps
         if budget is not None:
-            done = max(done, (time.monotonic() - started) / budget if budget > 0 else 1.0)
+            done = max(done, (time.monotonic() - training_from) / budget if budget > 0 else 1.0)
             if done >= 1.0:
                 break
         for group in opt.param_groups:
@@ -203,7 +203,7 @@ def pretrain_dense_head(
         "loss %.3f -> %.3f",
         len(losses),
         steps,
-        time.monotonic() - started,
+        time.monotonic() - training_from,
         "no clock" if budget is None else f"its share of the clock: {budget:.0f} s",
         len(stack),
         encoded_s,
