@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sautomed.cli import main
 from sautomed.models.sam.checkpoint import read_sam_checkpoint
 from sautomed.models.sam.litemedsam import LiteMedSAM
 from sautomed.models.sam.lora import apply_lora
-from sautomed.models.sam.tiny_vit import TinyViTEncoder
+from sautomed.models.sam.tiny_vit import Attention, ConvBN, TinyViTEncoder
 from sautomed.models.sam.weights import NAMED_WEIGHTS, WeightsError, fetch_weights, resolve_weights
 from sautomed.models.sautomed.network import NetworkConfig, SAutoMedNet
 
@@ -70,6 +71,33 @@ def test_batchnorm_keeps_its_pretrained_statistics_in_training(state_dict):
         torch.testing.assert_close(enc(x), reference)  # not batch statistics
         torch.testing.assert_close(enc(x[:1]), reference[:1])  # a batch of one normalises as in a batch
     assert torch.equal(bn.running_mean, before) and int(bn.num_batches_tracked) == 0  # never updated
+
+
+def test_folded_conv_bn_is_conv_then_batchnorm_and_trains_both():
+    torch.manual_seed(0)
+    block = ConvBN(6, 8, kernel=3, stride=2, groups=2)
+    bn = block.bn
+    bn.running_mean.uniform_(-0.5, 0.5), bn.running_var.uniform_(0.5, 2.0)
+    bn.weight.data.uniform_(0.5, 1.5), bn.bias.data.uniform_(-0.5, 0.5)
+    x = torch.randn(3, 6, 11, 11).contiguous(memory_format=torch.channels_last)
+    y = block(x)
+    ref = F.batch_norm(block.c(x), bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    y.square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in (block.c.weight, bn.weight, bn.bias))
+
+
+def test_window_attention_matches_scaled_dot_product_attention_with_its_bias():
+    torch.manual_seed(0)
+    attn = Attention(dim=20, num_heads=4, window=3)
+    attn.attention_biases.data.normal_()
+    x = torch.randn(5, 9, 20)
+    qkv = attn.qkv(attn.norm(x)).view(5, 9, 4, 3, 5)
+    q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)
+    bias = attn.attention_biases[:, attn.attention_bias_idxs]
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=attn.scale)
+    ref = attn.proj(ref.transpose(1, 2).reshape(5, 9, 20))
+    torch.testing.assert_close(attn(x), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_lora_on_tiny_vit_starts_as_identity_and_adapts_only_q_and_v():

@@ -58,12 +58,26 @@ class PretrainedBatchNorm2d(nn.BatchNorm2d):
 
 
 class ConvBN(nn.Sequential):
-    """Conv2d without bias followed by BatchNorm2d (state-dict names ``c.*`` and ``bn.*``)."""
+    """Conv2d without bias followed by BatchNorm2d (state-dict names ``c.*`` and ``bn.*``).
+
+    Run as one convolution with the normalisation folded into its weight and bias (the same function, since
+    the statistics are fixed; gradients still reach the conv weight and the affine BatchNorm parameters):
+    one pass over the activations instead of two (fold + channels-last: 0.56-0.69 -> 0.43 s per slice at
+    S = 128 on a 2-core CPU, measured 2026-12-02).
+    """
 
     def __init__(self, cin: int, cout: int, kernel: int = 1, stride: int = 1, groups: int = 1) -> None:
         super().__init__()
         self.add_module("c", nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False))
         self.add_module("bn", PretrainedBatchNorm2d(cout))
+
+    def forward(self, x: Tensor) -> Tensor:
+        conv, bn = self.c, self.bn
+        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)  # (cout,)
+        bias = bn.bias - bn.running_mean * scale
+        return F.conv2d(
+            x, conv.weight * scale.view(-1, 1, 1, 1), bias, conv.stride, conv.padding, 1, conv.groups
+        )
 
 
 class PatchEmbed(nn.Module):
@@ -157,8 +171,16 @@ class Attention(nn.Module):
         B, N, _ = x.shape  # (windows, tokens per window, dim)
         qkv = self.qkv(self.norm(x)).view(B, N, self.num_heads, 3, self.head_dim)
         q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # each (B, heads, N, head_dim)
-        bias = self.attention_biases[:, self.attention_bias_idxs]  # (heads, N, N)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=self.scale)
+        bias = self.attention_biases[:, self.attention_bias_idxs].to(q.dtype)  # (heads, N, N)
+        # softmax(q k^T * scale + bias) v written out: with a float mask, scaled_dot_product_attention takes
+        # its math path on the CPU and first scans the mask for -inf (a tenth of the time here)
+        Hd, d = self.num_heads, self.head_dim
+        scores = torch.baddbmm(
+            bias.expand(B, -1, -1, -1).reshape(B * Hd, N, N),
+            (q * self.scale).reshape(B * Hd, N, d),
+            k.reshape(B * Hd, N, d).transpose(1, 2),
+        )  # (B*heads, N, N)
+        x = torch.bmm(scores.softmax(-1), v.reshape(B * Hd, N, d)).view(B, Hd, N, d)
         return self.proj(x.transpose(1, 2).reshape(B, N, -1))
 
 
@@ -257,9 +279,10 @@ class TinyViTEncoder(nn.Module):
         return [b for layer in self.layers[1:] for b in layer.blocks]
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.patch_embed(x)  # (N, 64, S, S)
+        # channels-last: the convolutions run faster on the CPU, and the blocks' (N, H, W, C) views are free
+        x = self.patch_embed(x.contiguous(memory_format=torch.channels_last))  # (N, 64, S, S)
         x = self.layers[0](x)  # (N, 128, S/2, S/2)
         ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers[1:]:
             x = layer(x, ckpt)  # (N, 160, S/4, S/4), then (N, 320, S/4, S/4) twice
-        return self.neck(x)  # (N, 256, S/4, S/4)
+        return self.neck(x).contiguous()  # (N, 256, S/4, S/4), standard layout
