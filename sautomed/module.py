@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sautomed.data.splits import split_provenance
+from sautomed.data.splits import fit_record, split_provenance
 from sautomed.guards import check_encoder_finetune, check_sam_decoder_finetune, weights_from_elsewhere
 from sautomed.inference import InferenceEngine, InferenceSettings, Mode, logits_to_labels
 from sautomed.losses import LossWeights, SAutoMedLoss, hard_dice_per_class
@@ -304,7 +304,7 @@ class SAutoMedModule(ScheduleHooks, L.LightningModule):
             dm = self._datamodule()
             stage = "val" if self.trainer.state.fn == "validate" else "test"
             evaluated = dm.case_fingerprints(stage) if hasattr(dm, "case_fingerprints") else {}
-            summary.update(split_provenance(self.fit_split if ckpt else None, evaluated))
+            summary.update(split_provenance(self.fit_split if ckpt else None, evaluated, ckpt))
             if summary["overlaps_training"]:
                 cases = summary["overlaps_training"]
                 log.warning(
@@ -394,4 +394,4 @@ class SAutoMedModule(ScheduleHooks, L.LightningModule):
         )
         self.class_names = tuple(cfg["class_names"])
         self.preprocessing = cfg.get("preprocessing")
-        self.fit_split = cfg.get("split")
+        self.fit_split = fit_record(checkpoint)

@@ -86,6 +86,9 @@ def test_test_over_training_cases_names_them(trained_run, tiny_phantoms, tmp_pat
     (fold0,) = json.loads((run / "splits.json").read_text())[:1]
     held_out = _evaluate(cfg, run / "best.ckpt", tmp_path / "held_out")
     assert held_out["overlaps_training"] == [] and held_out["best_ckpt_chosen_on"] == fold0["val"]
+    assert held_out["checkpoint_chosen_on"] == fold0["val"]  # best.ckpt: validation on them chose it
+    last = _evaluate(cfg, run / "last.ckpt", tmp_path / "held_out_last")
+    assert last["checkpoint_chosen_on"] == [] and last["best_ckpt_chosen_on"] == fold0["val"]  # chose nothing
     with caplog.at_level(logging.WARNING, logger="sautomed"):
         summary = _evaluate(
             cfg, run / "best.ckpt", tmp_path / "on_train", "--data.test_root", str(tiny_phantoms / "train")

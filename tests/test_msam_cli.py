@@ -161,6 +161,7 @@ def test_testing_on_training_cases_says_so(msam_run, lesions, tmp_path):
     trained = torch.load(run / "last.ckpt", map_location="cpu", weights_only=True)["sautomed"]["split"]
     assert summary["num_cases"] == 4 and summary["overlaps_training"] == sorted(trained["train"])
     assert summary["best_ckpt_chosen_on"] == sorted(trained["val"])
+    assert summary["checkpoint_chosen_on"] == []  # last.ckpt: no validation chose it
 
 
 def test_predict_writes_labels_on_the_input_grid_without_ground_truth(msam_run, lesions, tmp_path, capsys):

@@ -15,6 +15,7 @@ import random
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from .io import atomic_write
 
@@ -143,24 +144,49 @@ def resolve_split(
     return list(splits[fold]["train"]), list(splits[fold]["val"])
 
 
+def fit_record(checkpoint: dict[str, Any]) -> dict[str, dict[str, str]] | None:
+    """A loaded checkpoint's record of its fit: ``{"train": {case id: image hash}, "val": {...}}`` as the
+    family wrote it under ``checkpoint["sautomed"]["split"]``, plus ``"best": {"path": ...}``, the file that
+    Lightning's ModelCheckpoint last saved as best by validation (none when nothing monitored validation).
+    None when the checkpoint has no record."""
+    split = (checkpoint.get("sautomed") or {}).get("split")
+    if split is None:
+        return None
+    record = dict(split)
+    for state in (checkpoint.get("callbacks") or {}).values():
+        # an unmonitored ModelCheckpoint (last.ckpt) calls its last file its best: only a monitored one chose
+        monitored = isinstance(state, dict) and state.get("monitor")
+        best = state.get("best_model_path") if monitored else None
+        if best:
+            record["best"] = {"path": str(best)}
+    return record
+
+
 def split_provenance(
-    fit_split: dict[str, dict[str, str]] | None, evaluated: dict[str, str]
+    fit_split: dict[str, dict[str, str]] | None, evaluated: dict[str, str], checkpoint: str | None = None
 ) -> dict[str, list[str] | None]:
     """What an evaluation's summary says about the checkpoint's fit; cases are matched by image content.
 
     Args:
-        fit_split: the checkpoint's record of its fit, ``{"train": {case id: image hash}, "val": {...}}``,
-            or None (a checkpoint without one, or no checkpoint).
+        fit_split: the checkpoint's record of its fit (``fit_record``), or None (a checkpoint without one,
+            or no checkpoint).
         evaluated: ``{case id: image hash}`` of the cases evaluated now.
+        checkpoint: the path of the checkpoint evaluated.
 
-    Returns ``best_ckpt_chosen_on`` (the fit's validation cases, which chose ``best.ckpt`` by validation
-    mean DSC) and ``overlaps_training`` (the evaluated cases that the checkpoint was trained on); both None
-    when the fit is unknown.
+    Returns ``best_ckpt_chosen_on`` (the fit's validation cases, which chose its best checkpoint by
+    validation mean DSC), ``checkpoint_chosen_on`` (those cases if the evaluated file is that best checkpoint,
+    matched by file name; ``[]`` for any other, e.g. ``last.ckpt``, which no validation chose) and
+    ``overlaps_training`` (the evaluated cases that the checkpoint was trained on); all None when the fit
+    is unknown.
     """
     if fit_split is None:
-        return {"best_ckpt_chosen_on": None, "overlaps_training": None}
+        return {"best_ckpt_chosen_on": None, "checkpoint_chosen_on": None, "overlaps_training": None}
     trained = set(fit_split.get("train", {}).values())
+    val = sorted(fit_split.get("val", {}))
+    best = fit_split.get("best", {}).get("path")
+    chosen = bool(best and checkpoint and Path(best).name == Path(checkpoint).name)
     return {
-        "best_ckpt_chosen_on": sorted(fit_split.get("val", {})),
+        "best_ckpt_chosen_on": val,
+        "checkpoint_chosen_on": val if chosen else [],
         "overlaps_training": sorted(case for case, digest in evaluated.items() if digest in trained),
     }

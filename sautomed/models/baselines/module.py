@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sautomed.data.splits import split_provenance
+from sautomed.data.splits import fit_record, split_provenance
 from sautomed.inference import logits_to_labels
 from sautomed.metrics import ClassResult, evaluate_case, summarize, write_metrics
 from sautomed.models.baselines.loss import BaselineLoss, DeepSupervisionDiceCE
@@ -249,7 +249,7 @@ class BaselineModule(ScheduleHooks, L.LightningModule):
             dm = self._datamodule()
             stage = "val" if self.trainer.state.fn == "validate" else "test"
             evaluated = dm.case_fingerprints(stage) if hasattr(dm, "case_fingerprints") else {}
-            summary.update(split_provenance(self.fit_split if ckpt else None, evaluated))
+            summary.update(split_provenance(self.fit_split if ckpt else None, evaluated, ckpt))
             if summary["overlaps_training"]:
                 cases = summary["overlaps_training"]
                 log.warning(
@@ -329,7 +329,7 @@ class BaselineModule(ScheduleHooks, L.LightningModule):
         check_checkpoint_config(cfg, FAMILY, self._network_record(), set(), _unet_record(UNetSettings()))
         self.class_names = tuple(cfg["class_names"])
         self.preprocessing = cfg.get("preprocessing")
-        self.fit_split = cfg.get("split")
+        self.fit_split = fit_record(checkpoint)
 
 
 def _unet_record(unet: UNetSettings) -> dict[str, Any]:

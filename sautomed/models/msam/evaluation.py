@@ -177,7 +177,7 @@ def write_report(
     evaluated cases that are training cases of it. Returns the one-line report.
     """
     summary["checkpoint"] = checkpoint
-    summary.update(split_provenance(fit_split if checkpoint else None, evaluated))
+    summary.update(split_provenance(fit_split if checkpoint else None, evaluated, checkpoint))
     if summary["overlaps_training"]:
         cases = summary["overlaps_training"]
         log.warning(

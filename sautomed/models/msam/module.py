@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sautomed.data.splits import fit_record
 from sautomed.metrics import ClassResult, evaluate_case, summarize
 from sautomed.models.msam.automatic import AutoSettings, segment_automatic
 from sautomed.models.msam.corrupt import corrupt_masks
@@ -210,7 +211,7 @@ class MSAMModule(ScheduleHooks, L.LightningModule):
         cfg = checkpoint.get("sautomed")
         check_checkpoint_config(cfg, FAMILY, asdict(self.network_cfg), _NON_STRUCTURAL, asdict(MSAMConfig()))
         self.preprocessing = cfg.get("preprocessing")
-        self.fit_split = cfg.get("split")
+        self.fit_split = fit_record(checkpoint)
 
     def on_fit_start(self) -> None:
         self._sync_from_datamodule()
