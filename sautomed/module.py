@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sautomed.data.splits import fit_record, split_provenance
+from sautomed.data.splits import FitRecord, fit_record, fit_split_record, split_provenance
 from sautomed.guards import check_encoder_finetune, check_sam_decoder_finetune, weights_from_elsewhere
 from sautomed.inference import InferenceEngine, InferenceSettings, Mode, logits_to_labels
 from sautomed.losses import LossWeights, SAutoMedLoss, hard_dice_per_class
@@ -147,7 +147,7 @@ class SAutoMedModule(ScheduleHooks, L.LightningModule):
         self.criterion = SAutoMedLoss(loss, network.num_classes)
         self.class_names: tuple[str, ...] = tuple(f"class_{i}" for i in range(1, network.num_classes + 1))
         self.preprocessing: dict[str, Any] | None = None
-        self.fit_split: dict[str, dict[str, str]] | None = None  # the loaded checkpoint's fit (data.splits)
+        self.fit_split: FitRecord | None = None  # the loaded checkpoint's fit (data.splits)
         self._rows: list[ClassResult] = []
 
     # -- construction from a checkpoint (predict, bench) ---------------------------------------------------
@@ -383,8 +383,8 @@ class SAutoMedModule(ScheduleHooks, L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["sautomed"] = self.sautomed_config()
         dm = self._datamodule()
-        if hasattr(dm, "case_fingerprints"):  # the fit's cases, so evaluations can name training cases
-            split = {k: dm.case_fingerprints(k) for k in ("train", "val")}
+        split = fit_split_record(dm, self._trainer)  # the fit's cases: evaluations name training cases
+        if split is not None:
             checkpoint["sautomed"]["split"] = split
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -100,6 +100,16 @@ def test_test_over_training_cases_names_them(trained_run, tiny_phantoms, tmp_pat
     assert all(case in line for case in fold0["train"])
 
 
+def test_a_fit_that_never_validates_chose_no_checkpoint(make_config, tiny_phantoms, tmp_path):
+    run = tmp_path / "run"
+    cfg = make_config(tmp_path / "tiny.yaml", tiny_phantoms, run)
+    assert main(["fit", "--config", str(cfg), "--trainer.check_val_every_n_epoch", "1000"]) == 0
+    assert not (run / "best.ckpt").exists()
+    summary = _evaluate(cfg, run / "last.ckpt", tmp_path / "eval")
+    assert summary["best_ckpt_chosen_on"] is None and summary["checkpoint_chosen_on"] == []
+    assert summary["overlaps_training"] == []  # it still knows its training cases
+
+
 def test_test_and_predict_give_the_same_labels(trained_run, tiny_phantoms, tmp_path, monkeypatch):
     cfg, run = trained_run
     seen: dict[str, list[np.ndarray]] = {"inputs": [], "labels": []}

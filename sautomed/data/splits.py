@@ -14,6 +14,7 @@ import json
 import random
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -144,49 +145,81 @@ def resolve_split(
     return list(splits[fold]["train"]), list(splits[fold]["val"])
 
 
-def fit_record(checkpoint: dict[str, Any]) -> dict[str, dict[str, str]] | None:
-    """A loaded checkpoint's record of its fit: ``{"train": {case id: image hash}, "val": {...}}`` as the
-    family wrote it under ``checkpoint["sautomed"]["split"]``, plus ``"best": {"path": ...}``, the file that
-    Lightning's ModelCheckpoint last saved as best by validation (none when nothing monitored validation).
-    None when the checkpoint has no record."""
-    split = (checkpoint.get("sautomed") or {}).get("split")
-    if split is None:
+def fit_validates(trainer: Any) -> bool:
+    """Whether a Lightning trainer's fit validates at all: a validation loop and data, and an interval
+    (``check_val_every_n_epoch``) that ``max_epochs`` reaches. A fit that never validates chooses no
+    checkpoint (chaos_mr_litemedsam: every case trains, last.ckpt is the model)."""
+    every, max_epochs = getattr(trainer, "check_val_every_n_epoch", 1), getattr(trainer, "max_epochs", None)
+    reached = every is None or max_epochs is None or max_epochs < 0 or every <= max_epochs
+    return bool(getattr(trainer, "enable_validation", True)) and reached
+
+
+def fit_split_record(datamodule: Any, trainer: Any) -> dict[str, Any] | None:
+    """What a family writes under ``checkpoint["sautomed"]["split"]`` during a fit: ``{case id: image
+    hash}`` of its "train" and "val" cases and "validates" (``fit_validates``); None when the datamodule
+    cannot name its cases."""
+    if not hasattr(datamodule, "case_fingerprints"):
         return None
-    record = dict(split)
-    for state in (checkpoint.get("callbacks") or {}).values():
-        # an unmonitored ModelCheckpoint (last.ckpt) calls its last file its best: only a monitored one chose
-        monitored = isinstance(state, dict) and state.get("monitor")
-        best = state.get("best_model_path") if monitored else None
-        if best:
-            record["best"] = {"path": str(best)}
+    record: dict[str, Any] = {k: datamodule.case_fingerprints(k) for k in ("train", "val")}
+    record["validates"] = fit_validates(trainer)
     return record
 
 
+@dataclass(frozen=True)
+class FitRecord:
+    """A checkpoint's record of its fit: ``{case id: image hash}`` of its training and validation cases;
+    whether the fit validated on them (so chose a best checkpoint by them; True for checkpoints written
+    before this was recorded); and the file that Lightning's monitored ModelCheckpoint had saved as best when
+    this checkpoint was written (None before the first validation: ``last.ckpt`` is saved before the last
+    epoch's validation, so its copy may lag by an epoch)."""
+
+    train: dict[str, str]
+    val: dict[str, str]
+    validates: bool = True
+    best_path: str | None = None
+
+
+def fit_record(checkpoint: dict[str, Any]) -> FitRecord | None:
+    """The ``FitRecord`` of a loaded checkpoint: what the family wrote under
+    ``checkpoint["sautomed"]["split"]`` (``fit_split_record``) and the monitored ModelCheckpoint's best
+    path from the callback states. None when the checkpoint has no record."""
+    split = (checkpoint.get("sautomed") or {}).get("split")
+    if split is None:
+        return None
+    best_path = None
+    for state in (checkpoint.get("callbacks") or {}).values():
+        # an unmonitored ModelCheckpoint (last.ckpt) calls its last file its best: only a monitored one chose
+        monitored = isinstance(state, dict) and state.get("monitor")
+        if monitored and state.get("best_model_path"):
+            best_path = str(state["best_model_path"])
+    train, val = dict(split.get("train", {})), dict(split.get("val", {}))
+    return FitRecord(train, val, bool(split.get("validates", True)), best_path)
+
+
 def split_provenance(
-    fit_split: dict[str, dict[str, str]] | None, evaluated: dict[str, str], checkpoint: str | None = None
+    fit: FitRecord | None, evaluated: dict[str, str], checkpoint: str | None = None
 ) -> dict[str, list[str] | None]:
     """What an evaluation's summary says about the checkpoint's fit; cases are matched by image content.
 
     Args:
-        fit_split: the checkpoint's record of its fit (``fit_record``), or None (a checkpoint without one,
-            or no checkpoint).
+        fit: the checkpoint's record of its fit (``fit_record``), or None (a checkpoint without one, or no
+            checkpoint).
         evaluated: ``{case id: image hash}`` of the cases evaluated now.
         checkpoint: the path of the checkpoint evaluated.
 
     Returns ``best_ckpt_chosen_on`` (the fit's validation cases, which chose its best checkpoint by
-    validation mean DSC), ``checkpoint_chosen_on`` (those cases if the evaluated file is that best checkpoint,
-    matched by file name; ``[]`` for any other, e.g. ``last.ckpt``, which no validation chose) and
-    ``overlaps_training`` (the evaluated cases that the checkpoint was trained on); all None when the fit
-    is unknown.
+    validation mean DSC; None when the fit never validated, so chose nothing),
+    ``checkpoint_chosen_on`` (those cases if the evaluated file is that best checkpoint, matched by file
+    name; ``[]`` for any other, e.g. ``last.ckpt``, which no validation chose) and ``overlaps_training``
+    (the evaluated cases that the checkpoint was trained on); all None when the fit is unknown.
     """
-    if fit_split is None:
+    if fit is None:
         return {"best_ckpt_chosen_on": None, "checkpoint_chosen_on": None, "overlaps_training": None}
-    trained = set(fit_split.get("train", {}).values())
-    val = sorted(fit_split.get("val", {}))
-    best = fit_split.get("best", {}).get("path")
-    chosen = bool(best and checkpoint and Path(best).name == Path(checkpoint).name)
+    trained = set(fit.train.values())
+    val = sorted(fit.val)
+    chosen = bool(fit.best_path and checkpoint and Path(fit.best_path).name == Path(checkpoint).name)
     return {
-        "best_ckpt_chosen_on": val,
+        "best_ckpt_chosen_on": val if fit.validates else None,
         "checkpoint_chosen_on": val if chosen else [],
         "overlaps_training": sorted(case for case, digest in evaluated.items() if digest in trained),
     }

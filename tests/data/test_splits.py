@@ -1,10 +1,19 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
-from sautomed.data.splits import kfold_split, resolve_split
+from sautomed.data.splits import (
+    FitRecord,
+    fit_record,
+    fit_split_record,
+    fit_validates,
+    kfold_split,
+    resolve_split,
+    split_provenance,
+)
 
 IDS = [f"case_{i:02d}" for i in range(12)]
 
@@ -90,3 +99,65 @@ def test_user_file_wins(tmp_path):
     user.write_text("{not json")
     with pytest.raises(ValueError, match="unreadable"):
         resolve_split(IDS, run, fold=0, user_file=user)
+
+
+def _checkpoint(callbacks: dict) -> dict:
+    split = {"train": {"a": "h_a", "b": "h_b"}, "val": {"c": "h_c"}}
+    return {"sautomed": {"split": split}, "callbacks": callbacks}
+
+
+def test_fit_record_takes_the_best_path_from_a_monitored_checkpoint_callback_only():
+    last_only = {"ModelCheckpoint{'monitor': None}": {"monitor": None, "best_model_path": "/r/last.ckpt"}}
+    record = fit_record(_checkpoint(last_only))
+    assert record == FitRecord({"a": "h_a", "b": "h_b"}, {"c": "h_c"}, True, None)  # older record: validated
+    monitored = {
+        "ModelCheckpoint{'monitor': 'val/mean_dsc'}": {
+            "monitor": "val/mean_dsc",
+            "best_model_path": "/r/best.ckpt",
+        }
+    }
+    assert fit_record(_checkpoint({**last_only, **monitored})).best_path == "/r/best.ckpt"
+    assert fit_record({"callbacks": monitored}) is None  # no record of the fit's cases
+
+
+def test_provenance_names_the_choosing_cases_only_where_validation_chose_a_file():
+    evaluated = {"c": "h_c", "x": "h_a"}  # x: a training case under another name, found by content
+    chosen = FitRecord({"a": "h_a"}, {"c": "h_c"}, True, "/run/best.ckpt")
+    assert split_provenance(chosen, evaluated, "/elsewhere/best.ckpt") == {
+        "best_ckpt_chosen_on": ["c"],
+        "checkpoint_chosen_on": ["c"],
+        "overlaps_training": ["x"],
+    }
+    assert split_provenance(chosen, evaluated, "/run/last.ckpt")["checkpoint_chosen_on"] == []
+    unvalidated = FitRecord({"a": "h_a"}, {"c": "h_c"}, False)  # a fit without validation: nothing chose
+    assert split_provenance(unvalidated, evaluated, "/run/last.ckpt") == {
+        "best_ckpt_chosen_on": None,
+        "checkpoint_chosen_on": [],
+        "overlaps_training": ["x"],
+    }
+    assert set(split_provenance(None, evaluated).values()) == {None}
+    not_yet = FitRecord(
+        {"a": "h_a"}, {"c": "h_c"}, True, None
+    )  # last.ckpt written before the last validation
+    assert split_provenance(not_yet, evaluated, "/run/last.ckpt")["best_ckpt_chosen_on"] == ["c"]
+
+
+def test_a_fit_validates_only_if_its_interval_is_reached():
+    def trainer(every, max_epochs, enabled=True):
+        return SimpleNamespace(
+            check_val_every_n_epoch=every, max_epochs=max_epochs, enable_validation=enabled
+        )
+
+    assert fit_validates(trainer(1, 1)) and fit_validates(trainer(5, 5)) and fit_validates(trainer(None, 3))
+    assert fit_validates(trainer(10, -1))  # no epoch limit
+    assert not fit_validates(trainer(100000, 1000))  # chaos_mr_litemedsam: every case trains
+    assert not fit_validates(trainer(1, 10, enabled=False))  # no val data, or limit_val_batches 0
+
+
+def test_a_split_record_names_the_cases_and_whether_they_validate():
+    split = {"train": {"a": "h_a"}, "val": {"c": "h_c"}}
+    datamodule = SimpleNamespace(case_fingerprints=lambda k: split[k])
+    record = fit_split_record(datamodule, SimpleNamespace(check_val_every_n_epoch=100000, max_epochs=10))
+    assert record == {**split, "validates": False}
+    assert fit_record({"sautomed": {"split": record}}) == FitRecord({"a": "h_a"}, {"c": "h_c"}, False)
+    assert fit_split_record(SimpleNamespace(), None) is None  # a datamodule that cannot name its cases

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sautomed.data.splits import fit_record, split_provenance
+from sautomed.data.splits import FitRecord, fit_record, fit_split_record, split_provenance
 from sautomed.inference import logits_to_labels
 from sautomed.metrics import ClassResult, evaluate_case, summarize, write_metrics
 from sautomed.models.baselines.loss import BaselineLoss, DeepSupervisionDiceCE
@@ -109,7 +109,7 @@ class BaselineModule(ScheduleHooks, L.LightningModule):
         self.criterion = DeepSupervisionDiceCE(loss)
         self.class_names: tuple[str, ...] = tuple(f"class_{i}" for i in range(1, unet.num_classes + 1))
         self.preprocessing: dict[str, Any] | None = None
-        self.fit_split: dict[str, dict[str, str]] | None = None  # the checkpoint's fit cases, when loaded
+        self.fit_split: FitRecord | None = None  # the checkpoint's fit cases, when loaded
         self._rows: list[ClassResult] = []
         self._seconds: list[float] = []
 
@@ -321,8 +321,9 @@ class BaselineModule(ScheduleHooks, L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["sautomed"] = self.sautomed_config()
         dm = self._datamodule()
-        if hasattr(dm, "case_fingerprints"):  # the fit's cases, so evaluations can name training cases
-            checkpoint["sautomed"]["split"] = {k: dm.case_fingerprints(k) for k in ("train", "val")}
+        split = fit_split_record(dm, self._trainer)  # the fit's cases: evaluations name training cases
+        if split is not None:
+            checkpoint["sautomed"]["split"] = split
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         cfg = checkpoint.get("sautomed")

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sautomed.data.splits import split_provenance
+from sautomed.data.splits import FitRecord, split_provenance
 from sautomed.metrics import ClassResult, dice, write_metrics
 from sautomed.models.msam.clicks import ClickMode
 from sautomed.models.msam.network import MSAMNet
@@ -167,7 +167,7 @@ def write_report(
     folder: Path,
     prefix: str,
     checkpoint: str | None,
-    fit_split: dict[str, dict[str, str]] | None,
+    fit_split: FitRecord | None,
     evaluated: dict[str, str],
     config: dict[str, Any],
 ) -> str:

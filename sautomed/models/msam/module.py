@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sautomed.data.splits import fit_record
+from sautomed.data.splits import FitRecord, fit_record, fit_split_record
 from sautomed.metrics import ClassResult, evaluate_case, summarize
 from sautomed.models.msam.automatic import AutoSettings, segment_automatic
 from sautomed.models.msam.corrupt import corrupt_masks
@@ -144,7 +144,7 @@ class MSAMModule(ScheduleHooks, L.LightningModule):
         self.net = MSAMNet(network)
         self.class_names: tuple[str, ...] = CLASS_NAMES
         self.preprocessing: dict[str, Any] | None = None
-        self.fit_split: dict[str, dict[str, str]] | None = None  # the loaded checkpoint's fit cases
+        self.fit_split: FitRecord | None = None  # the loaded checkpoint's fit cases
         self._rows: list[ClassResult] = []
         self._oracle: list[OracleCase] = []  # (case, DSC after 1, 2, ... clicks)
 
@@ -203,8 +203,9 @@ class MSAMModule(ScheduleHooks, L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["sautomed"] = self.msam_config()
         dm = self._datamodule()
-        if hasattr(dm, "case_fingerprints"):  # the fit's cases, so evaluations can name training cases
-            checkpoint["sautomed"]["split"] = {k: dm.case_fingerprints(k) for k in ("train", "val")}
+        split = fit_split_record(dm, self._trainer)  # the fit's cases: evaluations name training cases
+        if split is not None:
+            checkpoint["sautomed"]["split"] = split
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse (one line, before any weight is loaded) a checkpoint of another family or network."""
