@@ -69,6 +69,8 @@ class SAutoMedModule(ScheduleHooks, L.LightningModule):
             `clock` (it spans the `trainer.max_time` guard less `schedule_margin_s` when that comes first,
             and the run stops at its end: a budgeted run ends its schedule on any machine; `schedule.py`).
         schedule_margin_s: seconds of max_time kept for the last validation and checkpoint (clock only).
+        schedule_min_steps: the steps the config's figures were measured with: a run whose clock ends
+            sooner warns that it trained less (a slower machine); 0: none (`schedule.py`).
         pretrained_lr_scale: learning-rate factor of the weights loaded from `network.sam_checkpoint`
             (SAM's prompt encoder and decoder, and the encoder where it trains); the new modules keep `lr`.
             Below 1 a pretrained decoder is adapted gently while the new modules learn at full speed.
@@ -98,6 +100,7 @@ class SAutoMedModule(ScheduleHooks, L.LightningModule):
         warmup_max_steps: int = 100,
         schedule_by: ScheduleBy = "steps",
         schedule_margin_s: float = 60.0,
+        schedule_min_steps: int = 0,
         pretrained_lr_scale: float = 1.0,
         inference: InferenceSettings = InferenceSettings(),
         box_teacher_forcing: float = 0.0,
@@ -107,10 +110,8 @@ class SAutoMedModule(ScheduleHooks, L.LightningModule):
     ) -> None:
         super().__init__()
         if not 0.0 <= box_teacher_forcing <= 1.0 or box_teacher_jitter < 0:
-            raise ValueError(
-                f"model.box_teacher_forcing must be in [0, 1] and model.box_teacher_jitter >= 0, got "
-                f"{box_teacher_forcing} and {box_teacher_jitter}"
-            )
+            bad = f"{box_teacher_forcing} and {box_teacher_jitter}"
+            raise ValueError(f"model.box_teacher_forcing must be in [0, 1], box_teacher_jitter >= 0: {bad}")
         if box_teacher_forcing > 0 and not network.box_prompts:
             raise ValueError("model.box_teacher_forcing needs network.box_prompts on")
         self.box_teacher_forcing, self.box_teacher_jitter = box_teacher_forcing, box_teacher_jitter
@@ -124,12 +125,11 @@ class SAutoMedModule(ScheduleHooks, L.LightningModule):
         check_encoder_finetune(network.encoder_finetune, network.sam_checkpoint)
         check_sam_decoder_finetune(network.sam_decoder_finetune, network.sam_checkpoint)
         if not 0.0 <= warmup_fraction <= 1.0 or warmup_max_steps < 1:
-            raise ValueError(
-                f"model.warmup_fraction must be in [0, 1] and model.warmup_max_steps >= 1, got "
-                f"{warmup_fraction} and {warmup_max_steps}"
-            )
+            bad = f"{warmup_fraction} and {warmup_max_steps}"
+            raise ValueError(f"model.warmup_fraction in [0, 1], model.warmup_max_steps >= 1: got {bad}")
         self.warmup_fraction, self.warmup_max_steps = warmup_fraction, warmup_max_steps
         self.schedule_by, self.schedule_margin_s = schedule_by, schedule_margin_s
+        self.schedule_min_steps = schedule_min_steps
         if pretrained_lr_scale <= 0:
             raise ValueError(f"model.pretrained_lr_scale must be > 0, got {pretrained_lr_scale}")
         self.pretrained_lr_scale = pretrained_lr_scale
@@ -249,7 +249,8 @@ class SAutoMedModule(ScheduleHooks, L.LightningModule):
         total = int(total)
         # a short linear warm-up, then cosine to zero (over the steps, or the clock: schedule.py)
         warmup = max(1, min(self.warmup_max_steps, int(total * self.warmup_fraction)))
-        self.schedule = Schedule(self.trainer, total, warmup, self.schedule_by, self.schedule_margin_s)
+        by, margin = self.schedule_by, self.schedule_margin_s
+        self.schedule = Schedule(self.trainer, total, warmup, by, margin, self.schedule_min_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self.schedule.factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 

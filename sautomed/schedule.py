@@ -33,9 +33,20 @@ class Schedule:
         warmup_steps: linear warm-up steps.
         by: ``steps`` or ``clock`` (see the module docstring).
         margin_s: seconds of ``max_time`` kept for the last validation and checkpoint (clock only).
+        min_steps: the optimiser steps a config's figures were measured with: a run whose clock ends the
+            schedule before them says so at the end (``shortfall``), since a slower machine trains less in
+            the same budget. 0: no such figure.
     """
 
-    def __init__(self, trainer: Any, total_steps: int, warmup_steps: int, by: ScheduleBy, margin_s: float):
+    def __init__(
+        self,
+        trainer: Any,
+        total_steps: int,
+        warmup_steps: int,
+        by: ScheduleBy,
+        margin_s: float,
+        min_steps: int = 0,
+    ) -> None:
         self.trainer, self.total, self.warmup, self.by, self.margin_s = (
             trainer,
             total_steps,
@@ -43,6 +54,9 @@ class Schedule:
             by,
             margin_s,
         )
+        if min_steps < 0:
+            raise ValueError(f"model.schedule_min_steps must be >= 0, got {min_steps}")
+        self.min_steps = min_steps
         if by == "clock" and (_timer(trainer) is None or _timer(trainer).time_remaining("train") is None):
             raise ValueError("model.schedule_by: clock needs a trainer.max_time guard")
 
@@ -94,6 +108,17 @@ class Schedule:
             f"{100.0 * self.progress(step):.0f}% through (by {self.by})"
         )
 
+    def shortfall(self) -> str | None:
+        """A warning when the clock ended the schedule before ``min_steps`` optimiser steps; else None."""
+        step = self.trainer.global_step
+        if not (self.ended() and step < self.min_steps):
+            return None
+        return (
+            f"the clock (trainer.max_time) ended the schedule after {step} optimiser steps, fewer than the "
+            f"{self.min_steps} this config's figures were measured with (model.schedule_min_steps): this "
+            "machine trains more slowly than that one; expect lower scores, or raise trainer.max_time"
+        )
+
 
 class ScheduleHooks:
     """LightningModule hooks of a run with a :class:`Schedule` in ``self.schedule`` (None: no schedule):
@@ -109,3 +134,5 @@ class ScheduleHooks:
     def on_train_end(self) -> None:
         if self.schedule is not None:
             log.info("%s", self.schedule.report())
+            if (short := self.schedule.shortfall()) is not None:
+                log.warning("%s", short)

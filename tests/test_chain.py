@@ -186,3 +186,18 @@ def test_clock_schedule_ends_inside_the_guard_whatever_the_step_count():
 def test_clock_schedule_needs_a_max_time():
     with pytest.raises(ValueError, match="max_time"):
         Schedule(_Trainer(Timer(duration=None)), 100, 5, "clock", 10.0)
+
+
+def test_a_clock_ended_run_short_of_the_configs_steps_says_so():
+    timer = _FakeTimer(elapsed=400.0, budget=1000.0)
+    sched = Schedule(_Trainer(timer), 10_000, 10, "clock", 100.0, min_steps=150)  # 21 steps done
+    assert sched.shortfall() is None  # the clock has not ended it yet
+    timer.elapsed = 950.0
+    line = sched.shortfall()
+    assert line is not None and "after 21 optimiser steps, fewer than the 150" in line
+    assert "trainer.max_time" in line
+    sched.trainer.global_step = 150
+    assert sched.shortfall() is None  # as many steps as the figures: nothing to say
+    assert Schedule(_Trainer(timer), 10_000, 10, "clock", 100.0).shortfall() is None  # no figure to compare
+    with pytest.raises(ValueError, match="schedule_min_steps"):
+        Schedule(_Trainer(timer), 100, 5, "clock", 10.0, min_steps=-1)

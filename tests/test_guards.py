@@ -149,3 +149,21 @@ def test_a_checkpoint_from_before_a_setting_existed_loads_as_its_default(trained
     changed = [*args, "--trainer.default_root_dir", str(tmp_path / "x"), "--model.network.history", "false"]
     assert main(changed) == 1
     assert "history: checkpoint True vs config False" in capsys.readouterr().err
+
+
+def test_a_budgeted_fit_short_of_its_configs_steps_warns(make_config, tiny_phantoms, tmp_path, caplog):
+    """A slower machine trains fewer steps in the same max_time: the fit says so, not passes it off."""
+    cfg = make_config(tmp_path / "tiny.yaml", tiny_phantoms, tmp_path / "run")
+    argv = ["fit", "--config", str(cfg), "--trainer.max_epochs", "500", "--trainer.max_time", "00:00:05:00"]
+    argv += [
+        "--model.scheduler",
+        "cosine",
+        "--model.schedule_by",
+        "clock",
+        "--model.schedule_margin_s",
+        "298",
+    ]
+    with caplog.at_level(logging.WARNING, logger="sautomed"):
+        assert main([*argv, "--model.schedule_min_steps", "100000"]) == 0
+    (line,) = [r.getMessage() for r in caplog.records if "model.schedule_min_steps" in r.getMessage()]
+    assert "fewer than the 100000" in line and "raise trainer.max_time" in line
