@@ -1,5 +1,6 @@
 """Proof on real anatomy (slow, runs in CI): the tiny network fitted to the shared abdominal CT for at most
-7 minutes (about 2.7 alone), then scored on that volume, for the 8 BTCV organs.
+10 minutes (256 steps: about 2.7 alone on a fast machine, 6-7 on a 2.3x slower one), then scored on that
+volume, for the 8 BTCV organs.
 
 An overfitting check: it shows the whole pipeline (box prompts and history included) can learn real organs.
 The issue's bar is mean DSC >= 0.80 with every organ >= 0.60, asserted as it is. Deterministic for the seed on
@@ -39,7 +40,7 @@ def test_tiny_network_learns_the_real_ct_organs(tmp_path, monkeypatch):
     ]
     start = time.monotonic()
     assert main(["fit", *common]) == 0
-    assert time.monotonic() - start < 7 * 60 + 30  # max_time 7:00 plus set-up
+    assert time.monotonic() - start < 10 * 60 + 30  # max_time 10:00 plus set-up
     assert main(["validate", *common, "--ckpt_path", str(run / "last.ckpt")]) == 0
     summary = json.loads((run / "summary.json").read_text())
     per_class = {name: v["dsc"] for name, v in summary["per_class"].items()}
