@@ -28,6 +28,9 @@ class InferenceSettings:
         encode_chunk: slices per encoder call (bounds memory).
         largest_component: keep only the largest 3D connected component of each class.
         bf16: run the network under bfloat16 autocast.
+        encoder_bf16: run only the image encoder under bfloat16 autocast (the slice chain in fp32). On a CPU
+            with AMX (Intel Sapphire Rapids and newer) the LiteMedSAM encoder runs about 2.5x faster, while
+            the chain's small ops would run slower in bf16 (hence the encoder only); without AMX it is slower.
         sam_refine: LiteMedSAM as published re-segments the box of each class's largest component on every
             slice (`models/sautomed/refine.py`; backbone litemedsam and its `network.sam_checkpoint` only).
         sam_refine_margin: pixels of S added to each side of those boxes.
@@ -39,6 +42,7 @@ class InferenceSettings:
     encode_chunk: int = 8
     largest_component: bool = False
     bf16: bool = False
+    encoder_bf16: bool = False
     sam_refine: bool = False
     sam_refine_margin: int = 6
     source: Literal["chain", "dense"] = "chain"
@@ -52,6 +56,12 @@ class SliceNetwork(Protocol):
     def initial_state(self, batch: int, device: torch.device | None = None): ...
 
     def step(self, f_prev: Tensor, f_t: Tensor, f_next: Tensor, state): ...
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes in bfloat16 natively (AMX or AVX512-BF16); elsewhere it is emulated."""
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # torch.cpu's own checks
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
 def _take_state(state, index: Tensor):
@@ -71,6 +81,7 @@ class InferenceEngine:
         mode: `mid_to_ends` or `end_to_end`.
         encode_chunk: slices per encoder call (bounds memory).
         autocast_dtype: e.g. torch.bfloat16 to run under autocast, None for fp32.
+        encoder_dtype: the encoder's autocast dtype, when it differs (None: ``autocast_dtype``).
     """
 
     def __init__(
@@ -79,6 +90,7 @@ class InferenceEngine:
         mode: Mode = "mid_to_ends",
         encode_chunk: int = 8,
         autocast_dtype: torch.dtype | None = None,
+        encoder_dtype: torch.dtype | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown inference mode {mode!r}; choose one of {MODES}")
@@ -88,16 +100,17 @@ class InferenceEngine:
         self.mode = mode
         self.encode_chunk = encode_chunk
         self.autocast_dtype = autocast_dtype
+        self.encoder_dtype = encoder_dtype or autocast_dtype
 
-    def _autocast(self, device: torch.device):
-        enabled = self.autocast_dtype is not None
-        return torch.autocast(device.type, dtype=self.autocast_dtype or torch.bfloat16, enabled=enabled)
+    def _autocast(self, device: torch.device, dtype: torch.dtype | None = None):
+        dtype = dtype or self.autocast_dtype
+        return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
     @torch.no_grad()
     def encode_volume(self, volume: Tensor) -> Tensor:
         """(Z, S, S) in [0, 1] -> (Z, D, h, w): each slice through the encoder exactly once."""
         chunks = []
-        with self._autocast(volume.device):
+        with self._autocast(volume.device, self.encoder_dtype):
             for start in range(0, volume.shape[0], self.encode_chunk):
                 chunks.append(self.net.encode(volume[start : start + self.encode_chunk]).float())
         return torch.cat(chunks, 0)

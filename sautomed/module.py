@@ -33,7 +33,7 @@ from sautomed.models.sautomed.teacher import forced_boxes
 from sautomed.models.sautomed.window import encode_window, encode_window_cached, neighbours
 from sautomed.postprocess import keep_largest_component
 from sautomed.run_folder import CheckpointMismatchError, check_checkpoint_config
-from sautomed.schedule import Schedule, ScheduleBy, ScheduleHooks
+from sautomed.schedule import Schedule, ScheduleBy, ScheduleHooks, check_schedule
 from sautomed.tools.thumbnails import write_run_thumbnail
 from sautomed.writers import prediction_item
 
@@ -70,7 +70,7 @@ class SAutoMedModule(ScheduleHooks, L.LightningModule):
             and the run stops at its end: a budgeted run ends its schedule on any machine; `schedule.py`).
         schedule_margin_s: seconds of max_time kept for the last validation and checkpoint (clock only).
         schedule_min_steps: the steps the config's figures were measured with: a run whose clock ends
-            sooner warns that it trained less (a slower machine); 0: none (`schedule.py`).
+            sooner warns that it trained less (a slower machine); 0: none; clock only (`schedule.py`).
         pretrained_lr_scale: learning-rate factor of the weights loaded from `network.sam_checkpoint`
             (SAM's prompt encoder and decoder, and the encoder where it trains); the new modules keep `lr`.
             Below 1 a pretrained decoder is adapted gently while the new modules learn at full speed.
@@ -128,6 +128,7 @@ class SAutoMedModule(ScheduleHooks, L.LightningModule):
             bad = f"{warmup_fraction} and {warmup_max_steps}"
             raise ValueError(f"model.warmup_fraction in [0, 1], model.warmup_max_steps >= 1: got {bad}")
         self.warmup_fraction, self.warmup_max_steps = warmup_fraction, warmup_max_steps
+        check_schedule(scheduler, schedule_by, schedule_min_steps)
         self.schedule_by, self.schedule_margin_s = schedule_by, schedule_margin_s
         self.schedule_min_steps = schedule_min_steps
         if pretrained_lr_scale <= 0:
@@ -180,9 +181,9 @@ class SAutoMedModule(ScheduleHooks, L.LightningModule):
         return self._refiner
 
     def engine(self, mode: Mode | None = None, bf16: bool | None = None) -> InferenceEngine:
-        s = self.inference
-        use_bf16 = s.bf16 if bf16 is None else bf16
-        return InferenceEngine(self.net, mode or s.mode, s.encode_chunk, torch.bfloat16 if use_bf16 else None)
+        s, half = self.inference, torch.bfloat16
+        dtype, enc = (half if on else None for on in (s.bf16 if bf16 is None else bf16, s.encoder_bf16))
+        return InferenceEngine(self.net, mode or s.mode, s.encode_chunk, dtype, enc)
 
     # -- training -----------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:

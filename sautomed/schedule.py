@@ -20,6 +20,25 @@ ScheduleBy = Literal["steps", "clock"]
 log = logging.getLogger(__name__)
 
 
+def check_schedule(scheduler: str, by: ScheduleBy, min_steps: int) -> None:
+    """Refuse schedule settings that a run would otherwise ignore (every family calls this when built).
+
+    Args:
+        scheduler: the family's ``model.scheduler`` (only ``cosine`` can follow the clock).
+        by: ``model.schedule_by``.
+        min_steps: ``model.schedule_min_steps`` (a clock schedule's figure; >= 0).
+    """
+    if by == "clock" and scheduler != "cosine":
+        raise ValueError(f"model.schedule_by: clock needs model.scheduler: cosine (not {scheduler!r})")
+    if min_steps < 0:
+        raise ValueError(f"model.schedule_min_steps must be >= 0, got {min_steps}")
+    if min_steps and by != "clock":
+        raise ValueError(
+            f"model.schedule_min_steps ({min_steps}) needs model.schedule_by: clock: a schedule by steps "
+            f"trains all its steps on any machine, so there is no shortfall to warn of (got {by!r})"
+        )
+
+
 def _timer(trainer: Any) -> Timer | None:
     return next((cb for cb in trainer.callbacks if isinstance(cb, Timer)), None)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import lightning
@@ -187,6 +188,8 @@ def test_predict_refuses_a_3d_sautomed_flag_for_a_baseline(baseline_run, tiny_ph
     assert main([*argv, "--mode", "end_to_end"]) == 1
     err = capsys.readouterr().err
     assert "--mode does not apply" in err and len(err.strip().splitlines()) == 1
+    assert main([*argv, "--encoder-bf16"]) == 1
+    assert "--encoder-bf16 does not apply" in capsys.readouterr().err
 
 
 def test_a_sautomed_checkpoint_is_refused_by_the_baseline(baseline_run, sautomed_ckpt, tmp_path, capsys):
@@ -268,16 +271,23 @@ def test_a_clock_schedule_needs_cosine_and_the_max_time_guard(baseline_run, tmp_
     assert "clock needs model.scheduler: cosine" in capsys.readouterr().err
     assert main([*base, *clock, "--model.init_args.scheduler", "cosine"]) == 1
     assert "clock needs a trainer.max_time guard" in capsys.readouterr().err
+    assert main([*base, "--model.init_args.schedule_min_steps", "50"]) == 1  # by steps: nothing to warn of
+    assert "schedule_min_steps (50) needs model.schedule_by: clock" in capsys.readouterr().err
     assert not (tmp_path / "last.ckpt").exists()
 
 
-def test_a_clock_schedule_ends_at_zero_inside_the_guard(baseline_run, tmp_path):
-    """max_epochs plans far more steps than the 1-second budget (max_time less the margin) allows."""
+def test_a_clock_schedule_ends_at_zero_inside_the_guard(baseline_run, tmp_path, caplog):
+    """max_epochs plans far more steps than the 1-second budget (max_time less the margin) allows, and the
+    run says it trained fewer steps than its config's figures (model.schedule_min_steps)."""
     _, cfg, _ = baseline_run
     argv = ["fit", "--config", str(cfg), "--trainer.default_root_dir", str(tmp_path)]
     argv += ["--trainer.max_epochs", "500", "--trainer.max_time", "00:00:05:00"]
     argv += ["--model.init_args.scheduler", "cosine", "--model.init_args.schedule_by", "clock"]
-    assert main([*argv, "--model.init_args.schedule_margin_s", "299"]) == 0
+    argv += ["--model.init_args.schedule_min_steps", "100000"]
+    with caplog.at_level(logging.WARNING, logger="sautomed"):
+        assert main([*argv, "--model.init_args.schedule_margin_s", "299"]) == 0
+    (line,) = [r.getMessage() for r in caplog.records if "model.schedule_min_steps" in r.getMessage()]
+    assert "fewer than the 100000" in line
     ckpt = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=True)
     assert 0 < ckpt["global_step"] < 500 * 2  # stopped by its schedule, long before max_epochs
     assert ckpt["lr_schedulers"][0]["_last_lr"] == pytest.approx([0.0], abs=1e-12)

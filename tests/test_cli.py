@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 
 from sautomed.cli import main
+from sautomed.inference import InferenceEngine
 from sautomed.models.sautomed.network import SAutoMedNet
 
 
@@ -129,6 +131,39 @@ def test_predictions_repeat_exactly(trained_run, tiny_phantoms, tmp_path):
         )
         outs.append(sitk.GetArrayFromImage(sitk.ReadImage(str(out / src.name))))
     np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_predict_encoder_bf16_runs_the_encoder_alone_in_bf16(
+    trained_run, tiny_phantoms, tmp_path, monkeypatch
+):
+    _, run = trained_run
+    src = next((tiny_phantoms / "test" / "imagesTr").iterdir())
+    seen: list[tuple[torch.dtype | None, torch.dtype | None]] = []
+    real = InferenceEngine.encode_volume
+
+    def spy(self: InferenceEngine, volume: torch.Tensor) -> torch.Tensor:
+        seen.append((self.encoder_dtype, self.autocast_dtype))
+        return real(self, volume)
+
+    monkeypatch.setattr(InferenceEngine, "encode_volume", spy)
+    labels = []
+    for flag in ([], ["--encoder-bf16"]):
+        out = tmp_path / ("bf16" if flag else "fp32")
+        argv = ["predict", "--ckpt_path", str(run / "best.ckpt"), "--input", str(src), "--output", str(out)]
+        assert main([*argv, "--no-progress", *flag]) == 0
+        labels.append(sitk.GetArrayFromImage(sitk.ReadImage(str(out / src.name))))
+    assert seen == [(None, None), (torch.bfloat16, None)]
+    assert (labels[0] == labels[1]).mean() > 0.95  # bf16 features move few voxels
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns(trained_run, tiny_phantoms, tmp_path, monkeypatch, caplog):
+    _, run = trained_run
+    src = next((tiny_phantoms / "test" / "imagesTr").iterdir())
+    monkeypatch.setattr("sautomed.predict.cpu_has_native_bf16", lambda: False)
+    argv = ["predict", "--ckpt_path", str(run / "best.ckpt"), "--input", str(src), "--output", str(tmp_path)]
+    with caplog.at_level(logging.WARNING, logger="sautomed"):
+        assert main([*argv, "--no-progress", "--encoder-bf16"]) == 0
+    assert any("no native bfloat16" in r.getMessage() for r in caplog.records)
 
 
 def test_ckpt_path_last_without_checkpoint_is_an_error(tiny_phantoms, tmp_path, capsys, make_config):

@@ -167,3 +167,14 @@ def test_a_budgeted_fit_short_of_its_configs_steps_warns(make_config, tiny_phant
         assert main([*argv, "--model.schedule_min_steps", "100000"]) == 0
     (line,) = [r.getMessage() for r in caplog.records if "model.schedule_min_steps" in r.getMessage()]
     assert "fewer than the 100000" in line and "raise trainer.max_time" in line
+
+
+def test_schedule_settings_a_fit_would_ignore_are_refused(make_config, tiny_phantoms, tmp_path, capsys):
+    cfg = make_config(tmp_path / "tiny.yaml", tiny_phantoms, tmp_path / "run")
+    base = ["fit", "--config", str(cfg), "--trainer.max_time", "00:00:05:00"]
+    assert main([*base, "--model.scheduler", "none", "--model.schedule_by", "clock"]) == 1
+    assert "clock needs model.scheduler: cosine (not 'none')" in capsys.readouterr().err
+    assert main([*base, "--model.scheduler", "cosine", "--model.schedule_min_steps", "95"]) == 1
+    err = capsys.readouterr().err
+    assert "schedule_min_steps (95) needs model.schedule_by: clock" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "last.ckpt").exists()

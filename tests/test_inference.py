@@ -86,3 +86,39 @@ def test_logits_to_labels_resizes_to_original_plane():
 def test_bad_mode_is_rejected():
     with pytest.raises(ValueError, match="unknown inference mode"):
         InferenceEngine(FakeNet(), "sideways")
+
+
+class AutocastSpyNet(FakeNet):
+    """Records the CPU autocast dtype (or None) that the encoder and the chain's steps run under."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: dict[str, torch.dtype | None] = {}
+
+    def _now(self) -> torch.dtype | None:
+        return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+
+    def encode(self, images):
+        self.seen["encode"] = self._now()
+        return super().encode(images)
+
+    def step(self, f_prev, f_t, f_next, state):
+        self.seen["step"] = self._now()
+        return super().step(f_prev, f_t, f_next, state)
+
+
+@pytest.mark.parametrize(
+    ("whole", "encoder", "expected"),
+    [
+        (None, None, {"encode": None, "step": None}),
+        (torch.bfloat16, None, {"encode": torch.bfloat16, "step": torch.bfloat16}),
+        (None, torch.bfloat16, {"encode": torch.bfloat16, "step": None}),  # inference.encoder_bf16
+    ],
+)
+def test_the_encoder_can_run_in_bf16_without_the_chain(whole, encoder, expected):
+    net = AutocastSpyNet()
+    engine = InferenceEngine(net, "mid_to_ends", encode_chunk=4, autocast_dtype=whole, encoder_dtype=encoder)
+    feats = engine.encode_volume(volume(5))
+    assert feats.dtype == torch.float32  # the chain gets fp32 features either way
+    engine.propagate(feats)
+    assert net.seen == expected

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -234,6 +235,24 @@ def test_a_clock_schedule_needs_the_max_time_guard_and_cosine(msam_run, tmp_path
     assert "clock needs a trainer.max_time guard" in _one_error_line(capsys.readouterr().err)
     assert main([*base, *clock, "--model.init_args.scheduler", "multistep"]) == 1
     assert "clock needs model.scheduler: cosine" in _one_error_line(capsys.readouterr().err)
+    assert main([*base, "--model.init_args.schedule_min_steps", "-3"]) == 1
+    assert "schedule_min_steps must be >= 0, got -3" in _one_error_line(capsys.readouterr().err)
+    assert main([*base, "--model.init_args.schedule_min_steps", "50"]) == 1  # by steps: nothing to warn of
+    assert "needs model.schedule_by: clock" in _one_error_line(capsys.readouterr().err)
+
+
+def test_a_clock_ended_fit_short_of_its_configs_steps_warns(msam_run, tmp_path, caplog):
+    cfg, _ = msam_run
+    argv = ["fit", "--config", str(cfg), "--trainer.default_root_dir", str(tmp_path)]
+    argv += ["--trainer.max_steps", "-1", "--trainer.max_epochs", "500", "--trainer.max_time", "00:00:05:00"]
+    argv += ["--model.init_args.scheduler", "cosine", "--model.init_args.schedule_by", "clock"]
+    argv += ["--model.init_args.schedule_margin_s", "299", "--model.init_args.schedule_min_steps", "100000"]
+    with caplog.at_level(logging.WARNING, logger="sautomed"):
+        assert main(argv) == 0
+    (line,) = [r.getMessage() for r in caplog.records if "model.schedule_min_steps" in r.getMessage()]
+    assert "fewer than the 100000" in line
+    ckpt = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=True)
+    assert 0 < ckpt["global_step"] < 500 * 2  # the clock, not max_epochs, ended it
 
 
 def test_the_multistep_schedule_lowers_the_rates_at_the_milestones(msam_run, tmp_path):

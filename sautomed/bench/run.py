@@ -22,7 +22,13 @@ from torch import Tensor
 from sautomed.bench import worker
 from sautomed.bench.chain import train_measures
 from sautomed.bench.report import evaluate_targets, machine_info
-from sautomed.bench.settings import BenchSettings, autocast, autocast_dtype, for_backbone
+from sautomed.bench.settings import (
+    BenchSettings,
+    autocast,
+    autocast_dtype,
+    encoder_autocast_dtype,
+    for_backbone,
+)
 from sautomed.bench.timing import count_encoded, loadavg, predicted_ratio, sync, time_interleaved
 from sautomed.bench.workload import build_net, encoder_gflop_per_slice, naive_loop, synthetic_volume
 from sautomed.inference import InferenceEngine
@@ -226,8 +232,8 @@ def run_bench(
     size = net.cfg.image_size
     volume = synthetic_volume(n, size, s.seed, dev)  # (N, S, S)
     out_hw = (s.out_size, s.out_size)
-    ad = autocast_dtype(s.dtype)
-    engines = {m: InferenceEngine(net, m, s.encode_chunk, ad) for m in ("mid_to_ends", "end_to_end")}
+    ad, enc = autocast_dtype(s.dtype), encoder_autocast_dtype(s.dtype)
+    engines = {m: InferenceEngine(net, m, s.encode_chunk, ad, enc) for m in ("mid_to_ends", "end_to_end")}
     settings = _settings_record(s, size)
     model = str(s.network.get("backbone", "tiny"))
     r: dict[str, Any] = {
@@ -275,7 +281,7 @@ def run_bench(
     # the model beside the compared backbones: the encoder and predict on one case, in turns
     nets = {model: net, **{b: build_net(for_backbone(s, b)).eval().to(dev) for b in s.compare}}
     case = synthetic_volume(s.case_slices, size, s.seed, dev)  # (case_slices, S, S)
-    case_engines = {b: InferenceEngine(x, s.mode, s.encode_chunk, ad) for b, x in nets.items()}
+    case_engines = {b: InferenceEngine(x, s.mode, s.encode_chunk, ad, enc) for b, x in nets.items()}
     group = {}
     for b, eng in case_engines.items():
         group[f"case_encoder_{b}"] = lambda e=eng: e.encode_volume(case)

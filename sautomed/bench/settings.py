@@ -73,7 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--case-slices", type=int, default=35, help="slices of the synthetic predict case")
     p.add_argument("--encode-chunk", type=int, help="slices per encoder call (default: the config's, or 8)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16 = bfloat16 autocast")
+    p.add_argument(
+        "--dtype",
+        choices=("fp32", "bf16", "bf16-encoder"),
+        default="fp32",
+        help="bf16 = bfloat16 autocast; bf16-encoder: the encoder only (inference.encoder_bf16)",
+    )
     p.add_argument("--repeats", type=int, default=3, help="timed runs per measure (median)")
     p.add_argument("--warmup", type=int, default=1, help="uncounted runs before the timed ones")
     p.add_argument(
@@ -186,6 +191,11 @@ def settings_from_json(d: dict[str, Any]) -> BenchSettings:
 def autocast_dtype(dtype: str) -> torch.dtype | None:
     """The autocast dtype of the `--dtype` setting (None: fp32, no autocast)."""
     return torch.bfloat16 if dtype == "bf16" else None
+
+
+def encoder_autocast_dtype(dtype: str) -> torch.dtype | None:
+    """The encoder's autocast dtype at inference (``bf16-encoder``: bf16 for the encoder alone)."""
+    return torch.bfloat16 if dtype in ("bf16", "bf16-encoder") else None
 
 
 def autocast(device: str, dtype: str) -> Any:

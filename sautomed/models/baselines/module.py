@@ -31,7 +31,7 @@ from sautomed.models.baselines.unet2d import segment_slices, window_slices
 from sautomed.models.baselines.unet3d import segment_patches
 from sautomed.postprocess import keep_largest_component
 from sautomed.run_folder import check_checkpoint_config
-from sautomed.schedule import Schedule, ScheduleBy, ScheduleHooks
+from sautomed.schedule import Schedule, ScheduleBy, ScheduleHooks, check_schedule
 from sautomed.tools.thumbnails import write_run_thumbnail
 from sautomed.writers import prediction_item
 
@@ -80,6 +80,8 @@ class BaselineModule(ScheduleHooks, L.LightningModule):
             that comes first, and the run stops at its end, so a budgeted run ends its schedule on a slow
             machine too; ``sautomed/schedule.py``, as the other families).
         schedule_margin_s: seconds of max_time kept for the last checkpoint (clock only).
+        schedule_min_steps: the optimiser steps the config's figures were measured with: a run whose clock
+            ends sooner warns that it trained less (a slower machine); 0: none; clock only (schedule.py).
     """
 
     def __init__(
@@ -95,11 +97,15 @@ class BaselineModule(ScheduleHooks, L.LightningModule):
         inference: BaselineInference = BaselineInference(),
         schedule_by: ScheduleBy = "steps",
         schedule_margin_s: float = 60.0,
+        schedule_min_steps: int = 0,
     ) -> None:
         super().__init__()
-        if schedule_by == "clock" and scheduler != "cosine":
-            raise ValueError(f"model.schedule_by: clock needs model.scheduler: cosine (not {scheduler!r})")
-        self.schedule_by, self.schedule_margin_s = schedule_by, schedule_margin_s
+        check_schedule(scheduler, schedule_by, schedule_min_steps)
+        self.schedule_by, self.schedule_margin_s, self.schedule_min_steps = (
+            schedule_by,
+            schedule_margin_s,
+            schedule_min_steps,
+        )
         self.schedule: Schedule | None = None
         self.network_kind, self.unet_cfg, self.loss_weights = network, unet, loss
         self.optimizer_name, self.lr, self.weight_decay, self.momentum = optimizer, lr, weight_decay, momentum
@@ -167,7 +173,9 @@ class BaselineModule(ScheduleHooks, L.LightningModule):
         total = int(total)
         if self.scheduler == "cosine":  # linear warm-up, cosine to zero (over the steps or the clock)
             warmup = max(1, min(100, total // 20))
-            self.schedule = Schedule(self.trainer, total, warmup, self.schedule_by, self.schedule_margin_s)
+            self.schedule = Schedule(
+                self.trainer, total, warmup, self.schedule_by, self.schedule_margin_s, self.schedule_min_steps
+            )
             factor = self.schedule.factor
         else:
 

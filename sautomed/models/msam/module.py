@@ -58,7 +58,7 @@ from sautomed.models.msam.optim import build_optimizer
 from sautomed.models.msam.patches import binary_target
 from sautomed.models.msam.refinement import RefinementSettings, refine_with_clicks
 from sautomed.run_folder import check_checkpoint_config
-from sautomed.schedule import Schedule, ScheduleBy, ScheduleHooks
+from sautomed.schedule import Schedule, ScheduleBy, ScheduleHooks, check_schedule
 from sautomed.tools.thumbnails import write_run_thumbnail
 from sautomed.writers import prediction_item
 
@@ -107,6 +107,8 @@ class MSAMModule(ScheduleHooks, L.LightningModule):
             first, and the run stops at its end: a budgeted run ends its schedule on any machine; ``cosine``
             only; ``sautomed/schedule.py``).
         schedule_margin_s: seconds of max_time kept for the last validation and checkpoint (clock only).
+        schedule_min_steps: the optimiser steps the config's figures were measured with: a run whose clock
+            ends sooner warns that it trained less (a slower machine); 0: none; clock only (schedule.py).
     """
 
     def __init__(
@@ -125,6 +127,7 @@ class MSAMModule(ScheduleHooks, L.LightningModule):
         gamma: float = 0.1,
         schedule_by: ScheduleBy = "steps",
         schedule_margin_s: float = 60.0,
+        schedule_min_steps: int = 0,
     ) -> None:
         super().__init__()
         self.network_cfg, self.refinement, self.loss_settings = network, refinement, loss
@@ -136,10 +139,13 @@ class MSAMModule(ScheduleHooks, L.LightningModule):
             weight_decay,
             scheduler,
         )
-        if schedule_by == "clock" and scheduler != "cosine":
-            raise ValueError(f"model.schedule_by: clock needs model.scheduler: cosine (not {scheduler!r})")
+        check_schedule(scheduler, schedule_by, schedule_min_steps)
         self.milestones, self.gamma = tuple(int(m) for m in milestones), gamma
-        self.schedule_by, self.schedule_margin_s = schedule_by, schedule_margin_s
+        self.schedule_by, self.schedule_margin_s, self.schedule_min_steps = (
+            schedule_by,
+            schedule_margin_s,
+            schedule_min_steps,
+        )
         self.schedule: Schedule | None = None
         self.net = MSAMNet(network)
         self.class_names: tuple[str, ...] = CLASS_NAMES
@@ -287,7 +293,9 @@ class MSAMModule(ScheduleHooks, L.LightningModule):
         if not math.isfinite(total) or total <= 0:
             raise ValueError("scheduler 'cosine' needs trainer.max_epochs or trainer.max_steps")
         # cosine to zero without warm-up (over the steps, or the clock: sautomed/schedule.py)
-        self.schedule = Schedule(self.trainer, int(total), 0, self.schedule_by, self.schedule_margin_s)
+        self.schedule = Schedule(
+            self.trainer, int(total), 0, self.schedule_by, self.schedule_margin_s, self.schedule_min_steps
+        )
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self.schedule.factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
