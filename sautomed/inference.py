@@ -29,7 +29,7 @@ class InferenceSettings:
         largest_component: keep only the largest 3D connected component of each class.
         bf16: run the network under bfloat16 autocast.
         encoder_bf16: run only the image encoder under bfloat16 autocast (the slice chain in fp32). On a CPU
-            with AMX (Intel Sapphire Rapids and newer) the LiteMedSAM encoder runs about 2.5x faster, while
+            with AMX (Intel Sapphire Rapids and newer) the LiteMedSAM encoder runs about 2x faster, while
             the chain's small ops would run slower in bf16 (hence the encoder only); without AMX it is slower.
         sam_refine: LiteMedSAM as published re-segments the box of each class's largest component on every
             slice (`models/sautomed/refine.py`; backbone litemedsam and its `network.sam_checkpoint` only).
