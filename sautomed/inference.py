@@ -7,6 +7,7 @@ Neighbour features come from the encoded cache; volume edges repeat the edge sli
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -14,6 +15,9 @@ from typing import Literal, Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+log = logging.getLogger(__name__)
+_warned_bf16 = False  # the slow-bf16 warning: once per process
 
 Mode = Literal["mid_to_ends", "end_to_end"]
 MODES: tuple[str, ...] = ("mid_to_ends", "end_to_end")
@@ -56,6 +60,16 @@ class SliceNetwork(Protocol):
     def initial_state(self, batch: int, device: torch.device | None = None): ...
 
     def step(self, f_prev: Tensor, f_t: Tensor, f_next: Tensor, state): ...
+
+
+def warn_if_bf16_is_slow(device: torch.device, dtype: torch.dtype | None) -> None:
+    """Say once per process that bf16 autocast on a CPU without native bf16 is slower than fp32."""
+    global _warned_bf16
+    if dtype == torch.bfloat16 and device.type == "cpu" and not _warned_bf16 and not cpu_has_native_bf16():
+        _warned_bf16 = True
+        log.warning(
+            "this CPU has no native bfloat16 (AMX or AVX512-BF16): bf16 will be slower than fp32 here"
+        )
 
 
 def cpu_has_native_bf16() -> bool:
@@ -110,6 +124,7 @@ class InferenceEngine:
     def encode_volume(self, volume: Tensor) -> Tensor:
         """(Z, S, S) in [0, 1] -> (Z, D, h, w): each slice through the encoder exactly once."""
         chunks = []
+        warn_if_bf16_is_slow(volume.device, self.encoder_dtype)  # the encoder's dtype is bf16 if any is
         with self._autocast(volume.device, self.encoder_dtype):
             for start in range(0, volume.shape[0], self.encode_chunk):
                 chunks.append(self.net.encode(volume[start : start + self.encode_chunk]).float())

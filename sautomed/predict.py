@@ -22,7 +22,7 @@ from sautomed.data.io import stale_temporaries
 from sautomed.data.preprocess import Preprocessing
 from sautomed.data.samplers import ShardSampler
 from sautomed.families import module_from_checkpoint, with_inference_changes
-from sautomed.inference import MODES, cpu_has_native_bf16
+from sautomed.inference import MODES
 from sautomed.run_folder import UserError, read_checkpoint
 from sautomed.tools import predict_outputs
 from sautomed.writers import VolumeWriter, plan_predictions
@@ -102,10 +102,6 @@ def predict_main(argv: Sequence[str]) -> int:
         changes["bf16"] = True
     if a.encoder_bf16:
         changes["encoder_bf16"] = True
-    if (a.bf16 or a.encoder_bf16) and a.device == "cpu" and not cpu_has_native_bf16():
-        log.warning(
-            "this CPU has no native bfloat16 (AMX or AVX512-BF16): bf16 will be slower than fp32 here"
-        )
     if a.largest_component:
         changes["largest_component"] = True
     if a.sam_refine is not None:

@@ -159,7 +159,8 @@ def test_predict_encoder_bf16_runs_the_encoder_alone_in_bf16(
 def test_bf16_on_a_cpu_without_native_bf16_warns(trained_run, tiny_phantoms, tmp_path, monkeypatch, caplog):
     _, run = trained_run
     src = next((tiny_phantoms / "test" / "imagesTr").iterdir())
-    monkeypatch.setattr("sautomed.predict.cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr("sautomed.inference.cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr("sautomed.inference._warned_bf16", False)
     argv = ["predict", "--ckpt_path", str(run / "best.ckpt"), "--input", str(src), "--output", str(tmp_path)]
     with caplog.at_level(logging.WARNING, logger="sautomed"):
         assert main([*argv, "--no-progress", "--encoder-bf16"]) == 0
