@@ -25,13 +25,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 
-from sautomed.data.io import VolumeError
-from sautomed.data.layouts import DatasetError
 from sautomed.families import family_for_args
 from sautomed.guards import check_encoder_finetune, weights_from_elsewhere
 from sautomed.run_folder import (
     AtomicCheckpointIO,
-    CheckpointMismatchError,
     RunFolderConfig,
     UserError,
     earlier_checkpoints,
@@ -56,17 +53,15 @@ commands:
   weights      fetch named pretrained weights into the cache: sautomed weights litemedsam [--out DIR]
 {tools}
 
-Run `sautomed <command> --help` for a command's options.
+Run `sautomed <command> --help` for a command's options; `sautomed --debug <command> ...` shows the traceback
+of an error that is otherwise reported in one line.
 """.format(tools=TOOL_HELP.rstrip("\n"))
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    UserError,
-    VolumeError,
-    DatasetError,
-    CheckpointMismatchError,
-    OSError,  # missing files, permissions, a full disk, a read-only file system: the message names it
-)
+# the project's own error type (every deliberate refusal; data and checkpoint errors derive from it) and the
+# environment's (missing files, permissions, a full disk: the message names the file). Anything else is a bug
+# and shows its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError, OSError)
 
 
 class SautomedCLI(LightningCLI):
@@ -144,7 +139,38 @@ class SautomedCLI(LightningCLI):
         return kwargs
 
 
+def _config_error(exc: ValueError) -> UserError | None:
+    """The user's configuration error inside jsonargparse's ValueError, as one line; None for anything else.
+
+    A model built from a `model.class_path` config that refuses its settings (a UserError in its __init__)
+    reaches us wrapped: "Does not validate against any of the Union subtypes", with each subtype's error."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, UserError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    text = str(exc)
+    if "Does not validate against any of the Union subtypes" not in text:
+        return None
+    reasons = [
+        line.strip()[2:]
+        for line in text.splitlines()
+        if line.strip().startswith("- ") and "Expected a <class 'NoneType'>" not in line
+    ]
+    return UserError("; ".join(reasons) or text.strip().splitlines()[0])
+
+
 def _lightning(argv: Sequence[str]) -> int:
+    try:
+        return _run_lightning(argv)
+    except ValueError as exc:
+        found = _config_error(exc)
+        if found is None or found is exc:
+            raise
+        raise found from exc
+
+
+def _run_lightning(argv: Sequence[str]) -> int:
     family, by_class_path = family_for_args(argv)  # no model.class_path: 3D-SAutoMed
     SautomedCLI(
         family.module,
@@ -291,6 +317,9 @@ def quiet_lightning() -> None:
 def main(args: Sequence[str] | None = None) -> int:
     """Entry point of the `sautomed` console script; returns the exit code."""
     argv = list(sys.argv[1:] if args is None else args)
+    debug = bool(os.environ.get("SAUTOMED_DEBUG"))
+    if argv and argv[0] == "--debug":  # `sautomed --debug CMD ...`: user errors with their traceback too
+        debug, argv = True, argv[1:]
     if args is None:  # run as the program (not called from Python): warnings as one line each
         warnings.formatwarning = _format_warning
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -306,12 +335,17 @@ def main(args: Sequence[str] | None = None) -> int:
             return _lightning(argv)
         raise UserError(f"unknown command {cmd!r}; commands: {', '.join([*LIGHTNING_COMMANDS, *TOOLS])}")
     except SystemExit as exc:  # argparse / jsonargparse: usage already printed
+        if type(exc).__name__ == "SIGTERMException":  # Lightning's, on a scheduler's SIGTERM (preemption)
+            print(
+                "sautomed: stopped by SIGTERM; the run folder keeps its last complete checkpoint "
+                "(--ckpt_path last resumes)",
+                file=sys.stderr,
+            )
+            return 143
         code = exc.code
         return code if isinstance(code, int) else (0 if code is None else 2)
-    except USER_ERRORS + (
-        ValueError,
-    ) as exc:  # ValueError: configuration and data problems found by our code
-        if os.environ.get("SAUTOMED_DEBUG"):
+    except USER_ERRORS as exc:
+        if debug:
             raise
         print(f"sautomed: error: {_one_line(exc)}", file=sys.stderr)
         return 1

@@ -24,8 +24,8 @@ from sautomed.models.baselines.module import BaselineModule
 from sautomed.models.msam.module import FAMILY as MSAM
 from sautomed.models.msam.module import MSAMModule
 from sautomed.models.msam.patches import MSAMDataModule
-from sautomed.module import FAMILY as SAUTOMED
-from sautomed.module import SAutoMedModule
+from sautomed.models.sautomed.module import FAMILY as SAUTOMED
+from sautomed.models.sautomed.module import SAutoMedModule
 from sautomed.run_folder import UserError
 
 
@@ -61,13 +61,14 @@ def _config_class_path(path: str) -> str | None:
 
 
 def requested_class_path(argv: Sequence[str]) -> str | None:
-    """The model class_path the arguments ask for: the last `--config` naming one, or `--model.class_path`."""
+    """The model class_path the arguments ask for: the last `--config` / `-c` naming one, or
+    `--model.class_path`."""
     found = None
     for k, arg in enumerate(argv):  # in order, as LightningCLI applies them: a later one wins
-        if arg == "--config" and k + 1 < len(argv):
+        if arg in ("--config", "-c") and k + 1 < len(argv):
             found = _config_class_path(argv[k + 1]) or found
-        elif arg.startswith("--config="):
-            found = _config_class_path(arg[len("--config=") :]) or found
+        elif arg.startswith(("--config=", "-c=")):
+            found = _config_class_path(arg.split("=", 1)[1]) or found
         elif arg == "--model.class_path" and k + 1 < len(argv):
             found = argv[k + 1]
         elif arg.startswith("--model.class_path="):

@@ -22,7 +22,7 @@ from sautomed.data.io import stale_temporaries
 from sautomed.data.preprocess import Preprocessing
 from sautomed.data.samplers import ShardSampler
 from sautomed.families import module_from_checkpoint, with_inference_changes
-from sautomed.inference import MODES
+from sautomed.models.sautomed.inference import MODES
 from sautomed.run_folder import UserError, read_checkpoint
 from sautomed.tools import predict_outputs
 from sautomed.writers import VolumeWriter, plan_predictions
@@ -36,14 +36,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--ckpt_path", "--ckpt-path", dest="ckpt_path", required=True, type=Path, help="checkpoint"
     )
     p.add_argument(
-        "--input", required=True, type=Path, help="a volume file, a DICOM series folder or a folder"
+        "-i", "--input", required=True, type=Path, help="a volume file, a DICOM series folder or a folder"
     )
-    p.add_argument("--output", required=True, type=Path, help="output folder (created if missing)")
+    p.add_argument("-o", "--output", required=True, type=Path, help="output folder (created if missing)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: keep them)")
     p.add_argument(
         "--mode", choices=MODES, default=None, help="propagation order (default: the checkpoint's)"
     )
-    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu", help="accelerator")
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda", "auto"),
+        default="auto",
+        help="accelerator (auto: a GPU if there is one)",
+    )
     p.add_argument("--devices", default="1", help="number of devices (DDP shards the inputs)")
     p.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")

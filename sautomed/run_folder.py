@@ -22,13 +22,10 @@ from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from sautomed.data.io import pid_alive
+from sautomed.errors import UserError
 
 
-class UserError(Exception):
-    """An error caused by the user's input: reported as one line, no traceback."""
-
-
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError):
     """A checkpoint of another model family or configuration."""
 
 
@@ -111,7 +108,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class RunFolderConfig(SaveConfigCallback):
-    """Writes the resolved config to `<default_root_dir>/config.yaml` (atomically, replaced on resume)."""
+    """Writes the resolved config atomically: a fit's to `<default_root_dir>/config.yaml` (replaced on
+    resume), an evaluation's beside its outputs as `<stage>_config.yaml` (`test_config.yaml`), so that
+    evaluating in a fit's run folder never replaces the record of the experiment."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs["overwrite"] = True
@@ -124,11 +123,13 @@ class RunFolderConfig(SaveConfigCallback):
         root = Path(trainer.default_root_dir)
         root.mkdir(parents=True, exist_ok=True)
         text = self.parser.dump(self.config, skip_none=False)
-        fd, tmp = _mkstemp_like_open(self.config_filename, root)
+        stage = getattr(stage, "value", stage)  # a TrainerFn enum in some Lightning versions
+        name = self.config_filename if stage == "fit" else f"{stage}_{self.config_filename}"
+        fd, tmp = _mkstemp_like_open(name, root)
         try:
             with os.fdopen(fd, "w") as f:
                 f.write(text)
-            os.replace(tmp, root / self.config_filename)
+            os.replace(tmp, root / name)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise

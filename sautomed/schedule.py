@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 from lightning.pytorch.callbacks import Timer
 
+from sautomed.errors import UserError
+
 ScheduleBy = Literal["steps", "clock"]
 
 log = logging.getLogger(__name__)
@@ -29,11 +31,11 @@ def check_schedule(scheduler: str, by: ScheduleBy, min_steps: int) -> None:
         min_steps: ``model.schedule_min_steps`` (a clock schedule's figure; >= 0).
     """
     if by == "clock" and scheduler != "cosine":
-        raise ValueError(f"model.schedule_by: clock needs model.scheduler: cosine (not {scheduler!r})")
+        raise UserError(f"model.schedule_by: clock needs model.scheduler: cosine (not {scheduler!r})")
     if min_steps < 0:
-        raise ValueError(f"model.schedule_min_steps must be >= 0, got {min_steps}")
+        raise UserError(f"model.schedule_min_steps must be >= 0, got {min_steps}")
     if min_steps and by != "clock":
-        raise ValueError(
+        raise UserError(
             f"model.schedule_min_steps ({min_steps}) needs model.schedule_by: clock: a schedule by steps "
             f"trains all its steps on any machine, so there is no shortfall to warn of (got {by!r})"
         )
@@ -74,10 +76,10 @@ class Schedule:
             margin_s,
         )
         if min_steps < 0:
-            raise ValueError(f"model.schedule_min_steps must be >= 0, got {min_steps}")
+            raise UserError(f"model.schedule_min_steps must be >= 0, got {min_steps}")
         self.min_steps = min_steps
         if by == "clock" and (_timer(trainer) is None or _timer(trainer).time_remaining("train") is None):
-            raise ValueError("model.schedule_by: clock needs a trainer.max_time guard")
+            raise UserError("model.schedule_by: clock needs a trainer.max_time guard")
 
     def time_fraction(self) -> float:
         """Share of the time budget used (0 when the schedule follows steps, or before training starts)."""
@@ -155,3 +157,12 @@ class ScheduleHooks:
             log.info("%s", self.schedule.report())
             if (short := self.schedule.shortfall()) is not None:
                 log.warning("%s", short)
+
+
+def time_remaining(trainer: Any) -> float | None:
+    """Seconds left before the ``trainer.max_time`` guard stops the fit (None: no guard)."""
+    for callback in getattr(trainer, "callbacks", []):
+        if isinstance(callback, Timer) and callback._duration is not None:
+            left = callback.time_remaining("train")
+            return None if left is None else float(left)
+    return None

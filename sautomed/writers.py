@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from sautomed.data.io import is_dicom_dir, is_volume_file, volume_stem, write_label_volume
 from sautomed.data.layouts.nnunet import CHANNEL
+from sautomed.errors import UserError
+from sautomed.evaluation.gather import gather_lists
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +33,17 @@ class PredictPlan:
     kept: list[Path] = field(default_factory=list)
 
 
-def _output_name(src: Path) -> str:
-    """`case.nii.gz` -> `case.nii.gz`, `case.nrrd` -> `case.nrrd`; a DICOM folder `ser/` -> `ser.nii.gz`."""
-    return f"{src.name}.nii.gz" if src.is_dir() else src.name
+def output_name(src: Path) -> str:
+    """The prediction's file name for input ``src``, as nnU-Net names predictions: ``case_0000.nii.gz`` ->
+    ``case.nii.gz`` (the channel suffix always goes), ``case.nrrd`` -> ``case.nrrd``, a DICOM folder ``ser/``
+    -> ``ser.nii.gz``."""
+    if src.is_dir():
+        return f"{src.name}.nii.gz"
+    found = _channel_of(src)
+    if found is not None and found[1] == 0:
+        stem = volume_stem(src)
+        return stem[: -len("_0000")] + src.name[len(stem) :]
+    return src.name
 
 
 def _channel_of(src: Path) -> tuple[str, int] | None:
@@ -61,7 +70,8 @@ def plan_predictions(inp: Path, out_dir: Path, overwrite: bool, channels: int = 
     """Turn `--input` (a volume file, a DICOM series folder or a folder of volumes) into output jobs.
 
     With ``channels`` C > 1 (a model reading several channels) the inputs are nnU-Net channel files: each
-    ``case_0000`` file is a job (its ``case_0001`` .. siblings are read with it) written as ``case.<ext>``.
+    ``case_0000`` file is a job (its ``case_0001`` .. siblings are read with it). A ``case_0000`` input is
+    written as ``case.<ext>`` whatever the channel count, as nnU-Net names its predictions.
     Raises FileNotFoundError when the input does not exist, ValueError when an output would replace an input
     (whatever ``overwrite`` says: e.g. ``--output`` is the input folder) or when two inputs would be
     written to the same output.
@@ -88,20 +98,16 @@ def plan_predictions(inp: Path, out_dir: Path, overwrite: bool, channels: int = 
     if channels > 1:
         candidates = _multichannel(candidates, channels, plan)
         if not candidates and inp.is_file():
-            raise ValueError(f"{inp}: {plan.ignored[-1][1]}")
+            raise UserError(f"{inp}: {plan.ignored[-1][1]}")
     claimed: dict[Path, Path] = {}
     for src in candidates:
-        name = _output_name(src)
-        if channels > 1:  # case_0000.nii.gz -> case.nii.gz, as nnU-Net names its predictions
-            stem = volume_stem(src)
-            name = stem[: -len("_0000")] + src.name[len(stem) :]
-        dst = out_dir / name
+        dst = out_dir / output_name(src)
         if dst.resolve() == src.resolve():
-            raise ValueError(
+            raise UserError(
                 f"{dst}: the output would replace its own input {src}; choose another --output folder"
             )
         if dst in claimed:
-            raise ValueError(
+            raise UserError(
                 f"{claimed[dst]} and {src} would both be written to {dst}; predict them into separate folders"
             )
         claimed[dst] = src
@@ -154,8 +160,4 @@ class VolumeWriter(BasePredictionWriter):
         self.written.append(prediction["output"])
 
     def on_predict_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            parts: list[Any] = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(parts, (self.written, self.failed))
-            self.written = [w for p in parts for w in p[0]]
-            self.failed = [f for p in parts for f in p[1]]
+        self.written, self.failed = gather_lists(self.written, self.failed)

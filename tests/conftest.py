@@ -13,6 +13,16 @@ from sautomed.data.phantom import make_phantoms
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Without ../shared (the real labelled volumes and the LiteMedSAM weights beside the project, which CI
+    has) the real-data tests cannot run: say so in one line instead of dozens of failures."""
+    if not SHARED.is_dir():
+        pytest.exit(
+            f"the test data is missing: {SHARED.resolve()} (the project's ../shared beside its root)",
+            returncode=4,
+        )
+
+
 @pytest.fixture(scope="session")
 def tiny_phantoms(tmp_path_factory) -> Path:
     """4 small phantom cases (nnU-Net layout) and 2 held-out ones under `<root>/train` and `<root>/test`."""
@@ -75,3 +85,31 @@ def trained_run(tiny_phantoms, tmp_path_factory) -> tuple[Path, Path]:
     cfg = tiny_config(base / "tiny.yaml", tiny_phantoms, run)
     assert main(["fit", "--config", str(cfg)]) == 0
     return cfg, run
+
+
+def write_tiny_sam_checkpoint(path: Path, image_size: int = 64) -> Path:
+    """A SAM-layout state dict of the tiny backbone (random weights, seed 0): a pretrained start for tests
+    of frozen-encoder paths, which refuse a random encoder with no checkpoint (guards.py)."""
+    import torch
+
+    from sautomed.models.sautomed.network import NetworkConfig, build_network
+
+    torch.manual_seed(0)
+    cfg = NetworkConfig(  # the per-class decoder is SAM's own: its state dict has SAM's layout
+        backbone="tiny",
+        image_size=image_size,
+        num_classes=1,
+        encoder_finetune="full",
+        lora_rank=0,
+        decoder="per_class",
+    )
+    sam = ("image_encoder", "prompt_encoder", "mask_decoder")
+    state = build_network(cfg).state_dict()
+    torch.save({k: v for k, v in state.items() if k.split(".")[0] in sam and "class_embed" not in k}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_sam_checkpoint(tmp_path_factory) -> Path:
+    """The tiny backbone's SAM-layout checkpoint at S = 64 (`write_tiny_sam_checkpoint`)."""
+    return write_tiny_sam_checkpoint(tmp_path_factory.mktemp("tiny_sam") / "tiny_sam.pth")

@@ -17,8 +17,9 @@ from sautomed.cli import main
 from sautomed.families import DEFAULT, FAMILIES, family_for_args, module_from_checkpoint, requested_class_path
 from sautomed.models.baselines.module import BaselineModule
 from sautomed.models.baselines.network import UNetSettings, network_plan
+from sautomed.models.sautomed.module import SAutoMedModule
 from sautomed.models.sautomed.network import NetworkConfig
-from sautomed.module import SAutoMedModule
+from sautomed.writers import output_name
 
 CLASS_PATH = "sautomed.models.baselines.module.BaselineModule"
 CLASSES = ["liver", "right_kidney", "left_kidney", "spleen", "aorta"]
@@ -172,7 +173,7 @@ def test_predict_writes_labels_on_the_input_grid(baseline_run, tiny_phantoms, tm
     argv = ["predict", "--ckpt_path", str(run / "last.ckpt"), "--input", str(images), "--output", str(out)]
     assert main([*argv, "--no-progress"]) == 0
     for src in sorted(images.iterdir()):
-        a, b = sitk.ReadImage(str(src)), sitk.ReadImage(str(out / src.name))
+        a, b = sitk.ReadImage(str(src)), sitk.ReadImage(str(out / output_name(src)))
         assert a.GetSize() == b.GetSize() and a.GetSpacing() == b.GetSpacing()
         assert a.GetOrigin() == b.GetOrigin() and a.GetDirection() == b.GetDirection()
         assert b.GetPixelID() == sitk.sitkUInt8 and sitk.GetArrayFromImage(b).max() <= 5

@@ -24,7 +24,7 @@ from sautomed.bench import (
     synthetic_volume,
 )
 from sautomed.cli import main
-from sautomed.inference import InferenceEngine
+from sautomed.models.sautomed.inference import InferenceEngine
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"backbone": "tiny", "image_size": 32, "num_classes": 2, "box_decoder_ffn_dim": 64}
@@ -133,6 +133,14 @@ def test_cli_writes_every_key(tmp_path, capsys):
 def test_cli_error_exits_non_zero(tmp_path):
     assert main(["bench", "--config", str(tmp_path / "missing.yaml")]) == 1
     assert main(["bench", "--model", "tiny", "--slices", "0"]) == 1
+
+
+def test_a_config_of_another_family_is_refused_in_one_line(capsys):
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    for name, family in (("msam_brats.yaml", "msam"), ("unet3d_chaos_mr_small.yaml", "baseline")):
+        assert main(["bench", "--config", str(configs / name), "--no-train"]) == 1
+        err = capsys.readouterr().err
+        assert f"a {family} config" in err and len(err.strip().splitlines()) == 1
 
 
 def test_a_training_step_that_does_not_fit_is_recorded_and_the_bench_goes_on(monkeypatch):

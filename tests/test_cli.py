@@ -10,8 +10,9 @@ import SimpleITK as sitk
 import torch
 
 from sautomed.cli import main
-from sautomed.inference import InferenceEngine
+from sautomed.models.sautomed.inference import InferenceEngine
 from sautomed.models.sautomed.network import SAutoMedNet
+from sautomed.writers import output_name
 
 
 def test_help_lists_every_command(capsys):
@@ -54,7 +55,10 @@ def test_test_writes_metrics_and_encodes_each_slice_once(trained_run, tiny_phant
     monkeypatch.setattr(
         SAutoMedNet, "encode", lambda self, x: encoded.append(x.shape[0]) or original(self, x)
     )
+    fit_config = (run / "config.yaml").read_bytes()
     assert main(["test", "--config", str(cfg), "--ckpt_path", str(run / "best.ckpt")]) == 0
+    assert (run / "config.yaml").read_bytes() == fit_config  # the fit's record is never replaced
+    assert "ckpt_path" in (run / "test_config.yaml").read_text()  # the evaluation's own, beside its outputs
     summary = json.loads((run / "summary.json").read_text())
     assert summary["num_cases"] == 2
     assert summary["checkpoint"].endswith("best.ckpt")
@@ -93,8 +97,13 @@ def test_predict_keeps_geometry_and_existing_outputs(
     assert main([*argv, "--no-progress"]) == 1  # the broken input makes the run fail ...
     err = capsys.readouterr().err
     assert "broken.nii.gz" in err and "notes.txt" in err
-    for src in images.iterdir():  # ... while every valid input is written on its exact grid
-        a, b = sitk.ReadImage(str(src)), sitk.ReadImage(str(out / src.name))
+    for src in images.iterdir():  # ... while every valid input is written on its exact grid, named as
+        # nnU-Net names predictions: case_0000.nii.gz -> case.nii.gz
+        assert src.name.endswith("_0000.nii.gz") and not (out / src.name).exists()
+        a, b = (
+            sitk.ReadImage(str(src)),
+            sitk.ReadImage(str(out / output_name(src))),
+        )
         assert a.GetSize() == b.GetSize() and a.GetSpacing() == b.GetSpacing()
         assert a.GetOrigin() == b.GetOrigin() and a.GetDirection() == b.GetDirection()
         assert b.GetPixelID() == sitk.sitkUInt8
@@ -129,7 +138,7 @@ def test_predictions_repeat_exactly(trained_run, tiny_phantoms, tmp_path):
             )
             == 0
         )
-        outs.append(sitk.GetArrayFromImage(sitk.ReadImage(str(out / src.name))))
+        outs.append(sitk.GetArrayFromImage(sitk.ReadImage(str(out / output_name(src)))))
     np.testing.assert_array_equal(outs[0], outs[1])
 
 
@@ -151,7 +160,7 @@ def test_predict_encoder_bf16_runs_the_encoder_alone_in_bf16(
         out = tmp_path / ("bf16" if flag else "fp32")
         argv = ["predict", "--ckpt_path", str(run / "best.ckpt"), "--input", str(src), "--output", str(out)]
         assert main([*argv, "--no-progress", *flag]) == 0
-        labels.append(sitk.GetArrayFromImage(sitk.ReadImage(str(out / src.name))))
+        labels.append(sitk.GetArrayFromImage(sitk.ReadImage(str(out / output_name(src)))))
     assert seen == [(None, None), (torch.bfloat16, None)]
     assert (labels[0] == labels[1]).mean() > 0.95  # bf16 features move few voxels
 
@@ -159,8 +168,8 @@ def test_predict_encoder_bf16_runs_the_encoder_alone_in_bf16(
 def test_bf16_on_a_cpu_without_native_bf16_warns(trained_run, tiny_phantoms, tmp_path, monkeypatch, caplog):
     _, run = trained_run
     src = next((tiny_phantoms / "test" / "imagesTr").iterdir())
-    monkeypatch.setattr("sautomed.inference.cpu_has_native_bf16", lambda: False)
-    monkeypatch.setattr("sautomed.inference._warned_bf16", False)
+    monkeypatch.setattr("sautomed.models.sautomed.inference.cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr("sautomed.models.sautomed.inference._warned_bf16", False)
     argv = ["predict", "--ckpt_path", str(run / "best.ckpt"), "--input", str(src), "--output", str(tmp_path)]
     with caplog.at_level(logging.WARNING, logger="sautomed"):
         assert main([*argv, "--no-progress", "--encoder-bf16"]) == 0
@@ -240,3 +249,57 @@ def test_same_seed_same_checkpoint(tiny_phantoms, tmp_path, make_config):
         states.append(torch.load(tmp_path / f"run{k}" / "last.ckpt", map_location="cpu", weights_only=True))
     for key, value in states[0]["state_dict"].items():
         assert torch.equal(value, states[1]["state_dict"][key]), key
+
+
+def test_evaluation_with_another_preprocessing_than_the_checkpoints_is_refused(
+    trained_run, tiny_phantoms, make_config, tmp_path, capsys
+):
+    _, run = trained_run
+    ckpt = str(run / "best.ckpt")
+    cases = (
+        ({"preprocessing": {"image_size": 64, "normalization": "percentile"}}, "normalization percentile"),
+        ({"preprocessing": {"image_size": 64, "normalization": "ct", "window": [-100, 200]}}, "window"),
+        ({"preprocessing": {"image_size": 48, "normalization": "ct"}}, "image_size 48"),
+    )
+    for k, (data, named) in enumerate(cases):
+        cfg = make_config(tmp_path / f"c{k}.yaml", tiny_phantoms, tmp_path / f"run{k}", **data)
+        assert main(["test", "--config", str(cfg), "--ckpt_path", ckpt]) == 1
+        err = capsys.readouterr().err
+        assert "differs from the checkpoint's" in err and named in err, err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_a_bug_shows_its_traceback_a_user_error_one_line(monkeypatch, capsys):
+    import sautomed.cli as cli
+
+    def broken(argv):
+        raise ValueError("a programming error inside sautomed")
+
+    monkeypatch.setitem(cli.TOOLS, "phantoms", broken)
+    try:
+        main(["phantoms", "--out", "x"])
+    except ValueError as exc:  # not turned into one line: a bug must be seen whole
+        assert "programming error" in str(exc)
+    else:
+        raise AssertionError("a ValueError of a bug was swallowed")
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main(["phantoms", "--out", "x", "--cases", "0"]) == 1  # our refusal: one line, exit 1
+    err = capsys.readouterr().err
+    assert err.strip() == "sautomed: error: --cases must be at least 1"
+
+
+def test_a_preempted_run_exits_non_zero_in_one_line(monkeypatch, capsys):
+    """Lightning raises SIGTERMException (a SystemExit without a code) on a scheduler's SIGTERM; the run must
+    not look successful."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    import sautomed.cli as cli
+
+    def preempted(argv):
+        raise SIGTERMException
+
+    monkeypatch.setitem(cli.TOOLS, "phantoms", preempted)
+    assert main(["phantoms"]) == 143
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sautomed: stopped by SIGTERM") and len(err.splitlines()) == 1

@@ -12,8 +12,8 @@ import torch
 import yaml
 
 from sautomed.cli import main
+from sautomed.models.sautomed.module import SAutoMedModule
 from sautomed.models.sautomed.network import NetworkConfig
-from sautomed.module import SAutoMedModule
 from sautomed.run_folder import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,13 +34,27 @@ def test_lora_without_sam_checkpoint_is_refused_naming_both_ways_out():
     )
 
 
+def test_a_frozen_random_encoder_is_refused_in_every_family():
+    from sautomed.models.msam.network import MSAMConfig, MSAMNet
+
+    frozen = NetworkConfig(backbone="tiny", image_size=32, num_classes=2, encoder_finetune="frozen")
+    with pytest.raises(UserError, match="encoder_finetune is 'frozen' but no model.network.sam_checkpoint"):
+        SAutoMedModule(network=frozen)
+    for mode in ("frozen", "lora"):
+        cfg = MSAMConfig(variant="tiny", image_size=32, encoder_finetune=mode, lora_rank=2)
+        with pytest.raises(UserError, match=f"'{mode}' but no model.network.sam_med3d_checkpoint"):
+            MSAMNet(cfg)
+    MSAMNet(MSAMConfig(variant="tiny", image_size=32, encoder_finetune="full"))
+    MSAMNet(MSAMConfig(variant="tiny", image_size=32))  # auto: full without a checkpoint
+
+
 def test_lora_module_rebuilt_from_a_trained_checkpoint_is_not_refused():
     from sautomed.guards import weights_from_elsewhere
 
     with weights_from_elsewhere():
         trained = SAutoMedModule(network=_lora_cfg())
     trained.preprocessing = {}
-    ckpt = {"sautomed": trained.sautomed_config(), "state_dict": trained.state_dict()}
+    ckpt = {"sautomed": trained.family_config(), "state_dict": trained.state_dict()}
     rebuilt = SAutoMedModule.from_checkpoint_dict(ckpt)
     assert rebuilt.network_cfg.encoder_finetune == "lora"
     with pytest.raises(UserError):  # the context ends with the block

@@ -5,7 +5,8 @@ from typing import NamedTuple
 import pytest
 import torch
 
-from sautomed.inference import InferenceEngine, logits_to_labels
+from sautomed.evaluation.postprocess import logits_to_labels
+from sautomed.models.sautomed.inference import InferenceEngine
 
 
 class FakeState(NamedTuple):

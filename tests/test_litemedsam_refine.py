@@ -1,4 +1,4 @@
-"""`inference.sam_refine` (models/sautomed/refine.py): LiteMedSAM as published re-segments the boxes of the
+"""`inference.sam_refine` (models/sam/refine.py): LiteMedSAM as published re-segments the boxes of the
 chain's masks. Real weights and real MR (slow, runs in CI): a degraded mask handed in as the chain's logits
 comes back closer to the reference; the boxes grow by the margin; settings that cannot work are refused."""
 
@@ -16,10 +16,12 @@ from scipy import ndimage
 from sautomed.cli import main
 from sautomed.data.layouts import get_layout
 from sautomed.data.preprocess import Preprocessing, preprocess
-from sautomed.inference import InferenceSettings, logits_to_labels
+from sautomed.evaluation.postprocess import logits_to_labels
+from sautomed.guards import weights_from_elsewhere
+from sautomed.models.sam.refine import PretrainedBoxRefiner, worst_case_logits
+from sautomed.models.sautomed.inference import InferenceSettings
+from sautomed.models.sautomed.module import SAutoMedModule
 from sautomed.models.sautomed.network import NetworkConfig
-from sautomed.models.sautomed.refine import PretrainedBoxRefiner, worst_case_logits
-from sautomed.module import SAutoMedModule
 
 ROOT = Path(__file__).resolve().parents[1] / ".." / "shared"
 MR = ROOT / "data" / "chaos-mr"
@@ -83,12 +85,13 @@ def test_refinement_needs_the_litemedsam_backbone_and_its_weights():
             NetworkConfig(backbone="tiny", image_size=64, num_classes=2, encoder_finetune="full"),
             inference=refine,
         )
-    module = SAutoMedModule(
-        NetworkConfig(
-            backbone="litemedsam", image_size=S, num_classes=2, encoder_finetune="frozen", lora_rank=0
-        ),
-        inference=refine,
-    )  # random weights: the refiner would be a random decoder that looks right
+    frozen = NetworkConfig(
+        backbone="litemedsam", image_size=S, num_classes=2, encoder_finetune="frozen", lora_rank=0
+    )
+    with pytest.raises(ValueError, match="encoder_finetune is 'frozen' but no model.network.sam_checkpoint"):
+        SAutoMedModule(frozen, inference=refine)  # a frozen random encoder is refused at once
+    with weights_from_elsewhere():  # a checkpoint that does not record where its weights started
+        module = SAutoMedModule(frozen, inference=refine)
     with pytest.raises(ValueError, match=r"sam_refine needs network.sam_checkpoint \(LiteMedSAM\)"):
         module.box_refiner()
     with pytest.raises(ValueError, match="sam_refine_margin must be >= 0"):

@@ -5,8 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sautomed.boxes import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, boxes_from_labels, generalized_box_iou
-from sautomed.losses import LossWeights, SAutoMedLoss
+from sautomed.models.sautomed.boxes import (
+    box_cxcywh_to_xyxy,
+    box_xyxy_to_cxcywh,
+    boxes_from_labels,
+    generalized_box_iou,
+)
+from sautomed.models.sautomed.loss import LossWeights, SAutoMedLoss
 from sautomed.models.sautomed.network import State, StepOutput
 
 
@@ -109,7 +114,7 @@ def test_empty_slice_gives_finite_box_terms():
 
 
 def test_hard_dice_per_class_scores_each_class_and_leaves_absent_ones_nan():
-    from sautomed.losses import hard_dice_per_class
+    from sautomed.models.sautomed.loss import hard_dice_per_class
 
     target = torch.zeros(2, 8, 8, dtype=torch.long)
     target[:, :4, :4] = 1  # 16 pixels of class 1 per slice; class 2 nowhere; class 3 only predicted

@@ -7,7 +7,14 @@ import math
 import numpy as np
 import pytest
 
-from sautomed.metrics import dice, evaluate_case, hd95_mm, summarize, volume_diagonal_mm, write_metrics
+from sautomed.evaluation.metrics import (
+    dice,
+    evaluate_case,
+    hd95_mm,
+    summarize,
+    volume_diagonal_mm,
+    write_metrics,
+)
 
 
 def test_dice_hand_computed():

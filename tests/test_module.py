@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sautomed.losses import LossWeights, SAutoMedLoss
+from sautomed.models.sautomed.loss import LossWeights, SAutoMedLoss
+from sautomed.models.sautomed.module import SAutoMedModule
 from sautomed.models.sautomed.network import NetworkConfig, SAutoMedNet
-from sautomed.module import SAutoMedModule
 
 S, C = 32, 3
 

@@ -142,8 +142,14 @@ def test_prediction_plan_takes_the_0000_files(two_channel, tmp_path):
     plain = shutil.copy(images / "lesion_000_0000.nii.gz", tmp_path / "scan.nii.gz")
     with pytest.raises(ValueError, match="scan.nii.gz: not a case_0000 file of the model's 2 channels"):
         plan_predictions(Path(plain), tmp_path / "out", False, channels=2)
-    one = plan_predictions(images, tmp_path / "out", overwrite=False)  # one channel: every file, names kept
-    assert len(one.jobs) == 4 and one.jobs[0][1].name == "lesion_000_0000.nii.gz"
+    one = plan_predictions(images, tmp_path / "out", overwrite=False)  # one channel: every file a case
+    names = [d.name for _, d in one.jobs]  # the _0000 suffix goes, as nnU-Net names predictions
+    assert names == [
+        "lesion_000.nii.gz",
+        "lesion_000_0001.nii.gz",
+        "lesion_001.nii.gz",
+        "lesion_001_0001.nii.gz",
+    ]
 
 
 def test_shared_brats_flair_and_t1c_share_one_grid():

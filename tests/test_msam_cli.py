@@ -19,8 +19,9 @@ from sautomed.cli import main
 from sautomed.data.lesion_phantom import make_lesion_phantoms
 from sautomed.families import FAMILIES, family_for_args, module_from_checkpoint
 from sautomed.models.msam.module import MSAMModule, oracle_class_name
+from sautomed.models.sautomed.module import SAutoMedModule
 from sautomed.models.sautomed.network import NetworkConfig
-from sautomed.module import SAutoMedModule
+from sautomed.writers import output_name
 
 CLASS_PATH = "sautomed.models.msam.module.MSAMModule"
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -175,7 +176,7 @@ def test_predict_writes_labels_on_the_input_grid_without_ground_truth(msam_run, 
     argv = ["predict", "--ckpt_path", str(run / "last.ckpt"), "--input", str(scans), "--output", str(out)]
     assert main([*argv, "--no-progress"]) == 0
     for src in sorted(scans.iterdir()):
-        a, b = sitk.ReadImage(str(src)), sitk.ReadImage(str(out / src.name))
+        a, b = sitk.ReadImage(str(src)), sitk.ReadImage(str(out / output_name(src)))
         assert a.GetSize() == b.GetSize() and a.GetSpacing() == b.GetSpacing()
         assert a.GetOrigin() == b.GetOrigin() and a.GetDirection() == b.GetDirection()
         assert b.GetPixelID() == sitk.sitkUInt8 and set(sitk.GetArrayFromImage(b).ravel()) <= {0, 1}
@@ -318,3 +319,19 @@ def test_the_brats_config_ends_its_schedule_by_the_clock_inside_its_guard():
     assert model["scheduler"] == "cosine" and model["schedule_by"] == "clock"
     assert 0 < model["schedule_margin_s"] < 5 * 60 and raw["trainer"]["max_time"] == "00:00:20:00"
     assert model["network"]["click_maps"] is True  # what made the clicks count on this budget
+
+
+def test_clicks_alone_still_write_metrics_and_monitor_a_fit(lesions, tmp_path):
+    """evaluation.automatic off: a validating fit keeps a monitor (the oracle DSC after the most clicks)
+    and validate writes metrics.csv / summary.json with the oracle-prompted rows."""
+    cfg = msam_config(tmp_path / "m.yaml", lesions, tmp_path / "run")
+    doc = yaml.safe_load(cfg.read_text())
+    doc["model"]["init_args"]["evaluation"]["automatic"] = False
+    cfg.write_text(yaml.safe_dump(doc))
+    assert main(["fit", "--config", str(cfg)]) == 0
+    assert (tmp_path / "run" / "best.ckpt").is_file()  # chosen on val/mean_dsc, which is logged
+    assert main(["validate", "--config", str(cfg), "--ckpt_path", "last"]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["oracle_prompted"]["num_cases"] == 2 and summary["predict_seconds_per_case"] is None
+    rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 1 + 2 * len(CLICKS) and all("oracle_prompted" in r for r in rows[1:])

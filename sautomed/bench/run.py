@@ -31,9 +31,10 @@ from sautomed.bench.settings import (
 )
 from sautomed.bench.timing import count_encoded, loadavg, predicted_ratio, sync, time_interleaved
 from sautomed.bench.workload import build_net, encoder_gflop_per_slice, naive_loop, synthetic_volume
-from sautomed.inference import InferenceEngine
+from sautomed.errors import UserError
+from sautomed.models.sam.refine import PretrainedBoxRefiner, worst_case_logits
+from sautomed.models.sautomed.inference import InferenceEngine
 from sautomed.models.sautomed.network import SAutoMedNet
-from sautomed.models.sautomed.refine import PretrainedBoxRefiner, worst_case_logits
 
 # what one backbone's training worker records (`Measures.training`; chain.train_measures)
 TRAIN_KEYS = (
@@ -243,7 +244,7 @@ def run_bench(
         "backbones": {b: {} for b in (model, *s.compare)},
     }
     if resume is not None and resume.get("settings") != settings:
-        raise ValueError("--resume: the partial results were measured with other settings")
+        raise UserError("--resume: the partial results were measured with other settings")
     m = Measures(s, net, r, resume or {}, progress, partial)
 
     gflop_slice = encoder_gflop_per_slice(net, size, dev, s.dtype)

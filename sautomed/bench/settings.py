@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from sautomed.inference import Mode
+from sautomed.errors import UserError
+from sautomed.models.sautomed.inference import Mode
 from sautomed.models.sautomed.network import NetworkConfig
 
 BACKBONES: tuple[str, ...] = typing.get_args(typing.get_type_hints(NetworkConfig)["backbone"])
@@ -111,6 +112,23 @@ def _section(cfg: dict[str, Any], key: str) -> dict[str, Any]:
     return dict(sec.get("init_args", sec)) if isinstance(sec, dict) else {}
 
 
+def check_measurable(cfg: dict[str, Any], path: Any) -> None:
+    """A UserError for a config of a family the bench does not measure (it builds 3D-SAutoMed networks):
+    timing a tiny 3D-SAutoMed for an M-SAM or U-Net config would report figures of another model."""
+    model = cfg.get("model")
+    class_path = model.get("class_path") if isinstance(model, dict) else None
+    if class_path is None:
+        return
+    from sautomed.families import family_for_class_path
+
+    family = family_for_class_path(class_path)
+    if family.name != "sautomed":
+        raise UserError(
+            f"{path}: a {family.name} config; sautomed bench measures 3D-SAutoMed configs only (time a "
+            f"{family.name} model with `sautomed test`: summary.json's predict_seconds_per_case)"
+        )
+
+
 def settings_from_args(a: argparse.Namespace) -> BenchSettings:
     """Config YAML defaults (network, batch size, warm-ups, classes, S, chunk), overridden by the flags."""
     import yaml
@@ -120,6 +138,7 @@ def settings_from_args(a: argparse.Namespace) -> BenchSettings:
         if not Path(a.config).is_file():
             raise FileNotFoundError(f"{a.config}: config not found")
         cfg = yaml.safe_load(Path(a.config).read_text()) or {}
+    check_measurable(cfg, a.config)
     model, data = _section(cfg, "model"), _section(cfg, "data")
     known = {f.name for f in fields(NetworkConfig)}
     network = {k: v for k, v in (model.get("network") or {}).items() if k in known}
@@ -134,10 +153,10 @@ def settings_from_args(a: argparse.Namespace) -> BenchSettings:
     compare = tuple(b.strip() for arg in a.compare for b in arg.split(",") if b.strip())
     unknown = [b for b in compare if b not in BACKBONES]
     if unknown:
-        raise ValueError(f"--compare: unknown backbone {', '.join(unknown)} (one of {', '.join(BACKBONES)})")
+        raise UserError(f"--compare: unknown backbone {', '.join(unknown)} (one of {', '.join(BACKBONES)})")
     before = tuple(int(v) for v in str(a.before_warmups).split(","))
     if len(before) != 2 or not 1 <= before[0] <= before[1]:
-        raise ValueError(f"--before-warmups must be MIN,MAX with 1 <= MIN <= MAX, got {a.before_warmups}")
+        raise UserError(f"--before-warmups must be MIN,MAX with 1 <= MIN <= MAX, got {a.before_warmups}")
     s = BenchSettings(
         network=network,
         slices=a.slices,
@@ -167,13 +186,13 @@ def settings_from_args(a: argparse.Namespace) -> BenchSettings:
     )
     NetworkConfig(**s.network)  # unknown backbone / bad types fail here, before anything runs
     if s.slices < 1 or s.repeats < 1 or s.warmup < 0 or s.train_batch < 1 or s.warmup_slices < 0:
-        raise ValueError("--slices, --repeats and --train-batch must be >= 1; --warmup, --warmup-slices >= 0")
+        raise UserError("--slices, --repeats and --train-batch must be >= 1; --warmup, --warmup-slices >= 0")
     if s.case_slices < 1:
-        raise ValueError("--case-slices must be >= 1")
+        raise UserError("--case-slices must be >= 1")
     if s.mode not in typing.get_args(Mode):
-        raise ValueError(f"model.inference.mode must be one of {typing.get_args(Mode)}, got {s.mode!r}")
+        raise UserError(f"model.inference.mode must be one of {typing.get_args(Mode)}, got {s.mode!r}")
     if s.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: CUDA is not available")
+        raise UserError("--device cuda: CUDA is not available")
     return s
 
 

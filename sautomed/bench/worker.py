@@ -64,8 +64,8 @@ class _Trainer:
 
     def __init__(self, s: BenchSettings, checkpointed: bool, warmup_loss: float) -> None:
         from sautomed.guards import weights_from_elsewhere
-        from sautomed.losses import LossWeights
-        from sautomed.module import SAutoMedModule
+        from sautomed.models.sautomed.loss import LossWeights
+        from sautomed.models.sautomed.module import SAutoMedModule
 
         self.s = s
         net_cfg = NetworkConfig(**dict(s.network, sam_checkpoint=None, grad_checkpointing=checkpointed))

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sautomed.bench.settings import BenchSettings, autocast
-from sautomed.inference import logits_to_labels
+from sautomed.evaluation.postprocess import logits_to_labels
 from sautomed.models.sautomed.network import NetworkConfig, SAutoMedNet
 
 

@@ -23,6 +23,7 @@ from sautomed.data.layouts import Layout, get_layout
 from sautomed.data.preprocess import Preprocessing, VolumeCache, path_sha256
 from sautomed.data.samplers import ShardSampler, WindowBatchSampler
 from sautomed.data.splits import resolve_split
+from sautomed.errors import UserError
 
 __all__ = [
     "PhantomSettings",
@@ -191,7 +192,7 @@ class SegmentationDataModule(L.LightningDataModule):
         volumes = [self.cache.get(self.layout, c, self.preprocessing) for c in self.train_cases]
         unlabeled = [v.case_id for v in volumes if v.label is None]
         if unlabeled:
-            raise ValueError(f"training cases without labels: {', '.join(unlabeled)}")
+            raise UserError(f"training cases without labels: {', '.join(unlabeled)}")
         ds = WindowDataset(
             volumes,
             self.windows.samples_per_epoch,

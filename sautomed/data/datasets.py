@@ -18,6 +18,7 @@ from sautomed.data.errors import DatasetError
 from sautomed.data.io import VolumeError, read_volume
 from sautomed.data.layouts import Layout, channel_files, read_channels
 from sautomed.data.preprocess import Prepared, Preprocessing, VolumeCache, preprocess
+from sautomed.errors import UserError
 
 
 def _class_slices(label: np.ndarray) -> dict[int, np.ndarray]:
@@ -52,9 +53,9 @@ class WindowDataset(Dataset):
         end_fraction: float = 0.0,
     ) -> None:
         if not volumes:
-            raise ValueError("no training volumes")
+            raise UserError("no training volumes")
         if augmented_copies < 0 or not 0.0 <= end_fraction <= 1.0:
-            raise ValueError("augmented_copies must be >= 0 and end_fraction within [0, 1]")
+            raise UserError("augmented_copies must be >= 0 and end_fraction within [0, 1]")
         self.augmented_copies = augmented_copies
         self.end_fraction = end_fraction
         self.copies: list[list[tuple[np.ndarray, np.ndarray]]] = []  # [volume][copy] -> (image, label)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from sautomed.errors import UserError
 
-class VolumeError(ValueError):
+
+class VolumeError(UserError):
     """A volume cannot be read or written; the message names the file and the problem."""
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
     """A dataset's files are missing or do not fit its layout; the message names them."""

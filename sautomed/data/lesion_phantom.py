@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from sautomed.errors import UserError
+
 from .io import atomic_write, write_label_volume, write_volume
 from .phantom import _STORAGE, _blob, _smooth_field, storage_geometry
 
@@ -109,12 +111,12 @@ def make_lesion_phantoms(
     (labels 0..4 as BraTS). ``size`` is the canonical (z, y, x) size; spacing is 1 mm.
     """
     if channels not in (1, 2):
-        raise ValueError(f"lesion phantoms have 1 or 2 channels, got {channels}")
+        raise UserError(f"lesion phantoms have 1 or 2 channels, got {channels}")
     out = Path(out)
     if cases < 1:
-        raise ValueError(f"cases must be >= 1, got {cases}")
+        raise UserError(f"cases must be >= 1, got {cases}")
     if min(size) < 16:
-        raise ValueError(f"lesion phantom size {size} is too small (at least 16 voxels per axis)")
+        raise UserError(f"lesion phantom size {size} is too small (at least 16 voxels per axis)")
     for i in range(cases):
         rng = np.random.default_rng([seed, i])
         image, label = _case(rng, tuple(size), mimics)

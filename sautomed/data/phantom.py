@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from sautomed.errors import UserError
+
 from .io import Geometry, atomic_write, orientation, write_label_volume, write_volume
 
 CLASSES = ("liver", "right_kidney", "left_kidney", "spleen", "aorta")
@@ -166,9 +168,9 @@ def make_phantoms(out: Path, cases: int, seed: int, size: tuple[int, int, int] =
     """
     out = Path(out)
     if cases < 1:
-        raise ValueError(f"cases must be >= 1, got {cases}")
+        raise UserError(f"cases must be >= 1, got {cases}")
     if min(size) < 4:
-        raise ValueError(f"phantom size {size} is too small (at least 4 voxels per axis)")
+        raise UserError(f"phantom size {size} is too small (at least 4 voxels per axis)")
     for i in range(cases):
         rng = np.random.default_rng([seed, i])
         nz = int(size[0] + rng.integers(-(size[0] // 8), size[0] // 8 + 1))

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sautomed.errors import UserError
+
 from .io import Geometry, atomic_write
 
 if TYPE_CHECKING:
@@ -58,7 +60,7 @@ def normalize(image: np.ndarray, p: Preprocessing) -> np.ndarray:
     elif p.normalization == "percentile":
         low, high = (float(v) for v in np.percentile(image, p.percentiles))
     else:
-        raise ValueError(f"unknown normalization {p.normalization!r}; use 'ct' or 'percentile'")
+        raise UserError(f"unknown normalization {p.normalization!r}; use 'ct' or 'percentile'")
     if not high > low:
         return np.zeros(image.shape, np.float32)
     out = (np.clip(image, low, high) - low) / (high - low)
@@ -235,9 +237,9 @@ def _load(path: Path, case_id: str) -> Prepared:
         label_full = data["label_full"] if "label_full" in data.files else None
     arrays = tuple(a for a in (image, label, label_full) if a is not None)
     if meta["digest"] != _array_digest(*arrays) or meta["case_id"] != case_id:
-        raise ValueError("checksum or case id mismatch")
+        raise UserError("checksum or case id mismatch")
     if image.ndim not in (3, 4) or (label is not None and label.shape != image.shape[-3:]):
-        raise ValueError(f"shape mismatch {image.shape} / {None if label is None else label.shape}")
+        raise UserError(f"shape mismatch {image.shape} / {None if label is None else label.shape}")
     g = meta["geom"]
     geom = Geometry(
         g["path"],
@@ -251,5 +253,5 @@ def _load(path: Path, case_id: str) -> Prepared:
     if geom.shape_zyx[0] != image.shape[-3] or (
         label_full is not None and label_full.shape != geom.shape_zyx
     ):
-        raise ValueError(f"cached shapes {image.shape} do not match the geometry {geom.shape_zyx}")
+        raise UserError(f"cached shapes {image.shape} do not match the geometry {geom.shape_zyx}")
     return Prepared(case_id, image, label, geom, label_full)

@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from sautomed.errors import UserError
+
 
 def rank_world() -> tuple[int, int]:
     """(rank, world size) of the default process group, (0, 1) without one."""
@@ -39,7 +41,7 @@ class WindowBatchSampler(Sampler[list[tuple[int, int, int]]]):
 
     def __init__(self, n: int, batch_size: int, warmups: tuple[int, int], seed: int) -> None:
         if not 1 <= warmups[0] <= warmups[1]:
-            raise ValueError(f"warm-up range must satisfy 1 <= min <= max, got {warmups}")
+            raise UserError(f"warm-up range must satisfy 1 <= min <= max, got {warmups}")
         self.n, self.batch_size, self.warmups, self.seed = n, batch_size, warmups, seed
         self.sampler = _Epoch()
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sautomed.errors import UserError
+
 from .io import atomic_write
 
 SPLITS_FILE = "splits.json"
@@ -27,11 +29,11 @@ def kfold_split(case_ids: Sequence[str], folds: int = 5, seed: int = 0) -> list[
     """``min(folds, n)`` folds of {"train": [...], "val": [...]} (each list sorted); every id is val once."""
     ids = sorted(set(case_ids))
     if len(ids) != len(case_ids):
-        raise ValueError("duplicate case ids in split input")
+        raise UserError("duplicate case ids in split input")
     if not ids:
-        raise ValueError("cannot split an empty list of cases")
+        raise UserError("cannot split an empty list of cases")
     if folds < 1:
-        raise ValueError(f"folds must be >= 1, got {folds}")
+        raise UserError(f"folds must be >= 1, got {folds}")
     if len(ids) == 1:
         return [{"train": list(ids), "val": list(ids)}]
     k = min(folds, len(ids))
@@ -52,7 +54,7 @@ def read_splits(path: Path, case_ids: Sequence[str] | None = None) -> list[dict[
     try:
         splits = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: unreadable splits file ({e})") from e
+        raise UserError(f"{path}: unreadable splits file ({e})") from e
     if (
         not isinstance(splits, list)
         or not splits
@@ -61,12 +63,12 @@ def read_splits(path: Path, case_ids: Sequence[str] | None = None) -> list[dict[
             for s in splits
         )
     ):
-        raise ValueError(f"{path}: a splits file is a non-empty list of {{'train': [...], 'val': [...]}}")
+        raise UserError(f"{path}: a splits file is a non-empty list of {{'train': [...], 'val': [...]}}")
     if case_ids is not None:
         known = set(case_ids)
         unknown = sorted({i for s in splits for i in s["train"] + s["val"]} - known)
         if unknown:
-            raise ValueError(f"{path}: case ids not in the dataset: {unknown[:10]}")
+            raise UserError(f"{path}: case ids not in the dataset: {unknown[:10]}")
     return [{"train": [str(i) for i in s["train"]], "val": [str(i) for i in s["val"]]} for s in splits]
 
 
@@ -75,7 +77,7 @@ def check_disjoint(splits: list[dict[str, list[str]]], path: Path) -> None:
     for k, s in enumerate(splits):
         both = sorted(set(s["train"]) & set(s["val"]))
         if both:
-            raise ValueError(
+            raise UserError(
                 f"{path}: fold {k} has {len(both)} case(s) in both train and val: {', '.join(both[:10])}"
             )
 
@@ -89,7 +91,7 @@ def check_matches_config(
         expected = kfold_split(case_ids, folds, seed)
     hint = "use another --trainer.default_root_dir, or pass the file as data.splits_file to keep it"
     if len(splits) != len(expected):
-        raise ValueError(
+        raise UserError(
             f"{path} has {len(splits)} folds but data.folds={folds} makes {len(expected)} over the "
             f"{len(case_ids)} cases: {hint}"
         )
@@ -97,7 +99,7 @@ def check_matches_config(
         if sorted(mine["val"]) != theirs["val"] or sorted(mine["train"]) != theirs["train"]:
             extra = sorted(set(mine["val"]) - set(theirs["val"]))[:5]
             missing = sorted(set(theirs["val"]) - set(mine["val"]))[:5]
-            raise ValueError(
+            raise UserError(
                 f"{path} is not the split of data.folds={folds}, data.split_seed={seed} over the "
                 f"{len(case_ids)} cases of the dataset: fold {k} validates {extra} instead of {missing} "
                 f"(another split_seed, or other cases); {hint}"
@@ -139,9 +141,7 @@ def resolve_split(
         if existing is not None:
             write_splits(splits, existing)
     if not 0 <= fold < len(splits):
-        raise ValueError(
-            f"fold {fold} out of range: the split has {len(splits)} folds (0..{len(splits) - 1})"
-        )
+        raise UserError(f"fold {fold} out of range: the split has {len(splits)} folds (0..{len(splits) - 1})")
     return list(splits[fold]["train"]), list(splits[fold]["val"])
 
 

@@ -48,6 +48,32 @@ def require_highdicom() -> tuple[Any, Any]:
     return highdicom, pydicom
 
 
+def quiet_highdicom() -> None:
+    """highdicom logs one INFO line per module it copies: keep its warnings, drop the chatter."""
+    import logging
+
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
+
+
+def _with_sop_uids(ds: Any, path: Path) -> Any:
+    """The dataset with SOPClassUID / SOPInstanceUID taken from its file meta where they are empty or
+    missing (some public series keep them only there); a VolumeError naming the file when neither has them."""
+    meta = getattr(ds, "file_meta", None)
+    for tag, meta_tag in (
+        ("SOPClassUID", "MediaStorageSOPClassUID"),
+        ("SOPInstanceUID", "MediaStorageSOPInstanceUID"),
+    ):
+        if str(getattr(ds, tag, "") or "").strip():
+            continue
+        value = str(getattr(meta, meta_tag, "") or "").strip() if meta is not None else ""
+        if not value:
+            raise VolumeError(
+                f"{path}: no {tag} in the dataset or its file meta: cannot reference it in a DICOM-SEG"
+            )
+        setattr(ds, tag, value)
+    return ds
+
+
 def write_dicom_seg(
     labels: np.ndarray,
     geom: Geometry,
@@ -61,10 +87,12 @@ def write_dicom_seg(
     hd, pydicom = require_highdicom()
     from pydicom.sr.coding import Code
 
+    quiet_highdicom()
+
     files = dicom_series_files(series)
     if len(files) != geom.size[2]:
         raise VolumeError(f"{series}: {len(files)} DICOM files for a volume of {geom.size[2]} slices")
-    sources = [pydicom.dcmread(f) for f in files]
+    sources = [_with_sop_uids(pydicom.dcmread(f), f) for f in files]
     stored = from_canonical(np.asarray(labels, np.uint8), geom)  # (file order, row, column)
     found = sorted(set(np.unique(stored).tolist()) - {0})
     if found and found[-1] > len(class_names):

@@ -1,12 +1,12 @@
 """`sautomed evaluate`: score a folder of label maps against a dataset's references, matched by case id.
 
-Scored on the reference grid with the policy and files of `sautomed test` (:mod:`sautomed.metrics`):
-``metrics.csv`` and ``summary.json``, plus ``report.html``. A case without a prediction is scored as an
-empty prediction (each class present in the reference is *missed*), never dropped. A prediction on another
-grid is an error naming the case, or, with ``--resample``, is resampled onto the reference grid (nearest
-neighbour) with a note. A case that cannot be scored (unreadable file, other grid, unknown label values) is
-reported and left out, listed under ``failed`` in the summary, and the exit code is 1; the other cases are
-scored.
+Scored on the reference grid with the policy and files of `sautomed test`
+(:mod:`sautomed.evaluation.metrics`): ``metrics.csv`` and ``summary.json``, plus ``report.html``. A case
+without a prediction is scored as an empty prediction (each class present in the reference is *missed*), never
+dropped. A prediction on another grid is an error naming the case, or, with ``--resample``, is resampled onto
+the reference grid (nearest neighbour) with a note. A case that cannot be scored (unreadable file, other grid,
+unknown label values) is reported and left out, listed under ``failed`` in the summary, and the exit code is
+1; the other cases are scored.
 
 Prediction values: by class name when the predictions carry a label table (``--labels``, or
 ``PRED/labels.json`` written by `sautomed predict`), else they are the reference's class indices 1..C (the
@@ -39,17 +39,18 @@ from sautomed.data.io import (
     volume_stem,
 )
 from sautomed.data.layouts import LAYOUTS, get_layout
-from sautomed.metrics import ClassResult, evaluate_case, summarize, write_metrics
+from sautomed.errors import UserError
+from sautomed.evaluation.metrics import ClassResult, evaluate_case, summarize, write_metrics
+from sautomed.evaluation.thumbnails import THUMBNAILS, write_thumbnail
 from sautomed.tools.errors import CASE_ERRORS, naming
 from sautomed.tools.labels import LABELS_FILE, read_label_names, value_map
 from sautomed.tools.report import write_report
-from sautomed.tools.thumbnails import THUMBNAILS, write_thumbnail
 
 REF_LAYOUTS = (*[name for name in LAYOUTS if name != "folder"], "labels")
 OUTPUT_FILES = ("metrics.csv", "summary.json", "report.html", THUMBNAILS)
 
 
-class EvaluateError(ValueError):
+class EvaluateError(UserError):
     """Evaluation cannot start (bad folders, no classes); the message names the file."""
 
 

@@ -45,6 +45,7 @@ from sautomed.data.io import (
     write_volume,
 )
 from sautomed.data.layouts import CHAOS_CT_CLASSES, CHAOS_MR_CLASSES, SEGTHOR_CLASSES
+from sautomed.errors import UserError
 from sautomed.tools.errors import CASE_ERRORS, naming
 from sautomed.tools.labels import LABELS_FILE, read_label_names, value_map
 
@@ -56,7 +57,7 @@ CHAOS_GREY = {
 CHAOS_CLASSES = {"CT": CHAOS_CT_CLASSES, "MR": CHAOS_MR_CLASSES}
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """A prediction cannot be exported; the message names the file."""
 
 

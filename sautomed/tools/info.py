@@ -1,7 +1,7 @@
 """`sautomed info CKPT`: what a checkpoint holds, in plain text (or JSON with ``--json``).
 
 Family, classes, preprocessing and every other part of the config the checkpoint carries (``sautomed`` key,
-see ``SAutoMedModule.sautomed_config``); training progress (epoch, step, learning rate); the validation
+see ``SegmentationModule.family_config``); training progress (epoch, step, learning rate); the validation
 score its checkpoint callbacks recorded; and, from the run folder beside it, the ``config.yaml`` training
 settings and a ``summary.json`` written by validate / test with this checkpoint.
 """

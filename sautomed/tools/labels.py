@@ -17,44 +17,16 @@ from pathlib import Path
 from typing import Any
 
 from sautomed.data.io import atomic_write
+from sautomed.errors import UserError
+from sautomed.evaluation.drawing import COLOURS, colour
+
+__all__ = ["COLOURS", "LABELS_FILE", "LabelTableError", "colour"]
 
 LABELS_FILE = "labels.json"
 
-# Distinct colours for label values 1, 2, ... (Sasha Trubetskoy's 20-colour list, most distinct first);
-# value v > 20 takes colour (v - 1) % 20.
-COLOURS: tuple[tuple[int, int, int], ...] = (
-    (230, 25, 75),
-    (60, 180, 75),
-    (255, 225, 25),
-    (0, 130, 200),
-    (245, 130, 48),
-    (145, 30, 180),
-    (70, 240, 240),
-    (240, 50, 230),
-    (210, 245, 60),
-    (250, 190, 212),
-    (0, 128, 128),
-    (220, 190, 255),
-    (170, 110, 40),
-    (255, 250, 200),
-    (128, 0, 0),
-    (170, 255, 195),
-    (128, 128, 0),
-    (255, 215, 180),
-    (0, 0, 128),
-    (128, 128, 128),
-)
 
-
-class LabelTableError(ValueError):
+class LabelTableError(UserError):
     """A labels.json that cannot be read or does not fit; the message names the file."""
-
-
-def colour(value: int) -> tuple[int, int, int]:
-    """RGB colour of label value ``value`` (0, background, is black)."""
-    if value <= 0:
-        return (0, 0, 0)
-    return COLOURS[(value - 1) % len(COLOURS)]
 
 
 def file_sha256(path: str | Path) -> str:

@@ -22,12 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from sautomed.data.io import Geometry, atomic_write
-from sautomed.tools.labels import colour
+from sautomed.errors import UserError
+from sautomed.evaluation.drawing import colour, grey, overlay
+from sautomed.evaluation.drawing import font as _font
 
-ALPHA = 0.4  # opacity of a label fill; outlines are opaque
 PAD = 6
 CAPTION = 16  # pixels above each view for its caption
 
@@ -37,42 +38,6 @@ class View:
     name: str  # caption
     rgb: np.ndarray  # (H, W, 3) uint8, physical aspect, labels drawn
     edges: tuple[str, str, str, str]  # orientation letters: top, bottom, left, right
-
-
-def _font(size: int = 12) -> ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1: the fixed bitmap font
-        return ImageFont.load_default()
-
-
-def grey(image: np.ndarray, window: tuple[float, float] | None = None) -> np.ndarray:
-    """Intensities -> uint8 grey, clipped to ``window`` (a CT window), else to the 0.5-99.5 percentiles."""
-    image = np.asarray(image, dtype=np.float32)
-    low, high = window if window is not None else np.percentile(image, (0.5, 99.5))
-    if not high > low:
-        return np.zeros(image.shape, np.uint8)
-    return np.round(np.clip((image - low) / (high - low), 0, 1) * 255).astype(np.uint8)
-
-
-def _outline(mask: np.ndarray) -> np.ndarray:
-    """Pixels of ``mask`` with a 4-neighbour outside it (the image border counts as outside)."""
-    padded = np.pad(mask, 1, constant_values=False)
-    inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
-    return mask & ~inner
-
-
-def overlay(grey2d: np.ndarray, labels2d: np.ndarray) -> np.ndarray:
-    """(H, W) uint8 grey + (H, W) labels -> (H, W, 3) uint8 with fills and outlines."""
-    rgb = np.repeat(grey2d[..., None].astype(np.float32), 3, axis=2)
-    for value in np.unique(labels2d):
-        if value <= 0:
-            continue
-        mask = labels2d == value
-        c = np.asarray(colour(int(value)), np.float32)
-        rgb[mask] = (1 - ALPHA) * rgb[mask] + ALPHA * c
-        rgb[_outline(mask)] = c
-    return np.round(rgb).astype(np.uint8)
 
 
 def _plane(
@@ -103,7 +68,7 @@ def views(
 ) -> list[View]:
     """The preview's views of canonical ``image`` and ``labels`` (same grid), ``tile`` px across an axial."""
     if image.shape != labels.shape or image.shape != geom.shape_zyx:
-        raise ValueError(f"{geom.path}: image {image.shape}, labels {labels.shape}, grid {geom.shape_zyx}")
+        raise UserError(f"{geom.path}: image {image.shape}, labels {labels.shape}, grid {geom.shape_zyx}")
     nz, ny, nx = labels.shape
     dz, dy, dx = geom.spacing_zyx
     mm_per_px = max(nx * dx, ny * dy) / tile

@@ -1,12 +1,12 @@
 """``report.html``: the metrics of a test / validate / evaluate folder as one self-contained HTML page.
 
-Read from the folder's ``metrics.csv`` and ``summary.json`` (:func:`sautomed.metrics.write_metrics`): the
-summary, the run's training-loss and validation curves (``curves.py``, from the fit's CSV log when the folder
-is a run folder), a per-class table, and a case x class table of DSC / HD95 with each cell's status (missed
-and false positive cells marked), worst case first, each row with its thumbnail of reference and prediction
-side by side (``thumbnails/<case>.png``, written by the evaluation, embedded in the page), plus the cases
-listed as missing or failed in the summary. A ``<case>.png`` preview in the folder is linked from its row.
-No scripts, no external files.
+Read from the folder's ``metrics.csv`` and ``summary.json``
+(:func:`sautomed.evaluation.metrics.write_metrics`): the summary, the run's training-loss and validation
+curves (``curves.py``, from the fit's CSV log when the folder is a run folder), a per-class table, and a case
+x class table of DSC / HD95 with each cell's status (missed and false positive cells marked), worst case
+first, each row with its thumbnail of reference and prediction side by side (``thumbnails/<case>.png``,
+written by the evaluation, embedded in the page), plus the cases listed as missing or failed in the summary. A
+``<case>.png`` preview in the folder is linked from its row. No scripts, no external files.
 
     sautomed report runs/btcv          # writes runs/btcv/report.html
 
@@ -28,8 +28,9 @@ from typing import Any
 from lightning.pytorch.callbacks import Callback
 
 from sautomed.data.io import atomic_write
+from sautomed.errors import UserError
+from sautomed.evaluation.thumbnails import THUMBNAILS
 from sautomed.tools.curves import curves_svg
-from sautomed.tools.thumbnails import THUMBNAILS
 
 REPORT_FILE = "report.html"
 _STYLE = """body{font-family:sans-serif;margin:2em;color:#222}table{border-collapse:collapse;margin:1em 0}
@@ -38,7 +39,7 @@ td.missed{background:#f8c0c0}td.false_positive{background:#f8e0a0}td.not_applica
 .note{color:#666}"""
 
 
-class ReportError(ValueError):
+class ReportError(UserError):
     """The folder holds no metrics to report; the message names it."""
 
 
@@ -70,11 +71,14 @@ def read_metrics(folder: Path) -> tuple[list[dict[str, str]], dict[str, Any]]:
 
 
 def case_order(rows: Sequence[Mapping[str, str]]) -> list[str]:
-    """Cases by their mean DSC over the classes that apply (missed, false positive: 0), worst first."""
+    """Cases by their mean DSC over the classes that apply (missed, false positive: 0), worst first.
+
+    Only the automatic rows count (statuses of the empty-mask policy): M-SAM's oracle-prompted rows are
+    another protocol, and a case with no automatic row sorts last."""
     scores: dict[str, list[float]] = {}
     for r in rows:
         scores.setdefault(r["case"], [])
-        if r["status"] != "not_applicable" and r["dsc"] not in ("", None):
+        if r["status"] in ("ok", "missed", "false_positive") and r["dsc"] not in ("", None):
             value = float(r["dsc"])
             scores[r["case"]].append(0.0 if math.isnan(value) else value)
     return sorted(scores, key=lambda c: (sum(scores[c]) / len(scores[c]) if scores[c] else 1.0, c))

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from sautomed.data.io import Geometry, atomic_write
+from sautomed.errors import UserError
 
 CSV_FILE = "statistics.csv"
 CSV_COLUMNS = ("case", "class", "value", "voxels", "volume_ml", "mean_hu")
@@ -30,9 +31,9 @@ def case_statistics(
     ``image`` (raw CT intensities on the same grid) adds each class's mean HU; None leaves it out.
     """
     if labels.shape != geom.shape_zyx:
-        raise ValueError(f"{geom.path}: labels {labels.shape} do not match the grid {geom.shape_zyx}")
+        raise UserError(f"{geom.path}: labels {labels.shape} do not match the grid {geom.shape_zyx}")
     if image is not None and image.shape != labels.shape:
-        raise ValueError(f"{geom.path}: image {image.shape} and labels {labels.shape} differ in shape")
+        raise UserError(f"{geom.path}: image {image.shape} and labels {labels.shape} differ in shape")
     voxel_ml = float(np.prod(geom.spacing)) / 1000.0  # mm^3 -> mL
     counts = np.bincount(labels.ravel().astype(np.int64), minlength=len(class_names) + 1)
     sums = None
@@ -78,10 +79,10 @@ def update_statistics_csv(out_dir: Path, per_case: Mapping[str, Mapping[str, Any
             with open(path, newline="") as f:
                 reader = csv.DictReader(f)
                 if tuple(reader.fieldnames or ()) != CSV_COLUMNS:
-                    raise ValueError(f"{path}: not a sautomed statistics table (columns {reader.fieldnames})")
+                    raise UserError(f"{path}: not a sautomed statistics table (columns {reader.fieldnames})")
                 rows = [r for r in reader if r["case"] not in per_case]
         except OSError as exc:
-            raise ValueError(f"{path}: cannot read the existing statistics table ({exc})") from exc
+            raise UserError(f"{path}: cannot read the existing statistics table ({exc})") from exc
     for case, stats in per_case.items():
         for name, c in stats["classes"].items():
             rows.append(

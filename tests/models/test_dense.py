@@ -13,8 +13,6 @@ import torch
 from sautomed.data.augment import Augmentation
 from sautomed.data.datamodule import WindowDataset
 from sautomed.data.preprocess import Prepared
-from sautomed.inference import InferenceSettings
-from sautomed.losses import LossWeights, SAutoMedLoss, dense_loss
 from sautomed.models.sautomed.box_prompt import BoxPromptGenerator
 from sautomed.models.sautomed.dense import (
     dense_boxes,
@@ -22,9 +20,11 @@ from sautomed.models.sautomed.dense import (
     dense_volume_logits,
     pretrain_dense_head,
 )
+from sautomed.models.sautomed.inference import InferenceSettings
+from sautomed.models.sautomed.loss import LossWeights, SAutoMedLoss, dense_loss
+from sautomed.models.sautomed.module import SAutoMedModule
 from sautomed.models.sautomed.network import NetworkConfig, build_network
 from sautomed.models.sautomed.window import encode_window_cached
-from sautomed.module import SAutoMedModule
 
 S, C = 32, 2
 
@@ -186,7 +186,7 @@ def test_dense_settings_are_refused_where_they_cannot_work():
 
 
 def test_fit_pretrains_the_dense_head_and_validate_reads_either_source(
-    tiny_phantoms, tmp_path, make_config, caplog
+    tiny_phantoms, tmp_path, make_config, caplog, tiny_sam_checkpoint
 ):
     from sautomed.cli import main
 
@@ -195,6 +195,7 @@ def test_fit_pretrains_the_dense_head_and_validate_reads_either_source(
         tmp_path / "c.yaml", tiny_phantoms, run, windows={"samples_per_epoch": 8, "augmented_copies": 2}
     )
     net = ["--model.network.encoder_finetune", "frozen", "--model.network.lora_rank", "0"]
+    net += ["--model.network.sam_checkpoint", str(tiny_sam_checkpoint)]  # a frozen encoder needs a start
     net += ["--model.network.decoder", "per_class", "--model.network.dense_head", "true"]
     fit = [
         "fit",

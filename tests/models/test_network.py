@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from model_helpers import C, S, make_net, phantom_images, phantom_labels
 
-from sautomed.losses import LossWeights, SAutoMedLoss
+from sautomed.models.sautomed.loss import LossWeights, SAutoMedLoss
 from sautomed.models.sautomed.network import SAutoMedNet, State
 
 

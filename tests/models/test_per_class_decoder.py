@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from model_helpers import C, S, make_net, phantom_images, phantom_labels
 
-from sautomed.losses import LossWeights, SAutoMedLoss
 from sautomed.models.sam.build import build_sam_parts
 from sautomed.models.sautomed.decoder import PerClassMaskDecoder
+from sautomed.models.sautomed.loss import LossWeights, SAutoMedLoss
 
 
 def test_per_class_decoder_is_sams_single_mask_path_for_each_class_box():
@@ -76,7 +76,7 @@ def test_a_frozen_sam_decoder_without_a_checkpoint_is_refused():
     import pytest
     from model_helpers import tiny_config
 
-    from sautomed.module import SAutoMedModule
+    from sautomed.models.sautomed.module import SAutoMedModule
     from sautomed.run_folder import UserError
 
     cfg = tiny_config(

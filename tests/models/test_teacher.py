@@ -6,11 +6,11 @@ import pytest
 import torch
 from model_helpers import C, S, make_net, phantom_images, phantom_labels
 
-from sautomed.boxes import box_cxcywh_to_xyxy, boxes_from_labels
-from sautomed.losses import LossWeights
+from sautomed.models.sautomed.boxes import box_cxcywh_to_xyxy, boxes_from_labels
+from sautomed.models.sautomed.loss import LossWeights
+from sautomed.models.sautomed.module import SAutoMedModule
 from sautomed.models.sautomed.network import NetworkConfig
 from sautomed.models.sautomed.teacher import teacher_boxes
-from sautomed.module import SAutoMedModule
 
 
 def test_teacher_boxes_are_the_reference_boxes_moved_by_at_most_the_jitter():

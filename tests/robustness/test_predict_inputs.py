@@ -16,7 +16,7 @@ from robustness_helpers import assert_one_line_error, assert_same_grid, rotation
 
 from sautomed.cli import main
 from sautomed.data import io
-from sautomed.module import SAutoMedModule
+from sautomed.models.sautomed.module import SAutoMedModule
 
 CORONAL = np.array([[1, 0, 0], [0, 0, 1], [0, -1, 0]])  # index axes (x, z towards inferior, y)
 SAGITTAL = np.array([[0, 0, -1], [1, 0, 0], [0, -1, 0]])  # index axes (y, z towards inferior, x)
@@ -280,7 +280,7 @@ def test_dicom_folder_with_two_series_and_a_missing_slice(trained_run, tmp_path)
 
 def test_labels_resized_back_exactly():
     """The in-plane resize back to the input size never drops a row or a column (odd and elongated)."""
-    from sautomed.inference import logits_to_labels
+    from sautomed.evaluation.postprocess import logits_to_labels
 
     for hw in ((4, 300), (13, 7), (1, 1), (301, 3)):
         labels = logits_to_labels(torch.randn(2, 3, 64, 64), hw)

@@ -29,8 +29,8 @@ def small_phantoms(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def untrained_ckpt(tmp_path_factory) -> Path:
     """A sautomed checkpoint of the tiny network (random weights), as `fit` would save it: config inside."""
+    from sautomed.models.sautomed.module import SAutoMedModule
     from sautomed.models.sautomed.network import NetworkConfig
-    from sautomed.module import SAutoMedModule
 
     torch.manual_seed(0)
     module = SAutoMedModule(
@@ -57,7 +57,7 @@ def untrained_ckpt(tmp_path_factory) -> Path:
                 "best_model_path": "/runs/x/best.ckpt",
             }
         },
-        "sautomed": module.sautomed_config(),
+        "sautomed": module.family_config(),
     }
     path = tmp_path_factory.mktemp("ckpt") / "best.ckpt"
     torch.save(ckpt, path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from sautomed.cli import main
-from sautomed.metrics import ClassResult, summarize, write_metrics
+from sautomed.evaluation.metrics import ClassResult, summarize, write_metrics
 from sautomed.tools.compare import compare_table
 
 

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+from pathlib import Path
+
+import highdicom as hd  # the test extra installs it: a broken install fails here, never skips
 import numpy as np
-import pytest
+import pydicom
 
 from sautomed.data.io import dicom_series_files, from_canonical, read_label_volume, read_volume
 from sautomed.data.layouts import get_layout
-
-hd = pytest.importorskip("highdicom", reason="DICOM-SEG output is optional: pip install 'sautomed[dicom]'")
-pydicom = pytest.importorskip("pydicom")
 
 
 def _decode(path, series) -> np.ndarray:
@@ -52,3 +54,45 @@ def test_predict_writes_dicom_seg_for_a_dicom_series(shared, untrained_ckpt, tmp
     decoded = _decode(out / "DICOM_anon.seg.dcm", series)
     np.testing.assert_array_equal(decoded, from_canonical(labels, geom))
     assert pydicom.dcmread(out / "DICOM_anon.seg.dcm").SegmentSequence[4].SegmentLabel == "aorta"
+
+
+def _dciodvfy_errors(path) -> list[str]:
+    """The reference validator's (dicom3tools' dciodvfy) error lines for a DICOM file."""
+    tool = shutil.which("dciodvfy")
+    assert tool, "dciodvfy (Debian's dicom3tools) is not installed: .ci/run installs it"
+    out = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=120)
+    return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
+
+
+def test_dicom_seg_of_the_shared_ct_series_passes_the_reference_validator(shared, tmp_path):
+    from sautomed.tools.dicom_seg import write_dicom_seg
+
+    layout = get_layout("chaos", shared / "chaos-ct")
+    case = layout.cases()[0]
+    loaded = layout.load(case)
+    out = write_dicom_seg(loaded.label, loaded.geom, case.image, layout.class_names, tmp_path / "x.seg.dcm")
+    assert _dciodvfy_errors(out) == []
+
+
+def test_a_series_with_empty_sop_uids_takes_them_from_the_file_meta(shared, untrained_ckpt, tmp_path, caplog):
+    from sautomed.cli import main
+
+    series = tmp_path / "series"
+    series.mkdir()
+    for f in dicom_series_files(shared / "chaos-ct" / "Train_Sets" / "CT" / "1" / "DICOM_anon"):
+        ds = pydicom.dcmread(f)
+        ds.SOPClassUID, ds.SOPInstanceUID = "", ""  # as in TotalSegmentator's example CT: the meta has both
+        ds.save_as(series / Path(f).name)
+    out = tmp_path / "out"
+    argv = ["predict", "--ckpt_path", str(untrained_ckpt), "-i", str(series), "-o", str(out)]
+    with caplog.at_level("INFO"):
+        assert main([*argv, "--no-progress", "--dicom-seg"]) == 0
+    assert not [r for r in caplog.records if r.name.startswith("highdicom") and r.levelname == "INFO"]
+    seg = pydicom.dcmread(out / "series.seg.dcm")
+    metas = {pydicom.dcmread(f).file_meta.MediaStorageSOPInstanceUID for f in dicom_series_files(series)}
+    referenced = {
+        item.ReferencedSOPInstanceUID
+        for ref in seg.ReferencedSeriesSequence
+        for item in ref.ReferencedInstanceSequence
+    }
+    assert referenced and referenced <= metas

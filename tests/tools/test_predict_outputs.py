@@ -14,6 +14,7 @@ from PIL import Image
 
 from sautomed.cli import main
 from sautomed.tools.labels import COLOURS
+from sautomed.writers import output_name
 
 
 @pytest.fixture()
@@ -40,9 +41,9 @@ def test_labels_json_statistics_and_previews(untrained_ckpt, inputs, tmp_path, c
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 * 5
     for src in sorted(inputs.iterdir()):
-        case = src.name[: -len(".nii.gz")]
+        case = output_name(src)[: -len(".nii.gz")]  # case_0000.nii.gz -> case
         image = sitk.ReadImage(str(src))
-        labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / src.name)))
+        labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / output_name(src))))
         hu = sitk.GetArrayFromImage(image).astype(np.float64)
         stats = json.loads((out / f"{case}.statistics.json").read_text())
         assert stats["intensity"] == "HU"  # the checkpoint normalises as CT
@@ -67,14 +68,14 @@ def test_a_folder_of_another_models_predictions_is_refused(untrained_ckpt, input
     assert main([*argv, "--ckpt_path", str(untrained_ckpt)]) == 0
     before = (out / "labels.json").read_bytes()
     mtime = (out / "labels.json").stat().st_mtime_ns
-    (out / next(inputs.iterdir()).name).unlink()  # predicted again by the same model: the table stays
+    (out / output_name(next(inputs.iterdir()))).unlink()  # predicted again by the same model: the table stays
     assert main([*argv, "--ckpt_path", str(untrained_ckpt)]) == 0
     assert (out / "labels.json").stat().st_mtime_ns == mtime
     other = tmp_path / "other.ckpt"
     ckpt = torch.load(untrained_ckpt, map_location="cpu", weights_only=True)
     ckpt["sautomed"]["class_names"] = ["a", "b", "c", "d", "e"]
     torch.save(ckpt, other)
-    (out / next(inputs.iterdir()).name).unlink()  # one output to predict again, with another model
+    (out / output_name(next(inputs.iterdir()))).unlink()  # one output to predict again, with another model
     assert main([*argv, "--ckpt_path", str(other)]) == 1
     err = capsys.readouterr().err
     assert "labels.json" in err and "another model" in err

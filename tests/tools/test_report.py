@@ -6,7 +6,7 @@ import math
 from html.parser import HTMLParser
 
 from sautomed.cli import main
-from sautomed.metrics import ClassResult, summarize, write_metrics
+from sautomed.evaluation.metrics import ClassResult, summarize, write_metrics
 
 
 class Cells(HTMLParser):
@@ -106,7 +106,7 @@ def test_report_orders_cases_worst_first_and_draws_the_training_curves(tmp_path)
 
     import numpy as np
 
-    from sautomed.tools.thumbnails import write_thumbnail
+    from sautomed.evaluation.thumbnails import write_thumbnail
 
     names = ["liver", "kidney"]
     rows = [

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from sautomed.cli import main
-from sautomed.metrics import ClassResult, summarize, write_metrics
-from sautomed.tools.thumbnails import write_thumbnail
+from sautomed.evaluation.metrics import ClassResult, summarize, write_metrics
+from sautomed.evaluation.thumbnails import write_thumbnail
 
 # Appended to a copy of the page: after load, try every <img> and every linked .png, then write the counts.
 PROBE = """<script>

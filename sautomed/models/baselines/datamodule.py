@@ -12,6 +12,7 @@ from typing import Any
 from torch.utils.data import DataLoader
 
 from sautomed.data.datamodule import SegmentationDataModule, WindowBatchSampler
+from sautomed.errors import UserError
 from sautomed.models.baselines.patches import PatchDataset, Patches
 
 
@@ -33,7 +34,7 @@ class BaselineDataModule(SegmentationDataModule):
         volumes = [self.cache.get(self.layout, c, self.preprocessing) for c in self.train_cases]
         unlabeled = [v.case_id for v in volumes if v.label is None]
         if unlabeled:
-            raise ValueError(f"training cases without labels: {', '.join(unlabeled)}")
+            raise UserError(f"training cases without labels: {', '.join(unlabeled)}")
         ds = PatchDataset(volumes, self.patches, self.seed, self.augmentation)
         # the windows' seeded, resumable, DDP-sharded batches of (epoch, item, n) keys; n is unused here
         sampler = WindowBatchSampler(len(ds), self.batch_size, (1, 1), self.seed)

@@ -11,29 +11,22 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Literal
 
-import lightning as L
 import numpy as np
 import torch
 from torch import Tensor
 
-from sautomed.data.splits import FitRecord, fit_record, fit_split_record, split_provenance
-from sautomed.inference import logits_to_labels
-from sautomed.metrics import ClassResult, evaluate_case, summarize, write_metrics
+from sautomed.evaluation.base import SegmentationModule
+from sautomed.evaluation.postprocess import keep_largest_component, logits_to_labels
 from sautomed.models.baselines.loss import BaselineLoss, DeepSupervisionDiceCE
 from sautomed.models.baselines.network import NetworkKind, UNetSettings, build_unet
 from sautomed.models.baselines.unet2d import segment_slices, window_slices
 from sautomed.models.baselines.unet3d import segment_patches
-from sautomed.postprocess import keep_largest_component
-from sautomed.run_folder import check_checkpoint_config
-from sautomed.schedule import Schedule, ScheduleBy, ScheduleHooks, check_schedule
-from sautomed.tools.thumbnails import write_run_thumbnail
-from sautomed.writers import prediction_item
+from sautomed.run_folder import UserError, check_checkpoint_config
+from sautomed.schedule import Schedule, ScheduleBy, check_schedule
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +54,7 @@ class BaselineInference:
     blend: Literal["gaussian", "constant"] = "gaussian"
 
 
-class BaselineModule(ScheduleHooks, L.LightningModule):
+class BaselineModule(SegmentationModule):
     """A U-Net baseline.
 
     Args:
@@ -113,11 +106,7 @@ class BaselineModule(ScheduleHooks, L.LightningModule):
         self.inference = inference
         self.net = build_unet(network, unet)
         self.criterion = DeepSupervisionDiceCE(loss)
-        self.class_names: tuple[str, ...] = tuple(f"class_{i}" for i in range(1, unet.num_classes + 1))
-        self.preprocessing: dict[str, Any] | None = None
-        self.fit_split: FitRecord | None = None  # the checkpoint's fit cases, when loaded
-        self._rows: list[ClassResult] = []
-        self._seconds: list[float] = []
+        self.class_names = tuple(f"class_{i}" for i in range(1, unet.num_classes + 1))
 
     # -- construction from a checkpoint (predict) -------------------------------------------------------
     @classmethod
@@ -134,19 +123,18 @@ class BaselineModule(ScheduleHooks, L.LightningModule):
             inference=BaselineInference(**cfg["inference"]),
         )
         module.load_state_dict(ckpt["state_dict"])
-        module.class_names = tuple(cfg["class_names"])
-        module.preprocessing = dict(cfg["preprocessing"]) if cfg.get("preprocessing") else None
+        module.adopt_checkpoint_config(cfg)
         return module
 
     # -- training ---------------------------------------------------------------------------------------
     def _inputs(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         if self.network_kind == "unet2d":
             if "direction" not in batch:
-                raise ValueError("unet2d trains on slice windows: set data.patches to null")
+                raise UserError("unet2d trains on slice windows: set data.patches to null")
             x = window_slices(batch["image"], batch["direction"], self.unet_cfg.context_slices)
             return x, batch["label"]  # (B, 1 + 2c, S, S), (B, S, S)
         if batch["image"].ndim != 5:
-            raise ValueError("unet3d trains on 3D patches: set data.patches (size = model.unet.patch_size)")
+            raise UserError("unet3d trains on 3D patches: set data.patches (size = model.unet.patch_size)")
         return batch["image"], batch["label"]  # (B, 1, pz, py, px), (B, pz, py, px)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
@@ -169,7 +157,7 @@ class BaselineModule(ScheduleHooks, L.LightningModule):
             return opt
         total = self.trainer.estimated_stepping_batches
         if not math.isfinite(total) or total <= 0:
-            raise ValueError(f"scheduler {self.scheduler!r} needs trainer.max_epochs or trainer.max_steps")
+            raise UserError(f"scheduler {self.scheduler!r} needs trainer.max_epochs or trainer.max_steps")
         total = int(total)
         if self.scheduler == "cosine":  # linear warm-up, cosine to zero (over the steps or the clock)
             warmup = max(1, min(100, total // 20))
@@ -208,111 +196,21 @@ class BaselineModule(ScheduleHooks, L.LightningModule):
             labels = keep_largest_component(labels, self.unet_cfg.num_classes)
         return labels
 
-    def _evaluate(self, batch: dict[str, Any]) -> None:
-        if batch["label"] is None:
-            raise ValueError(f"case {batch['case_id']} has no label: it cannot be evaluated")
-        ref = batch["label"].cpu().numpy()
-        start = time.perf_counter()
-        pred = self.segment_volume(batch["image"], tuple(ref.shape[1:]))
-        self._seconds.append(time.perf_counter() - start)
-        self._rows.extend(
-            evaluate_case(batch["case_id"], pred, ref, batch["geom"].spacing_zyx, self.class_names)
-        )
-        write_run_thumbnail(self._trainer, batch["case_id"], batch["image"], ref, pred)
+    def segment_case(self, image: Tensor, geom: Any) -> np.ndarray:
+        return self.segment_volume(image, tuple(geom.shape_zyx[1:]))
 
-    def _gather(self) -> tuple[list[ClassResult], list[float]]:
-        rows, seconds = self._rows, self._seconds
-        self._rows, self._seconds = [], []
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            parts: list[Any] = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(parts, (rows, seconds))
-            rows = [r for p in parts for r in p[0]]
-            seconds = [s for p in parts for s in p[1]]
-        unique = {(r.case, r.class_name): r for r in rows}
-        return sorted(unique.values(), key=lambda r: (r.case, r.class_name)), seconds
-
-    def on_validation_epoch_start(self) -> None:
-        self._sync_from_datamodule()
-        self._rows, self._seconds = [], []
-
-    on_test_epoch_start = on_validation_epoch_start
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch)
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch)
-
-    def _finish_evaluation(self, prefix: str) -> None:
-        rows, seconds = self._gather()
-        summary = summarize(rows, self.class_names)
-        summary["predict_seconds_per_case"] = float(np.mean(seconds)) if seconds else None
-        mean = summary["mean_dsc"]
-        self.log(
-            f"{prefix}/mean_dsc", 0.0 if math.isnan(mean) else mean, sync_dist=False, rank_zero_only=False
-        )
-        if self.trainer.state.fn in ("validate", "test") and self.trainer.is_global_zero:
-            ckpt = self.trainer.ckpt_path
-            summary["checkpoint"] = str(ckpt) if ckpt else None
-            dm = self._datamodule()
-            stage = "val" if self.trainer.state.fn == "validate" else "test"
-            evaluated = dm.case_fingerprints(stage) if hasattr(dm, "case_fingerprints") else {}
-            summary.update(split_provenance(self.fit_split if ckpt else None, evaluated, ckpt))
-            if summary["overlaps_training"]:
-                cases = summary["overlaps_training"]
-                log.warning(
-                    "%s: %d of the %d cases are training cases of the checkpoint (%s): not held-out scores",
-                    prefix,
-                    len(cases),
-                    summary["num_cases"],
-                    ", ".join(cases),
-                )
-            summary["config"] = self.sautomed_config()
-            write_metrics(rows, summary, Path(self.trainer.default_root_dir))
-            self.print(
-                f"{prefix}: mean DSC {mean:.4f}, mean HD95 {summary['mean_hd95_mm']:.2f} mm "
-                f"over {summary['num_cases']} cases -> {self.trainer.default_root_dir}"
-            )
-        elif self.trainer.is_global_zero:
-            log.info(
-                "epoch %d: validation mean DSC %.4f over %d cases", self.current_epoch, mean, len(seconds)
-            )
-        self.last_summary = summary
-
-    def on_validation_epoch_end(self) -> None:
-        self._finish_evaluation("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._finish_evaluation("test")
-
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        return prediction_item(
-            batch, lambda image, geom: self.segment_volume(image, tuple(geom.shape_zyx[1:]))
-        )
-
-    # -- the checkpoint carries its config --------------------------------------------------------------
-    def _datamodule(self) -> Any:
-        return getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-
-    def _sync_from_datamodule(self) -> None:
-        dm = self._datamodule()
-        if dm is None or not hasattr(dm, "class_names"):
-            return
+    # -- the data and the checkpoint's config -----------------------------------------------------------
+    def data_class_names(self, dm: Any) -> tuple[str, ...]:
         names = tuple(dm.class_names)
         if len(names) != self.unet_cfg.num_classes:
-            raise ValueError(
+            raise UserError(
                 f"the data has {len(names)} classes ({', '.join(names)}) but model.unet.num_classes is "
                 f"{self.unet_cfg.num_classes}"
             )
         check_data_fits(self.network_kind, self.unet_cfg, dm)
-        self.class_names = names
-        self.preprocessing = asdict(dm.preprocessing)
+        return names
 
-    def setup(self, stage: str) -> None:
-        if stage == "fit":  # before the optimiser is configured: a data mismatch stops the run at once
-            self._sync_from_datamodule()
-
-    def sautomed_config(self) -> dict[str, Any]:
+    def family_config(self) -> dict[str, Any]:
         return {
             "family": FAMILY,
             "network": self._network_record(),
@@ -326,19 +224,8 @@ class BaselineModule(ScheduleHooks, L.LightningModule):
         """The network as the checkpoint records it: its kind and every U-Net setting (tuples as lists)."""
         return {"kind": self.network_kind, **_unet_record(self.unet_cfg)}
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["sautomed"] = self.sautomed_config()
-        dm = self._datamodule()
-        split = fit_split_record(dm, self._trainer)  # the fit's cases: evaluations name training cases
-        if split is not None:
-            checkpoint["sautomed"]["split"] = split
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        cfg = checkpoint.get("sautomed")
+    def check_loaded_config(self, cfg: dict[str, Any] | None) -> None:
         check_checkpoint_config(cfg, FAMILY, self._network_record(), set(), _unet_record(UNetSettings()))
-        self.class_names = tuple(cfg["class_names"])
-        self.preprocessing = cfg.get("preprocessing")
-        self.fit_split = fit_record(checkpoint)
 
 
 def _unet_record(unet: UNetSettings) -> dict[str, Any]:
@@ -351,18 +238,18 @@ def check_data_fits(kind: NetworkKind, unet: UNetSettings, dm: Any) -> None:
     patches = getattr(dm, "patches", None)
     if kind == "unet3d":
         if patches is None:
-            raise ValueError(f"unet3d trains on 3D patches: set data.patches.size to {list(unet.patch_size)}")
+            raise UserError(f"unet3d trains on 3D patches: set data.patches.size to {list(unet.patch_size)}")
         if tuple(patches.size) != tuple(unet.patch_size):
-            raise ValueError(
+            raise UserError(
                 f"data.patches.size {list(patches.size)} must equal "
                 f"model.unet.patch_size {list(unet.patch_size)}"
             )
     else:
         if patches is not None:
-            raise ValueError("unet2d trains on slice windows: set data.patches to null")
+            raise UserError("unet2d trains on slice windows: set data.patches to null")
         s = dm.preprocessing.image_size
         if tuple(unet.patch_size) != (s, s):
-            raise ValueError(
+            raise UserError(
                 f"unet2d: model.unet.patch_size {list(unet.patch_size)} must be the slice size [{s}, {s}] "
                 "(data.preprocessing.image_size)"
             )

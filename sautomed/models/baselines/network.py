@@ -17,6 +17,7 @@ from typing import Literal
 
 from monai.networks.nets import DynUNet
 
+from sautomed.errors import UserError
 from sautomed.models.baselines.plan import NetworkPlan, plan_network
 
 NetworkKind = Literal["unet2d", "unet3d"]
@@ -59,16 +60,16 @@ def network_plan(kind: NetworkKind, s: UNetSettings) -> NetworkPlan:
     dims = 2 if kind == "unet2d" else 3
     if len(s.patch_size) != dims or len(s.spacing) != dims:
         axes = "(S, S) and an in-plane spacing (y, x)" if dims == 2 else "(z, y, x) and a spacing (z, y, x)"
-        raise ValueError(
+        raise UserError(
             f"{kind} needs a patch_size {axes}; "
             f"got patch_size {tuple(s.patch_size)}, spacing {tuple(s.spacing)}"
         )
     if kind == "unet3d" and s.context_slices:
-        raise ValueError("context_slices applies to unet2d only (unet3d sees the neighbouring slices itself)")
+        raise UserError("context_slices applies to unet2d only (unet3d sees the neighbouring slices itself)")
     if s.context_slices not in (0, 1):
-        raise ValueError(f"context_slices must be 0 or 1, got {s.context_slices}")
+        raise UserError(f"context_slices must be 0 or 1, got {s.context_slices}")
     if s.num_classes < 1:
-        raise ValueError(f"num_classes must be at least 1, got {s.num_classes}")
+        raise UserError(f"num_classes must be at least 1, got {s.num_classes}")
     return plan_network(s.patch_size, s.spacing, s.base_filters, s.max_filters, s.min_feature_size)
 
 

@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 
 from sautomed.data.augment import Augmentation, augment_window
 from sautomed.data.preprocess import Prepared
+from sautomed.errors import UserError
 
 _MAX_VOXELS_PER_CLASS = 10_000  # candidate centres kept per class and case (nnU-Net keeps 10,000 too)
 _AUGMENT_MARGIN = 1.5
@@ -70,7 +71,7 @@ class PatchDataset(Dataset):
         self, volumes: list[Prepared], patches: Patches, seed: int, augmentation: Augmentation
     ) -> None:
         if not volumes:
-            raise ValueError("no training volumes")
+            raise UserError("no training volumes")
         self.volumes, self.patches, self.seed, self.augmentation = volumes, patches, seed, augmentation
         self.class_voxels = [
             _class_voxels(v.label, np.random.default_rng([seed, k])) for k, v in enumerate(volumes)

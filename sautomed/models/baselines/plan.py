@@ -19,6 +19,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from sautomed.errors import UserError
+
 
 @dataclass(frozen=True)
 class NetworkPlan:
@@ -59,9 +61,9 @@ def plan_network(
     current = [float(s) for s in spacing]
     dim = len(size)
     if dim not in (2, 3) or len(current) != dim:
-        raise ValueError(f"patch size {tuple(size)} and spacing {tuple(current)} must both have 2 or 3 axes")
+        raise UserError(f"patch size {tuple(size)} and spacing {tuple(current)} must both have 2 or 3 axes")
     if min(size) < 1 or min(current) <= 0:
-        raise ValueError(f"patch size {tuple(size)} and spacing {tuple(current)} must be positive")
+        raise UserError(f"patch size {tuple(size)} and spacing {tuple(current)} must be positive")
     feature = [float(s) for s in size]  # feature-map length per axis at the current stage
     kernel = [1] * dim
     kernels: list[tuple[int, ...]] = []
@@ -91,7 +93,7 @@ def plan_network(
     bad = [d for d in range(dim) if size[d] % plan.divisor[d]]
     if bad:
         padded = tuple(-(-size[d] // plan.divisor[d]) * plan.divisor[d] for d in range(dim))
-        raise ValueError(
+        raise UserError(
             f"patch size {tuple(size)} is not divisible by the planned strides {plan.divisor}; use {padded}"
         )
     return plan

@@ -13,6 +13,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from sautomed.errors import UserError
+
 
 def window_slices(image: Tensor, direction: Tensor, context: int) -> Tensor:
     """(B, n+3, S, S) training window, (B,) directions -> (B, 1 + 2 * context, S, S) network input."""
@@ -36,7 +38,7 @@ def volume_slices(volume: Tensor, start: int, stop: int, context: int) -> Tensor
 def segment_slices(net: Callable[[Tensor], Tensor], volume: Tensor, context: int, chunk: int = 16) -> Tensor:
     """(Z, S, S) preprocessed volume -> (Z, C+1, S, S) logits, `chunk` slices per forward."""
     if volume.ndim != 3 or volume.shape[0] == 0:
-        raise ValueError(f"expected a (Z, S, S) volume with Z >= 1, got {tuple(volume.shape)}")
+        raise UserError(f"expected a (Z, S, S) volume with Z >= 1, got {tuple(volume.shape)}")
     parts = [
         net(volume_slices(volume, s, min(s + chunk, volume.shape[0]), context).float())
         for s in range(0, volume.shape[0], chunk)

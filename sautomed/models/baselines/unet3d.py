@@ -15,6 +15,8 @@ import torch
 from monai.inferers import sliding_window_inference
 from torch import Tensor
 
+from sautomed.errors import UserError
+
 
 @torch.no_grad()
 def segment_patches(
@@ -27,7 +29,7 @@ def segment_patches(
 ) -> Tensor:
     """(Z, S, S) preprocessed volume -> (Z, C+1, S, S) logits, by sliding (pz, py, px) windows."""
     if volume.ndim != 3 or volume.shape[0] == 0:
-        raise ValueError(f"expected a (Z, S, S) volume with Z >= 1, got {tuple(volume.shape)}")
+        raise UserError(f"expected a (Z, S, S) volume with Z >= 1, got {tuple(volume.shape)}")
     x = volume[None, None].float()  # (1, 1, Z, S, S)
     logits = sliding_window_inference(
         x,

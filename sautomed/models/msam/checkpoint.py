@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sautomed.errors import UserError
 from sautomed.models.msam.network import NEW_MODULE_PREFIXES, MSAMNet
 from sautomed.models.sam.checkpoint import LoadReport, SamCheckpointError, resize_rel_pos
 
@@ -124,13 +125,11 @@ def _merged_qkv_weight(layer: torch.nn.Module) -> Tensor:
 def export_sam_med3d(net: MSAMNet) -> dict[str, Tensor]:
     """A SAM-Med3D ``Sam3D`` state dict of ``net``: LoRA merged into qkv, no ``fusion.*``, no LoRA keys."""
     if net.config.click_maps:
-        raise ValueError("a network with click_maps has no SAM-Med3D equivalent (its mask branch reads them)")
+        raise UserError("a network with click_maps has no SAM-Med3D equivalent (its mask branch reads them)")
     if net.config.local_head:
-        raise ValueError(
-            "a network with local_head has no SAM-Med3D equivalent (its head adds to the logits)"
-        )
+        raise UserError("a network with local_head has no SAM-Med3D equivalent (its head adds to the logits)")
     if net.config.in_channels != 1:
-        raise ValueError(f"a network of {net.config.in_channels} input channels has no SAM-Med3D equivalent")
+        raise UserError(f"a network of {net.config.in_channels} input channels has no SAM-Med3D equivalent")
     sd = {k: v.detach().clone() for k, v in net.state_dict().items() if k.startswith(SAM_MED3D_PREFIXES)}
     for i, block in enumerate(net.image_encoder.blocks):
         sd[f"image_encoder.blocks.{i}.attn.qkv.weight"] = _merged_qkv_weight(block.attn.qkv)

@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from sautomed.errors import UserError
+
 
 def cut_out_lesion(
     image: Tensor,
@@ -42,7 +44,7 @@ def cut_out_lesion(
         fake_probability: chance per crop of a fake-lesion box outside the lesion (module doc).
     """
     if fill not in ("median", "random"):
-        raise ValueError(f"cutout fill must be 'median' or 'random', got {fill!r}")
+        raise UserError(f"cutout fill must be 'median' or 'random', got {fill!r}")
     out = image.clone()
     S = image.shape[-3:]
     for b in range(image.shape[0]):

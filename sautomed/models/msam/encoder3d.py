@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sautomed.errors import UserError
 from sautomed.models.msam.common import LayerNorm3d
 from sautomed.models.sam.upstream import modeling
 
@@ -255,7 +256,7 @@ class ImageEncoder3D(nn.Module):
     ) -> None:
         super().__init__()
         if img_size % patch_size:
-            raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+            raise UserError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
         self.img_size = img_size
         g = img_size // patch_size
         self.grid = (g, g, g)

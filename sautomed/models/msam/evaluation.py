@@ -8,12 +8,12 @@ Per case (validation / test), two modes (``MODES``):
   (``oracle_dsc@k``, and ``oracle_prompted`` in ``summary.json``) and one ``metrics.csv`` row per case and
   click count (class :func:`oracle_class_name`, status ``oracle_prompted``, no HD95);
 * **automatic** (what ``predict`` does): the whole volume, scored with the shared metrics
-  (``sautomed.metrics``); the module collects those rows.
+  (``sautomed.evaluation.metrics``); the module collects those rows.
 
-:func:`gather_cases` brings every rank's rows and oracle DSCs together, each case once; in validate / test,
-:func:`write_report` writes both to the run folder: ``metrics.csv`` holds the automatic rows (class
-``lesion``) and the oracle-prompted rows; ``summary.json`` holds the automatic means under the shared keys
-(``mean_dsc``, ``per_class``, ...) and the oracle-prompted means under ``oracle_prompted`` (and as
+:func:`gather_oracle` brings every rank's oracle DSCs together, each case once; in validate / test the shared
+evaluation (``sautomed.evaluation.base``) writes both to the run folder: ``metrics.csv`` holds the automatic
+rows (class ``lesion``) and the oracle-prompted rows; ``summary.json`` holds the automatic means under the
+shared keys (``mean_dsc``, ``per_class``, ...) and the oracle-prompted means under ``oracle_prompted`` (and as
 ``oracle_dsc@k``), with ``modes`` saying which is which, beside the checkpoint, the split provenance and
 the config.
 """
@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sautomed.data.splits import FitRecord, split_provenance
-from sautomed.metrics import ClassResult, dice, write_metrics
+from sautomed.evaluation.gather import gather_lists, unique_by
+from sautomed.evaluation.metrics import ClassResult, dice
 from sautomed.models.msam.clicks import ClickMode
 from sautomed.models.msam.network import MSAMNet
 from sautomed.models.msam.patches import crop_or_pad, crop_start
@@ -148,47 +148,14 @@ def oracle_results(
     return means, rows, summary
 
 
-def gather_cases(
-    rows: list[ClassResult], oracle: list[OracleCase]
-) -> tuple[list[ClassResult], list[OracleCase]]:
-    """Every rank's cases on every rank (the data module shards the volumes), each case once, by case."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        parts: list[Any] = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(parts, (rows, oracle))
-        rows = [r for p in parts for r in p[0]]
-        oracle = [o for p in parts for o in p[1]]
-    rows = sorted({(r.case, r.class_name): r for r in rows}.values(), key=lambda r: r.case)
-    return rows, sorted(dict(oracle).items())
+def gather_oracle(oracle: list[OracleCase]) -> list[OracleCase]:
+    """Every rank's oracle-prompted cases (the data module shards the volumes), each case once, by case."""
+    (oracle,) = gather_lists(oracle)
+    return unique_by(oracle, lambda o: o[0])
 
 
-def write_report(
-    rows: list[ClassResult],
-    summary: dict[str, Any],
-    folder: Path,
-    prefix: str,
-    checkpoint: str | None,
-    fit_split: FitRecord | None,
-    evaluated: dict[str, str],
-    config: dict[str, Any],
-) -> str:
-    """Complete ``summary`` (checkpoint, split provenance, config), write metrics.csv and summary.json.
-
-    ``fit_split`` (the checkpoint's fit cases) counts only with a ``checkpoint``; a warning names the
-    evaluated cases that are training cases of it. Returns the one-line report.
-    """
-    summary["checkpoint"] = checkpoint
-    summary.update(split_provenance(fit_split if checkpoint else None, evaluated, checkpoint))
-    if summary["overlaps_training"]:
-        cases = summary["overlaps_training"]
-        log.warning(
-            "%s: %d of the %d cases are training cases of the checkpoint (%s): not held-out scores",
-            prefix,
-            len(cases),
-            summary["num_cases"],
-            ", ".join(cases),
-        )
-    summary["config"] = config
-    write_metrics(rows, summary, folder)
+def summary_line(prefix: str, summary: dict[str, Any], folder: str | Path) -> str:
+    """The one-line report of an M-SAM evaluation: automatic and oracle-prompted DSC."""
     means = summary.get("oracle_prompted", {}).get("dsc_after_clicks", {})
     oracle = ", ".join(f"{v:.4f} after {k}" for k, v in means.items()) or "-"
     return (

@@ -13,6 +13,8 @@ from typing import Literal
 import torch.nn.functional as F
 from torch import Tensor
 
+from sautomed.errors import UserError
+
 
 @dataclass(frozen=True)
 class LossSettings:
@@ -50,7 +52,7 @@ def refinement_loss(
 ) -> Tensor:
     """The loss of a refinement run: each iteration's full-size logits (B, 1, D, H, W) vs the target."""
     if not logits:
-        raise ValueError("no iterations to take the loss of")
+        raise UserError("no iterations to take the loss of")
     chosen = logits if settings.iterations == "all" else logits[-1:]
     total = dice_bce(chosen[0], target, settings)
     for out in chosen[1:]:

@@ -26,6 +26,7 @@ from typing import Literal
 
 from torch import Tensor, nn
 
+from sautomed.errors import UserError
 from sautomed.models.msam.common import LayerNorm3d, channels_first, channels_last
 from sautomed.models.msam.encoder3d import Attention3D, RelPosIndexing
 from sautomed.models.sam.upstream import MLPBlock, modeling
@@ -224,4 +225,4 @@ def build_fusion(
         return SumFusion()
     if kind == "cross_attention":
         return CrossAttentionFusion(dim, num_heads=num_heads)
-    raise ValueError(f"unknown fusion {kind!r}: use 'mea', 'sum' or 'cross_attention'")
+    raise UserError(f"unknown fusion {kind!r}: use 'mea', 'sum' or 'cross_attention'")

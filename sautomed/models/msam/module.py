@@ -26,17 +26,16 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any, Literal
 
-import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sautomed.data.splits import FitRecord, fit_record, fit_split_record
-from sautomed.metrics import ClassResult, evaluate_case, summarize
+from sautomed.evaluation.base import SegmentationModule
+from sautomed.evaluation.metrics import ClassResult
+from sautomed.guards import weights_from_elsewhere
 from sautomed.models.msam.automatic import AutoSettings, segment_automatic
 from sautomed.models.msam.corrupt import corrupt_masks
 from sautomed.models.msam.cutout import cut_out_lesion
@@ -45,22 +44,20 @@ from sautomed.models.msam.evaluation import (
     MODES,
     EvaluationSettings,
     OracleCase,
-    gather_cases,
+    gather_oracle,
     oracle_class_name,
     oracle_dsc,
     oracle_results,
     reference_on_image_grid,
-    write_report,
+    summary_line,
 )
 from sautomed.models.msam.loss import LossSettings, refinement_loss
 from sautomed.models.msam.network import MSAMConfig, MSAMNet
 from sautomed.models.msam.optim import build_optimizer
 from sautomed.models.msam.patches import binary_target
 from sautomed.models.msam.refinement import RefinementSettings, refine_with_clicks
-from sautomed.run_folder import check_checkpoint_config
-from sautomed.schedule import Schedule, ScheduleBy, ScheduleHooks, check_schedule
-from sautomed.tools.thumbnails import write_run_thumbnail
-from sautomed.writers import prediction_item
+from sautomed.run_folder import UserError, check_checkpoint_config
+from sautomed.schedule import Schedule, ScheduleBy, check_schedule
 
 __all__ = [
     "CLASS_NAMES",
@@ -80,11 +77,11 @@ FAMILY = "msam"
 _NON_STRUCTURAL = {"sam_med3d_checkpoint", "encoder_finetune"}
 
 
-class CheckpointFamilyError(ValueError):
+class CheckpointFamilyError(UserError):
     """A checkpoint of another model family (or not a sautomed checkpoint)."""
 
 
-class MSAMModule(ScheduleHooks, L.LightningModule):
+class MSAMModule(SegmentationModule):
     """M-SAM training and evaluation.
 
     Args:
@@ -148,10 +145,7 @@ class MSAMModule(ScheduleHooks, L.LightningModule):
         )
         self.schedule: Schedule | None = None
         self.net = MSAMNet(network)
-        self.class_names: tuple[str, ...] = CLASS_NAMES
-        self.preprocessing: dict[str, Any] | None = None
-        self.fit_split: FitRecord | None = None  # the loaded checkpoint's fit cases
-        self._rows: list[ClassResult] = []
+        self.class_names = CLASS_NAMES
         self._oracle: list[OracleCase] = []  # (case, DSC after 1, 2, ... clicks)
 
     @property
@@ -178,22 +172,22 @@ class MSAMModule(ScheduleHooks, L.LightningModule):
         try:
             evaluation = dict(cfg["evaluation"])
             evaluation["oracle_clicks"] = tuple(evaluation["oracle_clicks"])
-            module = cls(
-                network=MSAMConfig(**{**cfg["network"], "sam_med3d_checkpoint": None}),
-                refinement=RefinementSettings(**cfg["refinement"]),
-                loss=LossSettings(**cfg["loss"]),
-                evaluation=EvaluationSettings(**evaluation),
-                automatic=AutoSettings(**cfg["automatic"]),
-                foreground_labels=cfg["foreground_labels"],
-            )
+            with weights_from_elsewhere():  # the checkpoint's own weights replace the initial ones
+                module = cls(
+                    network=MSAMConfig(**{**cfg["network"], "sam_med3d_checkpoint": None}),
+                    refinement=RefinementSettings(**cfg["refinement"]),
+                    loss=LossSettings(**cfg["loss"]),
+                    evaluation=EvaluationSettings(**evaluation),
+                    automatic=AutoSettings(**cfg["automatic"]),
+                    foreground_labels=cfg["foreground_labels"],
+                )
         except (KeyError, TypeError) as exc:  # a checkpoint that says msam but lacks or misnames settings
             raise CheckpointFamilyError(f"an incomplete or unknown msam checkpoint config ({exc})") from exc
         module.load_state_dict(ckpt["state_dict"])
-        module.class_names = tuple(cfg["class_names"])
-        module.preprocessing = cfg.get("preprocessing")
+        module.adopt_checkpoint_config(cfg)
         return module
 
-    def msam_config(self) -> dict[str, Any]:
+    def family_config(self) -> dict[str, Any]:
         return {
             "family": FAMILY,
             "network": asdict(self.network_cfg),
@@ -206,42 +200,25 @@ class MSAMModule(ScheduleHooks, L.LightningModule):
             "preprocessing": self.preprocessing,
         }
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["sautomed"] = self.msam_config()
-        dm = self._datamodule()
-        split = fit_split_record(dm, self._trainer)  # the fit's cases: evaluations name training cases
-        if split is not None:
-            checkpoint["sautomed"]["split"] = split
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+    def check_loaded_config(self, cfg: dict[str, Any] | None) -> None:
         """Refuse (one line, before any weight is loaded) a checkpoint of another family or network."""
-        cfg = checkpoint.get("sautomed")
         check_checkpoint_config(cfg, FAMILY, asdict(self.network_cfg), _NON_STRUCTURAL, asdict(MSAMConfig()))
-        self.preprocessing = cfg.get("preprocessing")
-        self.fit_split = fit_record(checkpoint)
 
-    def on_fit_start(self) -> None:
-        self._sync_from_datamodule()
-
-    def _datamodule(self) -> Any:
-        return getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-
-    def _sync_from_datamodule(self) -> None:
-        dm = self._datamodule()
-        if dm is not None and hasattr(dm, "preprocessing"):
-            self.preprocessing = asdict(dm.preprocessing)
-        channels = getattr(dm, "channels", 1) if dm is not None else self.input_channels
+    def data_class_names(self, dm: Any) -> tuple[str, ...]:
+        """M-SAM's one class (``lesion``: the labels in ``foreground_labels``), after checking the data."""
+        channels = getattr(dm, "channels", 1)
         if channels != self.input_channels:
-            raise ValueError(
+            raise UserError(
                 f"data.channels {channels} and model.network.in_channels {self.input_channels} differ: "
                 "set both to the number of input channels"
             )
         theirs = getattr(dm, "foreground_labels", self.foreground_labels)
         if (None if theirs is None else list(theirs)) != self.foreground_labels:
-            raise ValueError(
+            raise UserError(
                 f"model.foreground_labels {self.foreground_labels} and data.foreground_labels {theirs} "
                 "differ: the crops would train another target than the one evaluated (set both)"
             )
+        return CLASS_NAMES
 
     # -- training ----------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
@@ -291,7 +268,7 @@ class MSAMModule(ScheduleHooks, L.LightningModule):
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
         total = self.trainer.estimated_stepping_batches
         if not math.isfinite(total) or total <= 0:
-            raise ValueError("scheduler 'cosine' needs trainer.max_epochs or trainer.max_steps")
+            raise UserError("scheduler 'cosine' needs trainer.max_epochs or trainer.max_steps")
         # cosine to zero without warm-up (over the steps, or the clock: sautomed/schedule.py)
         self.schedule = Schedule(
             self.trainer, int(total), 0, self.schedule_by, self.schedule_margin_s, self.schedule_min_steps
@@ -324,66 +301,45 @@ class MSAMModule(ScheduleHooks, L.LightningModule):
             merge=self.evaluation.merge,
         )
 
-    def _evaluate(self, batch: dict[str, Any]) -> None:
-        if batch["label"] is None:
-            raise ValueError(f"case {batch['case_id']} has no label: it cannot be evaluated")
-        ref = binary_target(batch["label"].cpu().numpy(), self.foreground_labels).astype(np.uint8)
-        image = batch["image"] if batch["image"].dim() == 4 else batch["image"][None]  # (C, Z, S, S)
+    def segment_case(self, image: Tensor, geom: Any) -> np.ndarray:
+        image = image if image.dim() == 4 else image[None]  # (C, Z, S, S)
+        return self.segment_volume(image, tuple(geom.shape_zyx))
+
+    def reference(self, batch: dict[str, Any]) -> np.ndarray:
+        return binary_target(batch["label"].cpu().numpy(), self.foreground_labels).astype(np.uint8)
+
+    @property
+    def scores_automatic(self) -> bool:
+        return self.evaluation.automatic
+
+    def evaluate_extra(self, batch: dict[str, Any], ref: np.ndarray) -> None:
+        """The oracle-prompted DSC after each click (the paper's protocol), for a case with a lesion."""
         if self.evaluation.oracle and ref.any():
+            image = batch["image"] if batch["image"].dim() == 4 else batch["image"][None]  # (C, Z, S, S)
             ref_img = reference_on_image_grid(ref, tuple(image.shape[1:]))  # (Z, S, S)
             case = batch["case_id"]
             self._oracle.append((case, self.oracle_dsc(image, ref_img, case)))
-        if self.evaluation.automatic:
-            pred = self.segment_volume(image, ref.shape)
-            self._rows += evaluate_case(
-                batch["case_id"], pred, ref, batch["geom"].spacing_zyx, self.class_names
-            )
-            write_run_thumbnail(self._trainer, batch["case_id"], image[0], ref, pred)
 
-    def on_validation_epoch_start(self) -> None:
-        self._sync_from_datamodule()
-        self._rows, self._oracle = [], []
+    def reset_extra(self) -> None:
+        self._oracle = []
 
-    on_test_epoch_start = on_validation_epoch_start
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch)
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch)
-
-    def _finish(self, prefix: str) -> None:
-        self._rows, self._oracle = gather_cases(self._rows, self._oracle)
-        summary: dict[str, Any] = {"modes": dict(MODES)}
-        # oracle-prompted DSC by click count, its metrics.csv rows and summary.json keys
-        means, oracle_rows, oracle_summary = oracle_results(
-            self._oracle, self.evaluation.oracle_clicks, self.refinement.click_mode
+    def extra_results(self, prefix: str) -> tuple[list[ClassResult], dict[str, Any]]:
+        """The oracle-prompted means by click count (logged as ``<prefix>/oracle_dsc@k``), rows and keys."""
+        oracle, self._oracle = gather_oracle(self._oracle), []
+        means, rows, summary = oracle_results(
+            oracle, self.evaluation.oracle_clicks, self.refinement.click_mode
         )
-        if oracle_summary:
-            oracle_summary["oracle_prompted"]["progressive_merge"] = self.evaluation.merge
-        summary.update(oracle_summary)
+        if summary:
+            summary["oracle_prompted"]["progressive_merge"] = self.evaluation.merge
         for k, value in means.items():
             self.log(f"{prefix}/oracle_dsc@{k}", value)
-        if self._rows:
-            summary.update(summarize(self._rows, self.class_names))
-            mean = summary["mean_dsc"]
-            self.log(f"{prefix}/mean_dsc", 0.0 if math.isnan(mean) else mean)
-        if self.trainer.state.fn in ("validate", "test") and self.trainer.is_global_zero and self._rows:
-            ckpt, dm = self.trainer.ckpt_path, self._datamodule()
-            stage = "val" if self.trainer.state.fn == "validate" else "test"
-            evaluated = dm.case_fingerprints(stage) if hasattr(dm, "case_fingerprints") else {}
-            folder, rows = Path(self.trainer.default_root_dir), self._rows + oracle_rows
-            checkpoint, config = (str(ckpt) if ckpt else None), self.msam_config()
-            self.print(
-                write_report(rows, summary, folder, prefix, checkpoint, self.fit_split, evaluated, config)
-            )
-        self.last_summary = summary
+        return rows, {"modes": dict(MODES), **summary}
 
-    def on_validation_epoch_end(self) -> None:
-        self._finish("val")
+    def monitored_dsc(self, summary: dict[str, Any]) -> float:
+        """The automatic mean DSC; with ``evaluation.automatic`` off, the oracle DSC after the most clicks."""
+        if self.evaluation.automatic:
+            return summary["mean_dsc"]
+        return summary.get(f"oracle_dsc@{max(self.evaluation.oracle_clicks)}", math.nan)
 
-    def on_test_epoch_end(self) -> None:
-        self._finish("test")
-
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        return prediction_item(batch, lambda image, geom: self.segment_volume(image, tuple(geom.shape_zyx)))
+    def summary_line(self, prefix: str, summary: dict[str, Any]) -> str:
+        return summary_line(prefix, summary, self.trainer.default_root_dir)

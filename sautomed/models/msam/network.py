@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sautomed.errors import UserError
+from sautomed.guards import check_encoder_finetune
 from sautomed.models.msam.decoder3d import MaskDecoder3D
 from sautomed.models.msam.encoder3d import ImageEncoder3D, RelPosIndexing
 from sautomed.models.msam.local_head import LocalClickHead
@@ -149,7 +151,7 @@ class MSAMNet(nn.Module):
         v = VARIANTS[config.variant]
         s = config.image_size
         if config.in_channels < 1:
-            raise ValueError(f"in_channels must be >= 1, got {config.in_channels}")
+            raise UserError(f"in_channels must be >= 1, got {config.in_channels}")
         self.image_encoder = ImageEncoder3D(
             img_size=s,
             patch_size=v.patch_size,
@@ -196,11 +198,12 @@ class MSAMNet(nn.Module):
 
             log.info("%s", load_sam_med3d(self, config.sam_med3d_checkpoint))
         mode = config.encoder_finetune
+        check_encoder_finetune(mode, config.sam_med3d_checkpoint, "sam_med3d_checkpoint")
         if mode == "auto":
             pretrained = bool(config.sam_med3d_checkpoint)
             mode = ("lora" if config.lora_rank > 0 else "frozen") if pretrained else "full"
         if mode == "lora" and config.lora_rank == 0:
-            raise ValueError("encoder_finetune 'lora' needs lora_rank > 0")
+            raise UserError("encoder_finetune 'lora' needs lora_rank > 0")
         set_encoder_trainable(self.image_encoder, mode)  # type: ignore[arg-type]
         # kept for SAM-Med3D's state-dict names, unused by M-SAM (one mask, logits always given): no grad
         for p in (

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from sautomed.data.datamodule import SegmentationDataModule
 from sautomed.data.preprocess import Prepared
+from sautomed.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ class LesionCropDataset(Dataset):
         foreground_labels: Sequence[int] | None = None,
     ) -> None:
         if not volumes:
-            raise ValueError("no training volumes")
+            raise UserError("no training volumes")
         self.volumes, self.settings, self.seed = volumes, settings, seed
         self.targets = [binary_target(v.label, foreground_labels) for v in volumes]
         self.fg = [np.flatnonzero(t) for t in self.targets]  # flat indices of lesion voxels
@@ -198,7 +199,7 @@ class MSAMDataModule(SegmentationDataModule):
         volumes = [self.cache.get(self.layout, c, self.preprocessing) for c in self.train_cases]
         unlabeled = [v.case_id for v in volumes if v.label is None]
         if unlabeled:
-            raise ValueError(f"training cases without labels: {', '.join(unlabeled)}")
+            raise UserError(f"training cases without labels: {', '.join(unlabeled)}")
         ds = LesionCropDataset(volumes, self.crops, self.seed, self.foreground_labels)
         return DataLoader(
             ds,

@@ -31,6 +31,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from sautomed.errors import UserError
 from sautomed.models.msam.common import LayerNorm3d
 from sautomed.models.sam.upstream import PromptEncoder, modeling
 
@@ -105,7 +106,7 @@ class PromptEncoder3D(PromptEncoder):
         mask_channels: int = 1,
     ) -> None:
         if embed_dim % 3:
-            raise ValueError(f"embed_dim {embed_dim} must be a multiple of 3 (3D random-Fourier positions)")
+            raise UserError(f"embed_dim {embed_dim} must be a multiple of 3 (3D random-Fourier positions)")
         super().__init__(embed_dim, image_embedding_size[:2], input_image_size[:2], mask_in_chans, activation)
         self.input_image_size = tuple(input_image_size)
         self.image_embedding_size = tuple(image_embedding_size)

@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from sautomed.errors import UserError
 from sautomed.models.msam.clicks import ClickMode, sample_clicks
 from sautomed.models.msam.corrupt import mask_to_low_res
 from sautomed.models.msam.merge import progressive_merge
@@ -118,7 +119,7 @@ def refine_with_clicks(
             gets them as its previous logits.
     """
     if iterations < 1:
-        raise ValueError(f"iterations must be >= 1, got {iterations}")
+        raise UserError(f"iterations must be >= 1, got {iterations}")
     emb = net.encode(image)  # (B, C, g, g, g): the only encoder call
     result = RefinementResult()
     low = None

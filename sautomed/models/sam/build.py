@@ -16,6 +16,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import nn
 
+from sautomed.errors import UserError
 from sautomed.models.sam.tiny_vit import TinyViTEncoder
 from sautomed.models.sam.upstream import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
 
@@ -80,14 +81,14 @@ def build_sam_parts(
     if backbone == "litemedsam":
         return build_litemedsam_parts(image_size, feature_pool)
     if backbone not in SAM_VARIANTS:
-        raise ValueError(f"unknown backbone {backbone!r}; choose from {list(BACKBONES)}")
+        raise UserError(f"unknown backbone {backbone!r}; choose from {list(BACKBONES)}")
     v = SAM_VARIANTS[backbone]
     if patch_size != v.patch_size:
         if backbone != "tiny":
-            raise ValueError(f"patch_size {patch_size}: only the tiny backbone takes another than 16")
+            raise UserError(f"patch_size {patch_size}: only the tiny backbone takes another than 16")
         v = replace(v, patch_size=patch_size)
     if image_size % v.patch_size:
-        raise ValueError(f"image_size {image_size} must be a multiple of the patch size {v.patch_size}")
+        raise UserError(f"image_size {image_size} must be a multiple of the patch size {v.patch_size}")
     grid = image_size // v.patch_size // feature_pool
     image_encoder = ImageEncoderViT(
         depth=v.encoder_depth,
@@ -114,7 +115,7 @@ def build_litemedsam_parts(image_size: int, feature_pool: int = 1) -> SamParts:
     on S but the prompt encoder's embedding size, which is not a weight).
     """
     if image_size % 16:
-        raise ValueError(f"image_size {image_size} must be a multiple of 16 for litemedsam")
+        raise UserError(f"image_size {image_size} must be a multiple of 16 for litemedsam")
     encoder = TinyViTEncoder()
     prompt_encoder, mask_decoder = _prompt_and_decoder(
         SAM_VARIANTS["vit_b"], image_size, image_size // 4 // feature_pool

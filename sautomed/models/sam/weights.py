@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sautomed.data.io import atomic_write
+from sautomed.errors import UserError
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError):
     """Named weights that cannot be had or do not verify; the message says what to do."""
 
 

@@ -24,8 +24,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from sautomed.boxes import box_cxcywh_to_xyxy
 from sautomed.models.sam.upstream import MLP, PromptEncoder
+from sautomed.models.sautomed.boxes import box_cxcywh_to_xyxy
 
 
 def inverse_sigmoid(x: Tensor, eps: float = 1e-4) -> Tensor:

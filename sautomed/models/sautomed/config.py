@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from sautomed.errors import UserError
+
 __all__ = ["NetworkConfig", "check_network_config"]
 
 
@@ -97,13 +99,13 @@ class NetworkConfig:
 def check_network_config(cfg: NetworkConfig) -> None:
     """A ValueError naming the setting, for combinations that cannot work (the network checks on build)."""
     if cfg.context == "prompts" and (cfg.decoder != "per_class" or not cfg.box_prompts):
-        raise ValueError("network.context 'prompts' needs network.decoder: per_class and box_prompts on")
+        raise UserError("network.context 'prompts' needs network.decoder: per_class and box_prompts on")
     if cfg.dense_head and not cfg.box_prompts:
-        raise ValueError("network.dense_head needs network.box_prompts on (it proposes their anchors)")
+        raise UserError("network.dense_head needs network.box_prompts on (it proposes their anchors)")
     gate = cfg.presence_gate
     if gate != "soft" and not (
         cfg.decoder == "per_class" and cfg.box_prompts and (cfg.dense_head or gate == "hard")
     ):
-        raise ValueError(
+        raise UserError(
             f"network.presence_gate: {gate} needs box prompts, decoder: per_class (region: dense_head)"
         )

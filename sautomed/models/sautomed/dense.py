@@ -34,8 +34,10 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import Tensor, nn
 
-from sautomed.boxes import boxes_from_labels
-from sautomed.losses import dense_loss
+from sautomed.errors import UserError
+from sautomed.models.sautomed.boxes import boxes_from_labels
+from sautomed.models.sautomed.feature_cache import FeatureCache
+from sautomed.models.sautomed.loss import dense_loss
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +114,7 @@ def gate_class_logits(logits: Tensor, presence: Tensor, proposals: Tensor | None
 def dense_volume_logits(head: DenseHead | None, feats: Tensor) -> Tensor:
     """(Z, D, h, w) encoded volume -> (Z, C+1, h, w) dense logits (volume edges repeat the edge slice)."""
     if head is None:  # predict --source dense on a checkpoint trained without the head
-        raise ValueError("inference.source: dense needs a checkpoint trained with network.dense_head")
+        raise UserError("inference.source: dense needs a checkpoint trained with network.dense_head")
     prev = torch.cat([feats[:1], feats[:-1]])
     nxt = torch.cat([feats[1:], feats[-1:]])
     return head(prev, feats, nxt)
@@ -122,11 +124,12 @@ def pretrain_dense_head(
     net: nn.Module,
     copies: list[list[tuple[np.ndarray, np.ndarray]]],
     key_offset: list[list[int]],
-    cache: dict[int, Tensor],
+    cache: FeatureCache | dict[int, Tensor],
     steps: int,
     seed: int,
     seconds_left: Callable[[], float | None] | None = None,
     share: float = 1.0,
+    check: Callable[[int, int], None] | None = None,
 ) -> list[float]:
     """Fill the chain's feature cache with every slice of every augmented copy, then train the dense head.
 
@@ -135,7 +138,8 @@ def pretrain_dense_head(
     features, as ``window.encode_window_cached`` keeps them. ``seconds_left``: the run's time budget left
     (``Schedule.seconds_left``; None: no clock); the training then stops after ``share`` of what is left once
     the cache is full, or at ``steps``. Returns the loss of every step taken (the same steps and losses for
-    a seed when no clock bounds them).
+    a seed when no clock bounds them). ``check(encoded, total)`` is called after each encoded chunk: it
+    raises to stop the run (a preemption, a budget the encoding cannot fit).
     """
     head: DenseHead = net.dense_head
     device = next(head.parameters()).device
@@ -143,6 +147,8 @@ def pretrain_dense_head(
     feats: list[Tensor] = []
     labels: list[Tensor] = []
     neighbour: list[tuple[int, int]] = []  # per slice: its position in `feats` minus one, plus one
+    total = sum(image.shape[0] for vol in copies for image, _ in vol)
+    encoded = 0
     for vol_copies, offsets in zip(copies, key_offset, strict=True):
         for (image, label), first in zip(vol_copies, offsets, strict=True):
             z = image.shape[0]
@@ -153,6 +159,9 @@ def pretrain_dense_head(
                     with torch.no_grad():
                         for k, f in zip(keys, net.encode(x.float())):
                             cache[k] = f.to(torch.float16).clone()
+                encoded += len(keys)
+                if check is not None:
+                    check(encoded, total)
             base = len(feats)
             feats.extend(cache[first + k] for k in range(z))
             labels.extend(torch.from_numpy(label[k].astype(np.int64)) for k in range(z))

@@ -18,13 +18,14 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from sautomed.boxes import boxes_from_labels
+from sautomed.errors import UserError
 from sautomed.models.sam.build import PIXEL_MEAN, PIXEL_STD, build_sam_parts, init_random_position_embedding
 from sautomed.models.sam.checkpoint import LoadReport, load_sam_checkpoint
 from sautomed.models.sam.lora import EncoderFinetune, apply_lora, set_encoder_trainable
 from sautomed.models.sam.upstream import ImageEncoderViT
 from sautomed.models.sam.weights import resolve_weights
 from sautomed.models.sautomed.box_prompt import BoxPromptGenerator
+from sautomed.models.sautomed.boxes import boxes_from_labels
 from sautomed.models.sautomed.config import NetworkConfig, check_network_config
 from sautomed.models.sautomed.decoder import SAM_DECODER_UNUSED, MultiClassMaskDecoder, PerClassMaskDecoder
 from sautomed.models.sautomed.dense import (
@@ -181,7 +182,7 @@ class SAutoMedNet(nn.Module):
         x = images.unsqueeze(1) if images.dim() == 3 else images  # (N, 1|3, S, S)
         S = self.cfg.image_size
         if x.dim() != 4 or x.shape[1] not in (1, 3) or x.shape[-2:] != (S, S):
-            raise ValueError(f"expected (N, {S}, {S}) slices, got {tuple(images.shape)}")
+            raise UserError(f"expected (N, {S}, {S}) slices, got {tuple(images.shape)}")
         x = x.expand(-1, 3, -1, -1)  # (N, 3, S, S)
         enc = self.image_encoder
         if not isinstance(enc, ImageEncoderViT):  # an encoder object: (N, 3, S, S) in [0, 1] -> features

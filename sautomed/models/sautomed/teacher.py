@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sautomed.boxes import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, boxes_from_labels
+from sautomed.errors import UserError
+from sautomed.models.sautomed.boxes import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, boxes_from_labels
 
 
 def teacher_boxes(
@@ -55,7 +56,7 @@ def forced_boxes(
     labels = [batch["label"]]
     if n:
         if batch.get("warmup_label") is None:
-            raise ValueError("model.box_teacher_forcing needs the warm-up slices' labels")
+            raise UserError("model.box_teacher_forcing needs the warm-up slices' labels")
         labels = [*batch["warmup_label"].unbind(1), batch["label"]]  # n x (B, S, S), then the target
     gen = torch.Generator().manual_seed(seed)
     chosen = torch.rand(batch["label"].shape[0], generator=gen) < chance

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from sautomed.models.sautomed.feature_cache import FeatureCache
 from sautomed.models.sautomed.network import SAutoMedNet
 
 
@@ -49,7 +50,9 @@ def neighbours(feats: Tensor, direction: Tensor, k: int) -> tuple[Tensor, Tensor
     return torch.where(d > 0, before, after), torch.where(d > 0, after, before)
 
 
-def encode_window_cached(net: SAutoMedNet, image: Tensor, keys: Tensor, cache: dict[int, Tensor]) -> Tensor:
+def encode_window_cached(
+    net: SAutoMedNet, image: Tensor, keys: Tensor, cache: FeatureCache | dict[int, Tensor]
+) -> Tensor:
     """A frozen encoder's window features, each slice encoded once per run and kept in ``cache``.
 
     image: (B, L, S, S) window; keys: (B, L) stable slice identities (the data's ``slice_key``: a slice of

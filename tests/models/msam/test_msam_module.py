@@ -89,7 +89,7 @@ def test_training_step_and_binary_target_setting():
     image, target = blob_batch(2)
     loss = module.training_step({"image": image, "label": target}, 0)
     assert torch.isfinite(loss) and loss.requires_grad
-    assert module.msam_config()["foreground_labels"] == [1, 4]
+    assert module.family_config()["foreground_labels"] == [1, 4]
 
 
 def test_automatic_mode_returns_a_label_map_on_the_volume_grid():

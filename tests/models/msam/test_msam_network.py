@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from msam_helpers import S, blob_batch, make_net
 
+from sautomed.guards import weights_from_elsewhere
 from sautomed.models.msam.mea import CrossAttentionFusion, MaskEnhancedAdapter, SumFusion
 
 
@@ -41,7 +42,8 @@ def test_gradients_reach_exactly_the_trainable_parameters():
 
 def test_lora_at_init_leaves_the_encoder_unchanged_and_only_lora_trains():
     plain = make_net(lora_rank=0)
-    lora = make_net(lora_rank=4, encoder_finetune="lora")
+    with weights_from_elsewhere():  # the plain net's weights are loaded below: the LoRA start is tested
+        lora = make_net(lora_rank=4, encoder_finetune="lora")
     missing, unexpected = lora.load_state_dict(plain.state_dict(), strict=False)
     assert not unexpected and all(".lora_" in k for k in missing)
     image, _ = blob_batch(2)

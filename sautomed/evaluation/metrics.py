@@ -27,6 +27,8 @@ import numpy as np
 from medpy.metric.binary import hd95 as _medpy_hd95
 
 from sautomed.data.io import atomic_write
+from sautomed.errors import UserError
+from sautomed.evaluation.gather import gather_lists, unique_by
 
 STATUSES = ("ok", "missed", "false_positive", "not_applicable")
 
@@ -49,7 +51,7 @@ def hd95_mm(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) -> floa
     pred = np.asarray(pred, dtype=bool)
     ref = np.asarray(ref, dtype=bool)
     if not pred.any() or not ref.any():
-        raise ValueError("hd95_mm needs two non-empty masks; apply the empty-mask policy first")
+        raise UserError("hd95_mm needs two non-empty masks; apply the empty-mask policy first")
     return float(_medpy_hd95(pred, ref, voxelspacing=tuple(float(s) for s in spacing)))
 
 
@@ -76,7 +78,7 @@ def evaluate_case(
 ) -> list[ClassResult]:
     """Score one case: `pred` and `ref` are integer label maps on the same (original) grid."""
     if pred.shape != ref.shape:
-        raise ValueError(f"{case_id}: prediction shape {pred.shape} != reference shape {ref.shape}")
+        raise UserError(f"{case_id}: prediction shape {pred.shape} != reference shape {ref.shape}")
     diagonal = volume_diagonal_mm(ref.shape, spacing)
     rows = []
     for index, name in enumerate(class_names, start=1):
@@ -96,15 +98,8 @@ def evaluate_case(
 def gather_rows(rows: Sequence[ClassResult]) -> list[ClassResult]:
     """Every rank's rows under DDP (each case once, as ranks may evaluate a padded copy), sorted by case
     and class; this process's rows alone otherwise."""
-    import torch.distributed as dist
-
-    rows = list(rows)
-    if dist.is_available() and dist.is_initialized():
-        gathered: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, rows)
-        rows = [r for part in gathered for r in part]
-    unique = {(r.case, r.class_name): r for r in rows}
-    return sorted(unique.values(), key=lambda r: (r.case, r.class_name))
+    (rows,) = gather_lists(rows)
+    return unique_by(rows, lambda r: (r.case, r.class_name))
 
 
 def _nanmean(values: Iterable[float]) -> float:

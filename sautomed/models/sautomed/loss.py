@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sautomed.boxes import box_cxcywh_to_xyxy, boxes_from_labels, generalized_box_iou
+from sautomed.models.sautomed.boxes import box_cxcywh_to_xyxy, boxes_from_labels, generalized_box_iou
 
 
 class _StepOutputLike(Protocol):  # sautomed.models.sautomed.network.StepOutput
@@ -126,13 +126,13 @@ class SAutoMedLoss(nn.Module):
         if use_boxes:
             gt_boxes, present = boxes_from_labels(target, C)  # (B, C, 4), (B, C)
             presence = F.binary_cross_entropy_with_logits(out.presence.float(), present.float())
-            if present.any():
-                pred = out.boxes.float()[present]  # (P, 4)
-                gt = gt_boxes[present]
-                box_l1 = (pred - gt).abs().sum(-1).mean()
-                box_giou = (1 - generalized_box_iou(box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(gt))).mean()
-            else:  # keep the graph connected (DDP-friendly) with exact zeros
-                box_l1 = box_giou = out.boxes.float().sum() * 0.0
+            # means over the present (case, class) pairs as masked sums: no host sync on the step's path, the
+            # graph connected (DDP-friendly) and exact zeros when no class is present
+            pred, w = out.boxes.float(), present.float()  # (B, C, 4), (B, C)
+            n = w.sum().clamp_min(1.0)
+            box_l1 = ((pred - gt_boxes).abs().sum(-1) * w).sum() / n
+            giou = generalized_box_iou(box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(gt_boxes))  # (B, C)
+            box_giou = ((1 - giou) * w).sum() / n
         else:
             presence = box_l1 = box_giou = zero
 

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sautomed.inference import logits_to_labels
+from sautomed.errors import UserError
+from sautomed.evaluation.postprocess import keep_largest_component, logits_to_labels
 from sautomed.models.sam.litemedsam import LiteMedSAM, box_of
-from sautomed.postprocess import keep_largest_component
 
 MIN_PIXELS = 3  # a class's pixels on a slice below this: no box, no refinement there
 
@@ -40,7 +40,7 @@ class PretrainedBoxRefiner:
 
     def __init__(self, source: str | None, image_size: int, margin: int) -> None:
         if margin < 0:
-            raise ValueError(f"inference.sam_refine_margin must be >= 0, got {margin}")
+            raise UserError(f"inference.sam_refine_margin must be >= 0, got {margin}")
         # source None: random weights, for `sautomed bench` (timing only; the module refuses it)
         self.sam = (
             LiteMedSAM(image_size).eval()

@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from sautomed.errors import UserError
+from sautomed.evaluation.postprocess import logits_to_labels
 
 log = logging.getLogger(__name__)
 _warned_bf16 = False  # the slow-bf16 warning: once per process
@@ -36,7 +38,7 @@ class InferenceSettings:
             with AMX (Intel Sapphire Rapids and newer) the LiteMedSAM encoder runs about 2x faster, while
             the chain's small ops would run slower in bf16 (hence the encoder only); without AMX it is slower.
         sam_refine: LiteMedSAM as published re-segments the box of each class's largest component on every
-            slice (`models/sautomed/refine.py`; backbone litemedsam and its `network.sam_checkpoint` only).
+            slice (`models/sam/refine.py`; backbone litemedsam and its `network.sam_checkpoint` only).
         sam_refine_margin: pixels of S added to each side of those boxes.
         source: ``chain`` (the slice chain's logits) or ``dense`` (the network's dense proposals alone,
             ``network.dense_head``: the ablation of everything after them).
@@ -107,9 +109,9 @@ class InferenceEngine:
         encoder_dtype: torch.dtype | None = None,
     ) -> None:
         if mode not in MODES:
-            raise ValueError(f"unknown inference mode {mode!r}; choose one of {MODES}")
+            raise UserError(f"unknown inference mode {mode!r}; choose one of {MODES}")
         if encode_chunk < 1:
-            raise ValueError("encode_chunk must be >= 1")
+            raise UserError("encode_chunk must be >= 1")
         self.net = net
         self.mode = mode
         self.encode_chunk = encode_chunk
@@ -175,22 +177,3 @@ class InferenceEngine:
         """(Z, S, S) preprocessed volume -> (Z, H, W) uint8 labels at the original in-plane size."""
         logits = self.propagate(self.encode_volume(volume))
         return logits_to_labels(logits, out_hw, resize_chunk, postprocess)
-
-
-def logits_to_labels(
-    logits: Tensor,
-    out_hw: tuple[int, int],
-    chunk: int = 16,
-    postprocess: Callable[[Tensor], Tensor] | None = None,
-) -> Tensor:
-    """(Z, C+1, h, w) logits -> (Z, H, W) uint8 argmax labels, resized bilinearly in slice chunks."""
-    labels = []
-    for start in range(0, logits.shape[0], chunk):
-        part = F.interpolate(
-            logits[start : start + chunk].float(), size=out_hw, mode="bilinear", align_corners=False
-        )
-        # max(1).indices == argmax(1) (first maximum on ties), but a reduction over the channel dim of an
-        # NCHW tensor via argmax is ~5x slower on the CPU
-        labels.append(part.max(1).indices.to(torch.uint8))
-    out = torch.cat(labels, 0)
-    return postprocess(out) if postprocess is not None else out

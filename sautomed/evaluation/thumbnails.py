@@ -14,7 +14,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from sautomed.data.io import atomic_write
-from sautomed.tools.preview import _font, grey, overlay
+from sautomed.errors import UserError
+from sautomed.evaluation.drawing import font, grey, overlay
 
 THUMBNAILS = "thumbnails"
 TILE = 160  # pixels across each half
@@ -31,7 +32,7 @@ def thumbnail_slice(ref: np.ndarray, pred: np.ndarray) -> int:
 def render_thumbnail(image: np.ndarray | None, ref: np.ndarray, pred: np.ndarray) -> Image.Image:
     """(Z, H, W) reference and prediction (and the image, any in-plane size, or None) -> one RGB picture."""
     if ref.shape != pred.shape:
-        raise ValueError(f"reference {ref.shape} and prediction {pred.shape} differ")
+        raise UserError(f"reference {ref.shape} and prediction {pred.shape} differ")
     z = thumbnail_slice(ref, pred)
     H, W = ref.shape[1:]
     if image is None:
@@ -47,7 +48,7 @@ def render_thumbnail(image: np.ndarray | None, ref: np.ndarray, pred: np.ndarray
     draw = ImageDraw.Draw(canvas)
     for k, (half, caption) in enumerate(zip(halves, ("reference", f"prediction (slice {z})"), strict=True)):
         canvas.paste(half, (k * (size[0] + 6), 16))
-        draw.text((k * (size[0] + 6) + 2, 2), caption, fill=(220, 220, 220), font=_font(11))
+        draw.text((k * (size[0] + 6) + 2, 2), caption, fill=(220, 220, 220), font=font(11))
     return canvas
 
 

@@ -1,8 +1,12 @@
-"""M-SAM and the other model families never import each other: an AST scan of every import (relative ones
-resolved), both ways, and what importing each family actually loads (transitive imports through shared code).
+"""The house rules of the layout, checked on every import (an AST scan, relative imports resolved) and on
+what importing each family actually loads (transitive imports through shared code):
 
-3D-SAutoMed's family code is ``sautomed.models.sautomed`` and its LightningModule ``sautomed.module``; the
-baselines' is ``sautomed.models.baselines``. Only ``sautomed.families`` (the CLI's table) knows them all.
+* a family is one folder under ``sautomed/models/`` and never imports another family;
+* nothing under ``sautomed/models/`` imports the layers above it (``sautomed.tools``, ``sautomed.cli``,
+  ``sautomed.predict``, ``sautomed.families``, ``sautomed.bench``);
+* the shared evaluation (``sautomed.evaluation``) imports no family and no layer above it.
+
+Only ``sautomed.families`` (the CLI's table) knows every family.
 """
 
 from __future__ import annotations
@@ -13,10 +17,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-PKG = Path(__file__).resolve().parents[3] / "sautomed"
+PKG = Path(__file__).resolve().parents[1] / "sautomed"
 MSAM = "sautomed.models.msam"
-SAUTOMED_FAMILY = ("sautomed.models.sautomed", "sautomed.module")
+SAUTOMED_FAMILY = ("sautomed.models.sautomed",)
 BASELINES = ("sautomed.models.baselines",)
+FAMILIES = {"msam": (MSAM,), "sautomed": SAUTOMED_FAMILY, "baselines": BASELINES}
+ABOVE_MODELS = (
+    "sautomed.tools",
+    "sautomed.cli",
+    "sautomed.predict",
+    "sautomed.families",
+    "sautomed.bench",
+    "sautomed.demo",
+)
 
 
 def _module_name(path: Path, root: Path = PKG.parent) -> str:
@@ -55,21 +68,26 @@ def _files(*parts: str) -> list[Path]:
     return sorted(target.rglob("*.py")) if target.is_dir() else [target]
 
 
-def test_msam_imports_no_other_family():
-    msam = _files("models", "msam")
-    assert PKG / "models" / "msam" / "module.py" in msam
-    assert _offending(msam, SAUTOMED_FAMILY + BASELINES) == []
+def test_every_family_is_one_folder_that_imports_no_other_family():
+    for name in FAMILIES:
+        files = _files("models", name)
+        assert PKG / "models" / name / "module.py" in files  # the family's LightningModule is in its folder
+        others = tuple(p for other, pkgs in FAMILIES.items() if other != name for p in pkgs)
+        assert _offending(files, others) == [], name
 
 
-def test_no_other_family_imports_msam():
-    others = [
-        *_files("models", "sautomed"),
-        *_files("module.py"),
-        *_files("inference.py"),  # 3D-SAutoMed's slice-chain engine
-        *_files("models", "baselines"),
-    ]
-    assert all(p.is_file() for p in others)
-    assert _offending(others, (MSAM,)) == []
+def test_models_never_import_the_layers_above_them():
+    assert _offending(_files("models"), ABOVE_MODELS) == []
+
+
+def test_the_shared_evaluation_imports_no_family_and_nothing_above():
+    everything = ABOVE_MODELS + tuple(p for pkgs in FAMILIES.values() for p in pkgs)
+    assert _offending(_files("evaluation"), everything) == []
+
+
+def test_no_family_code_is_left_at_the_top_level():
+    for moved in ("module.py", "losses.py", "inference.py", "boxes.py", "metrics.py", "postprocess.py"):
+        assert not (PKG / moved).exists(), moved
 
 
 def test_the_scan_sees_imports_absolute_and_relative(tmp_path):
@@ -77,13 +95,12 @@ def test_the_scan_sees_imports_absolute_and_relative(tmp_path):
     assert "sautomed.models.sam.upstream" in names and "sautomed.models.msam.network" in names
     probe = tmp_path / "sautomed" / "models" / "msam" / "probe.py"  # a file of a copy of the layout
     probe.parent.mkdir(parents=True)
-    probe.write_text(
-        "from ..sautomed import network\nfrom . import mea\nfrom ...module import SAutoMedModule\n"
-    )
+    probe.write_text("from ..sautomed import network\nfrom . import mea\nfrom ...tools import report\n")
     found = [m for _, m in _imports([probe], root=tmp_path)]
     assert "sautomed.models.sautomed.network" in found and "sautomed.models.msam.mea" in found
-    assert "sautomed.module.SAutoMedModule" in found
-    assert len(_offending([probe], SAUTOMED_FAMILY, tmp_path)) == 4  # both imports, as module and name
+    assert "sautomed.tools.report" in found
+    assert len(_offending([probe], SAUTOMED_FAMILY, tmp_path)) == 2  # the import, as module and name
+    assert len(_offending([probe], ABOVE_MODELS, tmp_path)) == 2
 
 
 def _loaded_by(modules: list[str]) -> list[str]:
@@ -102,11 +119,16 @@ def test_importing_msam_loads_no_other_family():
     msam = [_module_name(p) for p in _files("models", "msam")]
     loaded = _loaded_by(msam)
     assert "sautomed.models.msam.module" in loaded
-    assert [m for m in loaded if _within(m, SAUTOMED_FAMILY + BASELINES)] == []
+    assert [m for m in loaded if _within(m, SAUTOMED_FAMILY + BASELINES + ABOVE_MODELS)] == []
 
 
-def test_importing_3d_sautomed_loads_no_msam():
-    modules = [_module_name(p) for p in _files("models", "sautomed")] + ["sautomed.module"]
-    loaded = _loaded_by(modules)
-    assert "sautomed.module" in loaded
-    assert [m for m in loaded if _within(m, (MSAM,))] == []
+def test_importing_3d_sautomed_loads_no_other_family():
+    loaded = _loaded_by([_module_name(p) for p in _files("models", "sautomed")])
+    assert "sautomed.models.sautomed.module" in loaded
+    assert [m for m in loaded if _within(m, (MSAM,) + BASELINES + ABOVE_MODELS)] == []
+
+
+def test_importing_the_baselines_loads_no_other_family():
+    loaded = _loaded_by([_module_name(p) for p in _files("models", "baselines")])
+    assert "sautomed.models.baselines.module" in loaded
+    assert [m for m in loaded if _within(m, (MSAM,) + SAUTOMED_FAMILY + ABOVE_MODELS)] == []

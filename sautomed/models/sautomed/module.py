@@ -12,30 +12,29 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
 
-from sautomed.data.splits import FitRecord, fit_record, fit_split_record, split_provenance
+from sautomed.evaluation.base import SegmentationModule
+from sautomed.evaluation.postprocess import keep_largest_component, logits_to_labels
 from sautomed.guards import check_encoder_finetune, check_sam_decoder_finetune, weights_from_elsewhere
-from sautomed.inference import InferenceEngine, InferenceSettings, Mode, logits_to_labels
-from sautomed.losses import LossWeights, SAutoMedLoss, hard_dice_per_class
-from sautomed.metrics import ClassResult, evaluate_case, gather_rows, summarize, write_metrics
+from sautomed.models.sam.refine import PretrainedBoxRefiner
 from sautomed.models.sautomed.dense import dense_volume_logits, pretrain_dense_head
+from sautomed.models.sautomed.feature_cache import GIB, FeatureCache
+from sautomed.models.sautomed.inference import InferenceEngine, InferenceSettings, Mode
+from sautomed.models.sautomed.loss import LossWeights, SAutoMedLoss, hard_dice_per_class
 from sautomed.models.sautomed.network import NetworkConfig, SAutoMedNet
-from sautomed.models.sautomed.refine import PretrainedBoxRefiner
 from sautomed.models.sautomed.teacher import forced_boxes
 from sautomed.models.sautomed.window import encode_window, encode_window_cached, neighbours
-from sautomed.postprocess import keep_largest_component
-from sautomed.run_folder import CheckpointMismatchError, check_checkpoint_config
-from sautomed.schedule import Schedule, ScheduleBy, ScheduleHooks, check_schedule
-from sautomed.tools.thumbnails import write_run_thumbnail
-from sautomed.writers import prediction_item
+from sautomed.run_folder import CheckpointMismatchError, UserError, check_checkpoint_config
+from sautomed.schedule import Schedule, ScheduleBy, check_schedule, time_remaining
 
 __all__ = ["FAMILY", "CheckpointMismatchError", "InferenceSettings", "SAutoMedModule"]
 
@@ -53,8 +52,8 @@ _NON_STRUCTURAL = {
 }
 
 
-class SAutoMedModule(ScheduleHooks, L.LightningModule):
-    """3D-SAutoMed training and evaluation.
+class SAutoMedModule(SegmentationModule):
+    """3D-SAutoMed training (evaluation, prediction and checkpoints: ``SegmentationModule``).
 
     Args:
         network: the network's settings (backbone, S, classes, LoRA, ablation switches, SAM checkpoint).
@@ -84,6 +83,10 @@ class SAutoMedModule(ScheduleHooks, L.LightningModule):
             them before the chain (`models/sautomed/dense.py`); 0: it trains with the chain only.
         dense_pretrain_share: with `schedule_by: clock`, the pretraining also ends once it has used this
             share of the time budget left after the encoding; the chain has the rest.
+        feature_cache_limit_gb: the frozen encoder's feature cache (float16, every slice of every augmented
+            copy) is kept in memory up to this size (None: half the machine's memory); a larger one is
+            memory-mapped in `<default_root_dir>/feature_cache/` (deleted at the fit's end). Its size is
+            logged before the encoding (`models/sautomed/feature_cache.py`).
 
     Refuses `network.encoder_finetune: lora` without `network.sam_checkpoint` (`guards.py`), unless the
     weights come from a trained checkpoint (`from_checkpoint_dict`, `--ckpt_path`).
@@ -107,49 +110,50 @@ class SAutoMedModule(ScheduleHooks, L.LightningModule):
         box_teacher_jitter: float = 0.1,
         dense_pretrain_steps: int = 0,
         dense_pretrain_share: float = 0.4,
+        feature_cache_limit_gb: float | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= box_teacher_forcing <= 1.0 or box_teacher_jitter < 0:
             bad = f"{box_teacher_forcing} and {box_teacher_jitter}"
-            raise ValueError(f"model.box_teacher_forcing must be in [0, 1], box_teacher_jitter >= 0: {bad}")
+            raise UserError(f"model.box_teacher_forcing must be in [0, 1], box_teacher_jitter >= 0: {bad}")
         if box_teacher_forcing > 0 and not network.box_prompts:
-            raise ValueError("model.box_teacher_forcing needs network.box_prompts on")
+            raise UserError("model.box_teacher_forcing needs network.box_prompts on")
         self.box_teacher_forcing, self.box_teacher_jitter = box_teacher_forcing, box_teacher_jitter
         if dense_pretrain_steps < 0 or (dense_pretrain_steps and not network.dense_head):
-            raise ValueError("model.dense_pretrain_steps needs network.dense_head and must be >= 0")
+            raise UserError("model.dense_pretrain_steps needs network.dense_head and must be >= 0")
         if not 0.0 < dense_pretrain_share <= 1.0:
-            raise ValueError(f"model.dense_pretrain_share must be in (0, 1], got {dense_pretrain_share}")
+            raise UserError(f"model.dense_pretrain_share must be in (0, 1], got {dense_pretrain_share}")
         if inference.source == "dense" and not network.dense_head:
-            raise ValueError("model.inference.source: dense needs network.dense_head")
+            raise UserError("model.inference.source: dense needs network.dense_head")
         self.dense_pretrain_steps, self.dense_pretrain_share = dense_pretrain_steps, dense_pretrain_share
         check_encoder_finetune(network.encoder_finetune, network.sam_checkpoint)
         check_sam_decoder_finetune(network.sam_decoder_finetune, network.sam_checkpoint)
         if not 0.0 <= warmup_fraction <= 1.0 or warmup_max_steps < 1:
             bad = f"{warmup_fraction} and {warmup_max_steps}"
-            raise ValueError(f"model.warmup_fraction in [0, 1], model.warmup_max_steps >= 1: got {bad}")
+            raise UserError(f"model.warmup_fraction in [0, 1], model.warmup_max_steps >= 1: got {bad}")
         self.warmup_fraction, self.warmup_max_steps = warmup_fraction, warmup_max_steps
         check_schedule(scheduler, schedule_by, schedule_min_steps)
         self.schedule_by, self.schedule_margin_s = schedule_by, schedule_margin_s
         self.schedule_min_steps = schedule_min_steps
         if pretrained_lr_scale <= 0:
-            raise ValueError(f"model.pretrained_lr_scale must be > 0, got {pretrained_lr_scale}")
+            raise UserError(f"model.pretrained_lr_scale must be > 0, got {pretrained_lr_scale}")
         self.pretrained_lr_scale = pretrained_lr_scale
         self.schedule: Schedule | None = None
-        self._feature_cache: dict[int, Tensor] = {}  # frozen encoder: slice_key -> features (window.py)
+        if feature_cache_limit_gb is not None and feature_cache_limit_gb < 0:
+            raise UserError(f"model.feature_cache_limit_gb must be >= 0, got {feature_cache_limit_gb}")
+        limit = None if feature_cache_limit_gb is None else int(feature_cache_limit_gb * GIB)
+        self._feature_cache = FeatureCache(limit)  # frozen encoder: slice_key -> features (window.py)
         self.network_cfg = network
         self.loss_weights = loss
         self.lr, self.weight_decay, self.scheduler = lr, weight_decay, scheduler
         self.inference = inference
         if inference.sam_refine and network.backbone != "litemedsam":
-            raise ValueError("inference.sam_refine needs network.backbone: litemedsam")
+            raise UserError("inference.sam_refine needs network.backbone: litemedsam")
         self.refine_source = network.sam_checkpoint  # LiteMedSAM's weights for inference.sam_refine
         self._refiner: PretrainedBoxRefiner | None = None
         self.net = SAutoMedNet(network)
-        self.criterion = SAutoMedLoss(loss, network.num_classes)
-        self.class_names: tuple[str, ...] = tuple(f"class_{i}" for i in range(1, network.num_classes + 1))
-        self.preprocessing: dict[str, Any] | None = None
-        self.fit_split: FitRecord | None = None  # the loaded checkpoint's fit (data.splits)
-        self._rows: list[ClassResult] = []
+        self.criterion = SAutoMedLoss(loss, network.num_classes, box_terms=network.box_prompts)
+        self.class_names = tuple(f"class_{i}" for i in range(1, network.num_classes + 1))
 
     # -- construction from a checkpoint (predict, bench) ---------------------------------------------------
     @classmethod
@@ -165,17 +169,16 @@ class SAutoMedModule(ScheduleHooks, L.LightningModule):
             )
         module.load_state_dict(ckpt["state_dict"])
         module.refine_source = cfg["network"].get("sam_checkpoint")
-        module.class_names = tuple(cfg["class_names"])
-        module.preprocessing = dict(cfg["preprocessing"])
+        module.adopt_checkpoint_config(cfg)
         return module
 
     def box_refiner(self) -> PretrainedBoxRefiner:
         """LiteMedSAM as published, loaded on first use from the weights the network started from."""
         if self._refiner is None:
             if self.network_cfg.backbone != "litemedsam":
-                raise ValueError("inference.sam_refine needs network.backbone: litemedsam")
+                raise UserError("inference.sam_refine needs network.backbone: litemedsam")
             if not self.refine_source:  # a refiner of random weights would only look right
-                raise ValueError("inference.sam_refine needs network.sam_checkpoint (LiteMedSAM)")
+                raise UserError("inference.sam_refine needs network.sam_checkpoint (LiteMedSAM)")
             size, margin = self.network_cfg.image_size, self.inference.sam_refine_margin
             self._refiner = PretrainedBoxRefiner(self.refine_source, size, margin)
         return self._refiner
@@ -215,7 +218,7 @@ class SAutoMedModule(ScheduleHooks, L.LightningModule):
         w = self.loss_weights.warmup
         if w > 0:  # optional deep supervision of the warm-up steps (LossWeights.warmup)
             if batch.get("warmup_label") is None:
-                raise ValueError("loss.warmup > 0 needs the warm-up slices' labels (batch['warmup_label'])")
+                raise UserError("loss.warmup > 0 needs the warm-up slices' labels (batch['warmup_label'])")
             wl = batch["warmup_label"]  # (B, n, S, S)
             warm = torch.stack(
                 [self.criterion(o, wl[:, k])["loss"] for k, o in enumerate(warmup_outs)]
@@ -246,7 +249,7 @@ class SAutoMedModule(ScheduleHooks, L.LightningModule):
             return opt
         total = self.trainer.estimated_stepping_batches
         if not math.isfinite(total) or total <= 0:
-            raise ValueError("scheduler 'cosine' needs trainer.max_epochs or trainer.max_steps")
+            raise UserError("scheduler 'cosine' needs trainer.max_epochs or trainer.max_steps")
         total = int(total)
         # a short linear warm-up, then cosine to zero (over the steps, or the clock: schedule.py)
         warmup = max(1, min(self.warmup_max_steps, int(total * self.warmup_fraction)))
@@ -265,114 +268,72 @@ class SAutoMedModule(ScheduleHooks, L.LightningModule):
         else:
             logits = engine.propagate(feats)
         if s.sam_refine:  # their boxes through LiteMedSAM as published (refine.py)
-            shared = None if s.bf16 else (self.net.image_encoder, feats)  # fp32 features may serve it too
+            fp32 = not (s.bf16 or s.encoder_bf16)  # only fp32 features may serve the refiner too
+            shared = (self.net.image_encoder, feats) if fp32 else None
             logits = self.box_refiner().scores(image, logits, self.network_cfg.num_classes, shared=shared)
         labels = logits_to_labels(logits, out_hw).cpu().numpy()
         if s.largest_component:
             labels = keep_largest_component(labels, self.network_cfg.num_classes)
         return labels
 
-    def _evaluate(self, batch: dict[str, Any]) -> None:
-        if batch["label"] is None:
-            raise ValueError(f"case {batch['case_id']} has no label: it cannot be evaluated")
-        ref = batch["label"].cpu().numpy()
-        pred = self.segment_volume(batch["image"], tuple(ref.shape[1:]))
-        rows = evaluate_case(batch["case_id"], pred, ref, batch["geom"].spacing_zyx, self.class_names)
-        self._rows.extend(rows)
-        write_run_thumbnail(self._trainer, batch["case_id"], batch["image"], ref, pred)
+    def segment_case(self, image: Tensor, geom: Any) -> np.ndarray:
+        return self.segment_volume(image, tuple(geom.shape_zyx[1:]))
 
-    def on_validation_epoch_start(self) -> None:
-        self._sync_from_datamodule()
-        self._rows = []
-
-    on_test_epoch_start = on_validation_epoch_start
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch)
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch)
-
-    def _finish_evaluation(self, prefix: str) -> None:
-        rows, self._rows = gather_rows(self._rows), []
-        summary = summarize(rows, self.class_names)
-        mean = summary["mean_dsc"]
-        self.log(
-            f"{prefix}/mean_dsc", 0.0 if math.isnan(mean) else mean, sync_dist=False, rank_zero_only=False
-        )
-        if self.trainer.state.fn in ("validate", "test") and self.trainer.is_global_zero:
-            ckpt = self.trainer.ckpt_path
-            summary["checkpoint"] = str(ckpt) if ckpt else None
-            dm = self._datamodule()
-            stage = "val" if self.trainer.state.fn == "validate" else "test"
-            evaluated = dm.case_fingerprints(stage) if hasattr(dm, "case_fingerprints") else {}
-            summary.update(split_provenance(self.fit_split if ckpt else None, evaluated, ckpt))
-            if summary["overlaps_training"]:
-                cases = summary["overlaps_training"]
-                log.warning(
-                    "%s: %d of the %d cases are training cases of the checkpoint (%s): not held-out scores",
-                    prefix,
-                    len(cases),
-                    summary["num_cases"],
-                    ", ".join(cases),
-                )
-            summary["config"] = self.sautomed_config()
-            write_metrics(rows, summary, Path(self.trainer.default_root_dir))
-            self.print(
-                f"{prefix}: mean DSC {mean:.4f}, mean HD95 {summary['mean_hd95_mm']:.2f} mm "
-                f"over {summary['num_cases']} cases -> {self.trainer.default_root_dir}"
-            )
-        elif self.trainer.is_global_zero and not self.trainer.sanity_checking:
-            log.info(
-                "epoch %d: validation mean DSC %.4f over %d cases",
-                self.current_epoch,
-                mean,
-                summary["num_cases"],
-            )
-        self.last_summary = summary
-
-    def on_validation_epoch_end(self) -> None:
-        self._finish_evaluation("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._finish_evaluation("test")
-
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        return prediction_item(
-            batch, lambda image, geom: self.segment_volume(image, tuple(geom.shape_zyx[1:]))
-        )
-
-    # -- the checkpoint carries its config ------------------------------------------------------------------
-    def _datamodule(self) -> Any:
-        return getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-
-    def _sync_from_datamodule(self) -> None:
-        dm = self._datamodule()
-        if dm is None or not hasattr(dm, "class_names"):
-            return
+    # -- the data and the checkpoint's config -------------------------------------------------------------
+    def data_class_names(self, dm: Any) -> tuple[str, ...]:
         names = tuple(dm.class_names)
         if len(names) != self.network_cfg.num_classes:
-            raise ValueError(
+            raise UserError(
                 f"the data has {len(names)} classes ({', '.join(names)}) but model.network.num_classes is "
                 f"{self.network_cfg.num_classes}"
             )
-        self.class_names = names
-        self.preprocessing = asdict(dm.preprocessing)
+        return names
 
-    def on_fit_start(self) -> None:
-        self._sync_from_datamodule()
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        self._feature_cache.clear()  # the memory, or the memory-mapped file
 
     def on_train_start(self) -> None:  # after the Timer starts: the clock schedule counts this time too
+        data = getattr(self.trainer.train_dataloader, "dataset", None)
+        copies = getattr(data, "copies", None) or []
+        self._feature_cache.folder = Path(self.trainer.default_root_dir) / "feature_cache"
+        self._feature_cache.expect(sum(image.shape[0] for vol in copies for image, _ in vol))
         if self.dense_pretrain_steps:
-            data = getattr(self.trainer.train_dataloader, "dataset", None)
             if getattr(data, "augmented_copies", 0) < 1 or self.network_cfg.encoder_finetune != "frozen":
-                raise ValueError("dense_pretrain_steps needs data.windows.augmented_copies, a frozen encoder")
+                raise UserError("dense_pretrain_steps needs data.windows.augmented_copies, a frozen encoder")
             steps, seed = self.dense_pretrain_steps, int(torch.initial_seed()) % 2**31 + self.global_rank
             left = self.schedule.seconds_left if self.schedule is not None else None
-            cache, share = self._feature_cache, self.dense_pretrain_share
-            pretrain_dense_head(self.net, data.copies, data.key_offset, cache, steps, seed, left, share)
+            cache, share, check = self._feature_cache, self.dense_pretrain_share, self._check_encoding
+            pretrain_dense_head(
+                self.net, data.copies, data.key_offset, cache, steps, seed, left, share, check
+            )
 
-    def sautomed_config(self) -> dict[str, Any]:
+    def _check_encoding(self, encoded: int, total: int) -> None:
+        """Between chunks of the feature encoding (which no training step interrupts): stop on SIGTERM (a
+        scheduler's preemption) within seconds, and stop early with the figures when the encoding alone
+        would outlast trainer.max_time."""
+        trainer = self.trainer
+        if trainer.received_sigterm:
+            raise SIGTERMException
+        started = getattr(self, "_encoding_started", None)
+        if started is None:  # timed from the end of the first chunk (its first call pays for set-up)
+            self._encoding_started = (time.monotonic(), encoded)
+            return
+        left = time_remaining(trainer)
+        timed = encoded - started[1]
+        if left is None or timed < min(32, total - started[1]):  # an estimate from a few chunks
+            return
+        rate = (time.monotonic() - started[0]) / timed  # seconds per slice
+        need = rate * (total - encoded)
+        if need > left:
+            raise UserError(
+                f"encoding the frozen encoder's features of {total} slices needs about "
+                f"{need + rate * encoded:.0f} s at {rate:.2f} s a slice on this machine, but "
+                f"trainer.max_time leaves {left:.0f} s: "
+                "fewer data.windows.augmented_copies or a longer trainer.max_time"
+            )
+
+    def family_config(self) -> dict[str, Any]:
         return {
             "family": FAMILY,
             "network": asdict(self.network_cfg),
@@ -382,18 +343,7 @@ class SAutoMedModule(ScheduleHooks, L.LightningModule):
             "preprocessing": self.preprocessing,
         }
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["sautomed"] = self.sautomed_config()
-        dm = self._datamodule()
-        split = fit_split_record(dm, self._trainer)  # the fit's cases: evaluations name training cases
-        if split is not None:
-            checkpoint["sautomed"]["split"] = split
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        cfg = checkpoint.get("sautomed")
+    def check_loaded_config(self, cfg: dict[str, Any] | None) -> None:
         check_checkpoint_config(
             cfg, FAMILY, asdict(self.network_cfg), _NON_STRUCTURAL, asdict(NetworkConfig())
         )
-        self.class_names = tuple(cfg["class_names"])
-        self.preprocessing = cfg.get("preprocessing")
-        self.fit_split = fit_record(checkpoint)

@@ -1,0 +1,48 @@
+"""Post-processing every family shares: logits -> label maps on the original in-plane grid, and the optional
+largest-connected-component step (plain numpy / scipy)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+from torch import Tensor
+
+
+def keep_largest_component(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Keep the largest 3D connected component (26-connectivity) of each class; the rest -> background."""
+    out = labels.copy()
+    structure = np.ones((3,) * labels.ndim, dtype=bool)
+    for c in range(1, num_classes + 1):
+        mask = labels == c
+        if not mask.any():
+            continue
+        comp, n = ndimage.label(mask, structure=structure)
+        if n <= 1:
+            continue
+        sizes = np.bincount(comp.ravel())
+        sizes[0] = 0
+        out[(comp != 0) & (comp != int(sizes.argmax()))] = 0
+    return out
+
+
+def logits_to_labels(
+    logits: Tensor,
+    out_hw: tuple[int, int],
+    chunk: int = 16,
+    postprocess: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """(Z, C+1, h, w) logits -> (Z, H, W) uint8 argmax labels, resized bilinearly in slice chunks."""
+    labels = []
+    for start in range(0, logits.shape[0], chunk):
+        part = F.interpolate(
+            logits[start : start + chunk].float(), size=out_hw, mode="bilinear", align_corners=False
+        )
+        # max(1).indices == argmax(1) (first maximum on ties), but a reduction over the channel dim of an
+        # NCHW tensor via argmax is ~5x slower on the CPU
+        labels.append(part.max(1).indices.to(torch.uint8))
+    out = torch.cat(labels, 0)
+    return postprocess(out) if postprocess is not None else out
