@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint clean
+.PHONY: install system-deps demo test test-fast lint clean
 
 install: $(STAMP)
 
@@ -19,7 +19,17 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/python -m sautomed.demo
 
-test: install
+# Debian tools two tests use: Chromium opens report.html; dicom3tools' dciodvfy validates DICOM-SEG.
+system-deps:
+	@missing=""; command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	command -v dciodvfy >/dev/null 2>&1 || missing="$$missing dicom3tools"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && apt-get install -y -qq $$missing; \
+	  else echo "install the Debian packages:$$missing (the report and DICOM-SEG tests need them)"; fi; \
+	fi
+
+test: install system-deps
 	$(BIN)/python -m pytest -q -x --durations=15
 
 test-fast: install
