@@ -25,7 +25,7 @@ system-deps:
 	command -v dciodvfy >/dev/null 2>&1 || missing="$$missing dicom3tools"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    apt-get update -qq && apt-get install -y -qq $$missing; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	  else echo "install the Debian packages:$$missing (the report and DICOM-SEG tests need them)"; fi; \
 	fi
 
