@@ -21,6 +21,7 @@ from sautomed.data.datasets import PredictDataset, collate_single
 from sautomed.data.io import stale_temporaries
 from sautomed.data.preprocess import Preprocessing
 from sautomed.data.samplers import ShardSampler
+from sautomed.evaluation.ensemble import Ensemble
 from sautomed.families import module_from_checkpoint, with_inference_changes
 from sautomed.models.sautomed.inference import MODES
 from sautomed.run_folder import UserError, read_checkpoint
@@ -33,7 +34,13 @@ log = logging.getLogger("sautomed.predict")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sautomed predict", description=__doc__.splitlines()[0])
     p.add_argument(
-        "--ckpt_path", "--ckpt-path", dest="ckpt_path", required=True, type=Path, help="checkpoint"
+        "--ckpt_path",
+        "--ckpt-path",
+        dest="ckpt_path",
+        required=True,
+        type=Path,
+        nargs="+",
+        help="checkpoint; several: an ensemble averaging their class probabilities (same classes and input)",
     )
     p.add_argument(
         "-i", "--input", required=True, type=Path, help="a volume file, a DICOM series folder or a folder"
@@ -62,8 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--sam-refine",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="LiteMedSAM as published re-segments the chain's boxes (3D-SAutoMed, litemedsam backbone; "
-        "default: the checkpoint's inference.sam_refine)",
+        help="LiteMedSAM as published redraws each organ's box (3D-SAutoMed of the litemedsam backbone, or a "
+        "U-Net checkpoint; default: the checkpoint's inference.sam_refine)",
     )
     p.add_argument(
         "--source",
@@ -98,8 +105,6 @@ def check_output_folder(folder: Path) -> None:
 def predict_main(argv: Sequence[str]) -> int:
     a = build_parser().parse_args(argv)
     extras = predict_outputs.Extras.from_args(a)  # a missing optional dependency fails here, before the work
-    ckpt = read_checkpoint(a.ckpt_path)
-    module = module_from_checkpoint(ckpt)
     changes = {}
     if a.mode:
         changes["mode"] = a.mode
@@ -113,9 +118,19 @@ def predict_main(argv: Sequence[str]) -> int:
         changes["sam_refine"] = a.sam_refine
     if a.source:
         changes["source"] = a.source
-    module.inference = with_inference_changes(module, changes)
-    if module.preprocessing is None:
-        raise UserError(f"{a.ckpt_path}: the checkpoint carries no preprocessing settings")
+    members, families = [], []
+    for path in a.ckpt_path:
+        ckpt = read_checkpoint(path)
+        member = module_from_checkpoint(ckpt)
+        member.inference = with_inference_changes(member, changes)
+        if member.preprocessing is None:
+            raise UserError(f"{path}: the checkpoint carries no preprocessing settings")
+        members.append(member)
+        families.append(ckpt["sautomed"].get("family"))
+    if len(members) == 1:
+        module, family = members[0], families[0]
+    else:
+        module, family = Ensemble(members, [str(p) for p in a.ckpt_path]), "ensemble:" + ",".join(families)
     preprocessing = Preprocessing(
         **{k: tuple(v) if isinstance(v, list) else v for k, v in module.preprocessing.items()}
     )
@@ -137,8 +152,7 @@ def predict_main(argv: Sequence[str]) -> int:
         print("nothing to predict", file=sys.stderr)
         return 0
     check_output_folder(a.output)
-    family = ckpt["sautomed"].get("family")
-    predict_outputs.write_run_label_table(a.output, module.class_names, a.ckpt_path, family, a.overwrite)
+    predict_outputs.write_run_label_table(a.output, module.class_names, a.ckpt_path[0], family, a.overwrite)
 
     writer = VolumeWriter(overwrite=a.overwrite)
     devices = int(a.devices) if str(a.devices).isdigit() else a.devices

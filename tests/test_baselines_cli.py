@@ -163,7 +163,10 @@ def test_test_writes_the_shared_metrics(baseline_run):
     assert summary["checkpoint"].endswith("best.ckpt") and summary["config"]["family"] == "baseline"
     assert summary["predict_seconds_per_case"] > 0
     lines = (run / "metrics.csv").read_text().strip().splitlines()
-    assert lines[0] == "case,class,dsc,hd95_mm,status" and len(lines) == 1 + 2 * 5
+    assert (
+        lines[0] == "case,class,dsc,hd95_mm,status,slices_missed_at_ends,slices_beyond_ends"
+        and len(lines) == 1 + 2 * 5
+    )
 
 
 def test_predict_writes_labels_on_the_input_grid(baseline_run, tiny_phantoms, tmp_path, capsys):

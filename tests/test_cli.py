@@ -64,7 +64,10 @@ def test_test_writes_metrics_and_encodes_each_slice_once(trained_run, tiny_phant
     assert summary["checkpoint"].endswith("best.ckpt")
     assert set(summary["per_class"]) == {"liver", "right_kidney", "left_kidney", "spleen", "aorta"}
     lines = (run / "metrics.csv").read_text().strip().splitlines()
-    assert lines[0] == "case,class,dsc,hd95_mm,status" and len(lines) == 1 + 2 * 5
+    assert (
+        lines[0] == "case,class,dsc,hd95_mm,status,slices_missed_at_ends,slices_beyond_ends"
+        and len(lines) == 1 + 2 * 5
+    )
     depth = sum(sitk.ReadImage(str(p)).GetSize()[2] for p in (tiny_phantoms / "test" / "imagesTr").iterdir())
     assert sum(encoded) == depth  # every slice of every test volume encoded exactly once
 
@@ -265,7 +268,7 @@ def test_evaluation_with_another_preprocessing_than_the_checkpoints_is_refused(
         cfg = make_config(tmp_path / f"c{k}.yaml", tiny_phantoms, tmp_path / f"run{k}", **data)
         assert main(["test", "--config", str(cfg), "--ckpt_path", ckpt]) == 1
         err = capsys.readouterr().err
-        assert "differs from the checkpoint's" in err and named in err, err
+        assert "preprocessing differs from the checkpoint's" in err and named in err, err
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
@@ -303,3 +306,51 @@ def test_a_preempted_run_exits_non_zero_in_one_line(monkeypatch, capsys):
     assert main(["phantoms"]) == 143
     err = capsys.readouterr().err.strip()
     assert err.startswith("sautomed: stopped by SIGTERM") and len(err.splitlines()) == 1
+
+
+def test_predict_with_several_checkpoints_averages_them(trained_run, tiny_phantoms, tmp_path, capsys):
+    _, run = trained_run
+    images = tiny_phantoms / "test" / "imagesTr"
+    best = str(run / "best.ckpt")
+    assert (
+        main(
+            ["predict", "--ckpt_path", best, "-i", str(images), "-o", str(tmp_path / "one"), "--no-progress"]
+        )
+        == 0
+    )
+    argv = [
+        "predict",
+        "--ckpt_path",
+        best,
+        best,
+        "-i",
+        str(images),
+        "-o",
+        str(tmp_path / "two"),
+        "--no-progress",
+    ]
+    assert main(argv) == 0  # one model twice: its own labels (argmax of the mean of equal probabilities)
+    for src in images.iterdir():
+        one = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "one" / output_name(src))))
+        two = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "two" / output_name(src))))
+        np.testing.assert_array_equal(one, two)
+    labels = json.loads((tmp_path / "two" / "labels.json").read_text())
+    assert labels["family"] == "ensemble:sautomed,sautomed"
+    ckpt = torch.load(best, map_location="cpu", weights_only=True)
+    ckpt["sautomed"]["class_names"] = ["liver", "spleen", "right_kidney", "left_kidney", "aorta"]
+    torch.save(ckpt, tmp_path / "other.ckpt")
+    argv = [
+        "predict",
+        "--ckpt_path",
+        best,
+        str(tmp_path / "other.ckpt"),
+        "-i",
+        str(images),
+        "-o",
+        str(tmp_path / "x"),
+    ]
+    capsys.readouterr()
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "an ensemble needs one input and one class list" in err and "other.ckpt" in err
+    assert len(err.strip().splitlines()) == 1

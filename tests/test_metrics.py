@@ -93,3 +93,23 @@ def test_write_metrics_files(tmp_path):
     blob = json.loads((tmp_path / "summary.json").read_text())
     assert blob["mean_dsc"] == 1.0 and blob["per_class"]["spleen"]["dsc"] is None
     assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_rows_say_how_an_organ_failed_at_its_ends():
+    from sautomed.evaluation.metrics import slices_past_ends
+
+    ref = np.zeros((10, 4, 4), np.uint8)
+    ref[2:8, 1:3, 1:3] = 1  # the organ on slices 2..7
+    short = ref.copy()
+    short[6:8] = 0  # cut two slices short at its lower end
+    past = ref.copy()
+    past[8:10, 1:3, 1:3] = 1  # carried two slices past it
+    assert slices_past_ends(short == 1, ref == 1) == (2, 0)
+    assert slices_past_ends(past == 1, ref == 1) == (0, 2)
+    assert slices_past_ends(np.zeros_like(ref, bool), ref == 1) == (6, 0)  # missed: all its slices
+    rows = evaluate_case("c", short, ref, (1.0, 1.0, 1.0), ["organ"])
+    assert (rows[0].status, rows[0].slices_missed, rows[0].slices_beyond) == ("ok", 2, 0)
+    summary = summarize(rows + evaluate_case("d", past, ref, (1.0, 1.0, 1.0), ["organ"]), ["organ"])
+    organ = summary["per_class"]["organ"]
+    assert organ["cut_short_cases"] == 1 and organ["slices_missed_at_ends"] == 2
+    assert organ["carried_past_cases"] == 1 and organ["slices_beyond_ends"] == 2

@@ -32,6 +32,7 @@ import numpy as np
 from sautomed.data.splits import FitRecord, fit_record, fit_split_record, split_provenance
 from sautomed.evaluation.gather import gather_lists
 from sautomed.evaluation.metrics import ClassResult, evaluate_case, gather_rows, summarize, write_metrics
+from sautomed.evaluation.postprocess import class_probabilities
 from sautomed.evaluation.thumbnails import write_run_thumbnail
 from sautomed.run_folder import UserError
 from sautomed.schedule import ScheduleHooks
@@ -64,21 +65,22 @@ def input_mismatch(
     trained_pre: dict[str, Any] | None,
     names: Sequence[str],
     pre: dict[str, Any],
+    this: str = "the data",
+    that: str = "the checkpoint",
 ) -> str | None:
-    """One line naming how the data differs from what the weights were trained on; None when it does not."""
+    """One line naming how ``this`` (classes ``names``, preprocessing ``pre``) differs from what ``that``'s
+    weights were trained on; None when it does not."""
     if tuple(trained_names) != tuple(names):
-        return (
-            f"the data's classes ({', '.join(names)}) are not the checkpoint's ({', '.join(trained_names)}) "
-            "in name and order"
-        )
+        ours, theirs = ", ".join(names), ", ".join(trained_names)
+        return f"{this}'s classes ({ours}) are not {that}'s ({theirs}) in name and order"
     if trained_pre is None:  # a checkpoint that did not record its preprocessing: nothing to compare
         return None
     theirs, ours = _relevant(trained_pre), _relevant(pre)
     diff = [k for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
     if not diff:
         return None
-    said = ", ".join(f"{k} {ours.get(k)} (checkpoint: {theirs.get(k)})" for k in diff)
-    return f"data.preprocessing differs from the checkpoint's: {said}; evaluate with the fit's settings"
+    said = ", ".join(f"{k} {ours.get(k)} ({that}: {theirs.get(k)})" for k in diff)
+    return f"{this}'s preprocessing differs from {that}'s: {said}"
 
 
 def first_channel(image: Any) -> Any:
@@ -116,6 +118,16 @@ class SegmentationModule(ScheduleHooks, L.LightningModule):
     def data_class_names(self, dm: Any) -> tuple[str, ...]:
         """The class names the model takes from the data module; raise on data it cannot train or score."""
         raise NotImplementedError
+
+    def volume_scores(self, image: Any) -> tuple[Any, bool]:
+        """A preprocessed case -> its (Z, C+1, h, w) class scores at the network's grid, and whether they are
+        probabilities already (else logits): what ``case_probabilities`` (ensembles) reads."""
+        raise NotImplementedError
+
+    def case_probabilities(self, image: Any, geom: Any) -> Any:
+        """(Z, C+1, Y, X) class probabilities on the original grid (``evaluation.ensemble``)."""
+        scores, are_probabilities = self.volume_scores(image)
+        return class_probabilities(scores, tuple(geom.shape_zyx[1:]), are_probabilities)
 
     def check_loaded_config(self, cfg: dict[str, Any] | None) -> None:
         """Refuse (before any weight is loaded) a checkpoint of another family or network."""
@@ -164,7 +176,7 @@ class SegmentationModule(ScheduleHooks, L.LightningModule):
         if self._trained_with is not None:
             problem = input_mismatch(*self._trained_with, names, pre)
             if problem is not None:
-                raise UserError(problem)
+                raise UserError(f"{problem}: evaluate with the fit's data.preprocessing and classes")
         self.class_names, self.preprocessing = names, pre
 
     def setup(self, stage: str) -> None:

@@ -62,11 +62,30 @@ def volume_diagonal_mm(shape: Sequence[int], spacing: Sequence[float]) -> float:
 
 @dataclass(frozen=True)
 class ClassResult:
+    """One case and class. ``slices_missed``: reference slices beyond the prediction's first and last slice
+    (an organ cut short at its ends, or all of a missed one); ``slices_beyond``: predicted slices beyond the
+    reference's first and last (an organ carried past its ends, or all of a false positive). Slices run
+    along the canonical volume's first axis."""
+
     case: str
     class_name: str
     dsc: float
     hd95_mm: float
     status: str
+    slices_missed: int = 0
+    slices_beyond: int = 0
+
+
+def slices_past_ends(pred: np.ndarray, ref: np.ndarray) -> tuple[int, int]:
+    """(reference slices outside the prediction's slice extent, predicted slices outside the reference's)
+    of two boolean (Z, ...) masks; an empty mask's extent is empty."""
+    zp = np.flatnonzero(pred.reshape(pred.shape[0], -1).any(1))
+    zr = np.flatnonzero(ref.reshape(ref.shape[0], -1).any(1))
+    if not len(zp) or not len(zr):
+        return len(zr), len(zp)
+    missed = int(((zr < zp[0]) | (zr > zp[-1])).sum())
+    beyond = int(((zp < zr[0]) | (zp > zr[-1])).sum())
+    return missed, beyond
 
 
 def evaluate_case(
@@ -84,14 +103,15 @@ def evaluate_case(
     for index, name in enumerate(class_names, start=1):
         p, r = pred == index, ref == index
         has_p, has_r = bool(p.any()), bool(r.any())
+        ends = slices_past_ends(p, r)
         if not has_r and not has_p:
             rows.append(ClassResult(case_id, name, math.nan, math.nan, "not_applicable"))
         elif has_r and not has_p:
-            rows.append(ClassResult(case_id, name, 0.0, diagonal, "missed"))
+            rows.append(ClassResult(case_id, name, 0.0, diagonal, "missed", *ends))
         elif has_p and not has_r:
-            rows.append(ClassResult(case_id, name, 0.0, math.nan, "false_positive"))
+            rows.append(ClassResult(case_id, name, 0.0, math.nan, "false_positive", *ends))
         else:
-            rows.append(ClassResult(case_id, name, dice(p, r), hd95_mm(p, r, spacing), "ok"))
+            rows.append(ClassResult(case_id, name, dice(p, r), hd95_mm(p, r, spacing), "ok", *ends))
     return rows
 
 
@@ -118,6 +138,11 @@ def summarize(rows: Sequence[ClassResult], class_names: Sequence[str]) -> dict[s
             "missed": sum(r.status == "missed" for r in mine),
             "false_positive": sum(r.status == "false_positive" for r in mine),
             "applicable": sum(r.status != "not_applicable" for r in mine),
+            # how it failed: organs cut short at their ends, carried past them (cases, and slices in all)
+            "cut_short_cases": sum(r.status == "ok" and r.slices_missed > 0 for r in mine),
+            "slices_missed_at_ends": sum(r.slices_missed for r in mine),
+            "carried_past_cases": sum(r.status == "ok" and r.slices_beyond > 0 for r in mine),
+            "slices_beyond_ends": sum(r.slices_beyond for r in mine),
         }
     return {
         "mean_dsc": _nanmean(r.dsc for r in rows),
@@ -140,7 +165,8 @@ def _json_safe(obj: Any) -> Any:
 
 
 def write_metrics(rows: Sequence[ClassResult], summary: dict[str, Any], out_dir: Path) -> None:
-    """Write `metrics.csv` (case, class, dsc, hd95_mm, status) and `summary.json` atomically.
+    """Write `metrics.csv` (case, class, dsc, hd95_mm, status, slices_missed_at_ends, slices_beyond_ends) and
+    `summary.json` atomically.
 
     NaN is written as an empty CSV cell and as JSON null.
     """
@@ -148,7 +174,9 @@ def write_metrics(rows: Sequence[ClassResult], summary: dict[str, Any], out_dir:
     out_dir.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["case", "class", "dsc", "hd95_mm", "status"])
+    writer.writerow(
+        ["case", "class", "dsc", "hd95_mm", "status", "slices_missed_at_ends", "slices_beyond_ends"]
+    )
     for r in sorted(rows, key=lambda r: (r.case, r.class_name)):
         d = asdict(r)
         writer.writerow(
@@ -158,6 +186,8 @@ def write_metrics(rows: Sequence[ClassResult], summary: dict[str, Any], out_dir:
                 "" if math.isnan(r.dsc) else f"{r.dsc:.6f}",
                 "" if math.isnan(r.hd95_mm) else f"{r.hd95_mm:.4f}",
                 r.status,
+                r.slices_missed,
+                r.slices_beyond,
             ]
         )
     text = buf.getvalue()

@@ -46,3 +46,20 @@ def logits_to_labels(
         labels.append(part.max(1).indices.to(torch.uint8))
     out = torch.cat(labels, 0)
     return postprocess(out) if postprocess is not None else out
+
+
+def class_probabilities(
+    scores: Tensor, out_hw: tuple[int, int], are_probabilities: bool = False, chunk: int = 16
+) -> Tensor:
+    """(Z, C+1, h, w) scores -> (Z, C+1, H, W) float32 class probabilities, resized bilinearly in slice
+    chunks: a softmax of logits, or probabilities scaled to sum to 1 (argmax: ``logits_to_labels``')."""
+    parts = []
+    for start in range(0, scores.shape[0], chunk):
+        part = F.interpolate(
+            scores[start : start + chunk].float(), size=out_hw, mode="bilinear", align_corners=False
+        )
+        if are_probabilities:
+            parts.append(part.clamp_min(0) / part.clamp_min(0).sum(1, keepdim=True).clamp_min(1e-8))
+        else:
+            parts.append(part.softmax(1))
+    return torch.cat(parts, 0)

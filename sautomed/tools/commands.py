@@ -41,6 +41,12 @@ def cmd_compare(argv: Sequence[str]) -> int:
     return compare_main(argv)
 
 
+def cmd_refine(argv: Sequence[str]) -> int:
+    from sautomed.tools.refine import refine_main
+
+    return refine_main(argv)
+
+
 TOOL_COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "evaluate": cmd_evaluate,
     "info": cmd_info,
@@ -48,6 +54,7 @@ TOOL_COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "preview": cmd_preview,
     "report": cmd_report,
     "compare": cmd_compare,
+    "refine": cmd_refine,
 }
 
 TOOL_HELP = """\
@@ -57,4 +64,5 @@ TOOL_HELP = """\
   preview      PNG of a label map over its image: --image IMG --labels LAB --out PNG
   report       report.html from a folder's metrics.csv and summary.json (test, evaluate): report DIR
   compare      several test runs' summary.json as one table: compare RUN_DIR...
+  refine       LiteMedSAM redraws the organs of any tool's label maps: -i IMAGES -s SEGS -o OUT
 """

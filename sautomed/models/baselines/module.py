@@ -25,6 +25,7 @@ from sautomed.models.baselines.loss import BaselineLoss, DeepSupervisionDiceCE
 from sautomed.models.baselines.network import NetworkKind, UNetSettings, build_unet
 from sautomed.models.baselines.unet2d import segment_slices, window_slices
 from sautomed.models.baselines.unet3d import segment_patches
+from sautomed.models.sam.refine import PretrainedBoxRefiner
 from sautomed.run_folder import UserError, check_checkpoint_config
 from sautomed.schedule import Schedule, ScheduleBy, check_schedule
 
@@ -44,6 +45,11 @@ class BaselineInference:
         overlap: unet3d: overlap of neighbouring sliding windows (nnU-Net: 0.5).
         window_batch: unet3d: sliding windows per forward.
         blend: unet3d: how overlapping windows are combined: gaussian (nnU-Net) or constant (a plain mean).
+        sam_refine: LiteMedSAM as published re-segments the box of each class's largest 3D component on every
+            slice (``models/sam/refine.py``): the U-Net finds the organs, SAM draws them.
+        sam_refine_margin: pixels of S added to each side of those boxes.
+        sam_refine_weights: LiteMedSAM's checkpoint for the refinement (a path, or ``litemedsam``: the file
+            ``sautomed weights litemedsam`` fetched).
     """
 
     largest_component: bool = False
@@ -52,6 +58,9 @@ class BaselineInference:
     overlap: float = 0.5
     window_batch: int = 2
     blend: Literal["gaussian", "constant"] = "gaussian"
+    sam_refine: bool = False
+    sam_refine_margin: int = 6
+    sam_refine_weights: str = "litemedsam"
 
 
 class BaselineModule(SegmentationModule):
@@ -107,6 +116,7 @@ class BaselineModule(SegmentationModule):
         self.net = build_unet(network, unet)
         self.criterion = DeepSupervisionDiceCE(loss)
         self.class_names = tuple(f"class_{i}" for i in range(1, unet.num_classes + 1))
+        self._refiner: PretrainedBoxRefiner | None = None
 
     # -- construction from a checkpoint (predict) -------------------------------------------------------
     @classmethod
@@ -176,6 +186,14 @@ class BaselineModule(SegmentationModule):
     # -- whole volumes ----------------------------------------------------------------------------------
     def segment_volume(self, image: Tensor, out_hw: tuple[int, int]) -> np.ndarray:
         """(Z, S, S) preprocessed volume -> (Z, H, W) uint8 canonical labels at the original in-plane size."""
+        logits, _ = self.volume_scores(image)
+        labels = logits_to_labels(logits, out_hw).cpu().numpy()  # (Z, H, W) uint8
+        if self.inference.largest_component:
+            labels = keep_largest_component(labels, self.unet_cfg.num_classes)
+        return labels
+
+    def volume_scores(self, image: Tensor) -> tuple[Tensor, bool]:
+        """(Z, S, S) preprocessed volume -> (Z, C+1, S, S) U-Net logits, or the refiner's probabilities."""
         s = self.inference
         was_training = self.net.training
         self.net.eval()  # DynUNet returns the deep-supervision stack only in training mode
@@ -191,10 +209,17 @@ class BaselineModule(SegmentationModule):
                     )  # (Z, C+1, S, S)
         finally:
             self.net.train(was_training)
-        labels = logits_to_labels(logits, out_hw).cpu().numpy()  # (Z, H, W) uint8
-        if s.largest_component:
-            labels = keep_largest_component(labels, self.unet_cfg.num_classes)
-        return labels
+        if not s.sam_refine:
+            return logits, False
+        # the U-Net's boxes through LiteMedSAM as published (models/sam/refine.py)
+        return self.box_refiner(image.shape[-1]).scores(image, logits, self.unet_cfg.num_classes), True
+
+    def box_refiner(self, image_size: int) -> PretrainedBoxRefiner:
+        """LiteMedSAM as published at the data's slice size S, loaded on first use."""
+        s = self.inference
+        if self._refiner is None or self._refiner.image_size != image_size:
+            self._refiner = PretrainedBoxRefiner(s.sam_refine_weights, image_size, s.sam_refine_margin)
+        return self._refiner
 
     def segment_case(self, image: Tensor, geom: Any) -> np.ndarray:
         return self.segment_volume(image, tuple(geom.shape_zyx[1:]))

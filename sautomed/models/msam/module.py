@@ -305,6 +305,16 @@ class MSAMModule(SegmentationModule):
         image = image if image.dim() == 4 else image[None]  # (C, Z, S, S)
         return self.segment_volume(image, tuple(geom.shape_zyx))
 
+    def case_probabilities(self, image: Tensor, geom: Any) -> Tensor:
+        """(Z, 2, Y, X) background / lesion probabilities on the original grid (ensembles of M-SAM)."""
+        image = image if image.dim() == 4 else image[None]
+        logits = segment_automatic(self.net, image, self.automatic)  # (Z, S, S)
+        shape = tuple(geom.shape_zyx)
+        if tuple(logits.shape) != shape:
+            logits = F.interpolate(logits[None, None], size=shape, mode="trilinear")[0, 0]
+        p = logits.float().sigmoid()
+        return torch.stack([1 - p, p], 1)
+
     def reference(self, batch: dict[str, Any]) -> np.ndarray:
         return binary_target(batch["label"].cpu().numpy(), self.foreground_labels).astype(np.uint8)
 

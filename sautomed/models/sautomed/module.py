@@ -259,20 +259,26 @@ class SAutoMedModule(SegmentationModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # -- evaluation on whole volumes -------------------------------------------------------------------------
-    def segment_volume(self, image: Tensor, out_hw: tuple[int, int], mode: Mode | None = None) -> np.ndarray:
-        """(Z, S, S) preprocessed volume -> (Z, H, W) uint8 canonical labels at the original in-plane size."""
+    def volume_scores(self, image: Tensor, mode: Mode | None = None) -> tuple[Tensor, bool]:
+        """(Z, S, S) preprocessed volume -> (Z, C+1, h, w) chain logits, or the refiner's probabilities."""
         s, engine = self.inference, self.engine(mode)
         feats = engine.encode_volume(image)
         if s.source == "dense":  # the dense proposals alone, without the chain (dense.py)
             logits = dense_volume_logits(self.net.dense_head, feats)
         else:
             logits = engine.propagate(feats)
-        if s.sam_refine:  # their boxes through LiteMedSAM as published (refine.py)
-            fp32 = not (s.bf16 or s.encoder_bf16)  # only fp32 features may serve the refiner too
-            shared = (self.net.image_encoder, feats) if fp32 else None
-            logits = self.box_refiner().scores(image, logits, self.network_cfg.num_classes, shared=shared)
+        if not s.sam_refine:
+            return logits, False
+        # their boxes through LiteMedSAM as published (models/sam/refine.py)
+        fp32 = not (s.bf16 or s.encoder_bf16)  # only fp32 features may serve the refiner too
+        shared = (self.net.image_encoder, feats) if fp32 else None
+        return self.box_refiner().scores(image, logits, self.network_cfg.num_classes, shared=shared), True
+
+    def segment_volume(self, image: Tensor, out_hw: tuple[int, int], mode: Mode | None = None) -> np.ndarray:
+        """(Z, S, S) preprocessed volume -> (Z, H, W) uint8 canonical labels at the original in-plane size."""
+        logits, _ = self.volume_scores(image, mode)
         labels = logits_to_labels(logits, out_hw).cpu().numpy()
-        if s.largest_component:
+        if self.inference.largest_component:
             labels = keep_largest_component(labels, self.network_cfg.num_classes)
         return labels
 
