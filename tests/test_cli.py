@@ -354,3 +354,27 @@ def test_predict_with_several_checkpoints_averages_them(trained_run, tiny_phanto
     err = capsys.readouterr().err
     assert "an ensemble needs one input and one class list" in err and "other.ckpt" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_predict_slices_an_oblique_stack_along_its_acquisition(trained_run, tmp_path, monkeypatch):
+    from data.test_io import _oblique_stack
+
+    _, run = trained_run
+    (tmp_path / "in").mkdir()
+    _oblique_stack(tmp_path / "in")
+    (tmp_path / "in" / "oblique_labels.nii.gz").unlink()
+    encoded = []
+    original = SAutoMedNet.encode
+    monkeypatch.setattr(
+        SAutoMedNet, "encode", lambda self, x: encoded.append(x.shape[0]) or original(self, x)
+    )
+    out = tmp_path / "out"
+    argv = ["predict", "--ckpt_path", str(run / "best.ckpt"), "-i", str(tmp_path / "in"), "-o", str(out)]
+    assert main([*argv, "--no-progress"]) == 0
+    assert sum(encoded) == 12  # the 12 acquired slices, not 64 slices across them
+    a, b = (
+        sitk.ReadImage(str(tmp_path / "in" / "oblique_0000.nii.gz")),
+        sitk.ReadImage(str(out / "oblique.nii.gz")),
+    )
+    assert a.GetSize() == b.GetSize() and a.GetSpacing() == b.GetSpacing()
+    assert a.GetOrigin() == b.GetOrigin() and a.GetDirection() == b.GetDirection()

@@ -60,12 +60,31 @@ class Geometry:
 # ----------------------------------------------------------------------------------------------- axes
 
 
+ANISOTROPY = 3.0  # largest spacing / the next: slices then follow the acquisition (nnU-Net's threshold)
+
+
 def orientation(
     direction: tuple[float, ...] | np.ndarray,
+    spacing: tuple[float, float, float] | None = None,
 ) -> tuple[tuple[int, int, int], tuple[bool, bool, bool]]:
-    """(axes, flips) taking a stored numpy (k, j, i) array to canonical (z, y, x) for a direction matrix."""
+    """(axes, flips) taking a stored numpy (k, j, i) array to canonical (z, y, x) for a direction matrix.
+
+    Each index axis goes to the patient axis it lies closest to, so canonical z is the superior-inferior axis
+    (x towards the patient's left, y posterior). With ``spacing`` (stored x, y, z order), an anisotropic
+    acquisition is sliced along its own out-of-plane axis instead: when the largest spacing is at least
+    ``ANISOTROPY`` times the others, that index axis becomes canonical z (nnU-Net's ``transpose_forward``),
+    whatever patient axis it lies along (an oblique cardiac short-axis stack: z is the stack, not the body's
+    long axis), and the index axis that was z takes its place."""
     d = np.asarray(direction, dtype=np.float64).reshape(3, 3)  # d[p, c]: physical axis p of index axis c
-    best = max(itertools.permutations(range(3)), key=lambda perm: sum(abs(d[perm[c], c]) for c in range(3)))
+    best = list(
+        max(itertools.permutations(range(3)), key=lambda perm: sum(abs(d[perm[c], c]) for c in range(3)))
+    )
+    if spacing is not None:
+        s = np.asarray(spacing, dtype=np.float64)
+        stack = int(np.argmax(s))
+        if s[stack] >= ANISOTROPY * float(np.delete(s, stack).max()) and best[stack] != 2:
+            on_z = best.index(2)  # the index axis on the patient's z: it takes the stack's patient axis
+            best[stack], best[on_z] = 2, best[stack]
     axes, flips = [0, 0, 0], [False, False, False]
     for c, p in enumerate(best):  # index axis c lies along physical axis p
         k = 2 - p  # canonical array axis of physical axis p (z, y, x) = physical (2, 1, 0)
@@ -93,7 +112,8 @@ def from_canonical(canonical: np.ndarray, geom: Geometry) -> np.ndarray:
 def geometry_of(image: sitk.Image, path: str | Path) -> Geometry:
     """The :class:`Geometry` of a 3D SimpleITK image."""
     direction = tuple(float(v) for v in image.GetDirection())
-    axes, flips = orientation(direction)
+    spacing = tuple(float(v) for v in image.GetSpacing())
+    axes, flips = orientation(direction, spacing)
     return Geometry(
         path=str(path),
         size=tuple(int(v) for v in image.GetSize()),
