@@ -14,19 +14,12 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-import lightning as L
-from torch.utils.data import DataLoader
-
-from sautomed.data.datasets import PredictDataset, collate_single
-from sautomed.data.io import stale_temporaries
-from sautomed.data.preprocess import Preprocessing
-from sautomed.data.samplers import ShardSampler
-from sautomed.evaluation.ensemble import Ensemble
-from sautomed.families import module_from_checkpoint, with_inference_changes
-from sautomed.models.sautomed.inference import MODES
-from sautomed.run_folder import UserError, read_checkpoint
+from sautomed.errors import UserError
 from sautomed.tools import predict_outputs
-from sautomed.writers import VolumeWriter, plan_predictions
+
+# 3D-SAutoMed's propagation orders (models/sautomed/inference.py MODES; a test keeps the two equal), here so
+# that `sautomed predict --help` answers without importing torch
+MODES = ("mid_to_ends", "end_to_end")
 
 log = logging.getLogger("sautomed.predict")
 
@@ -104,6 +97,18 @@ def check_output_folder(folder: Path) -> None:
 
 def predict_main(argv: Sequence[str]) -> int:
     a = build_parser().parse_args(argv)
+    import lightning as L  # the heavy imports after the arguments: --help and usage errors stay fast
+    from torch.utils.data import DataLoader
+
+    from sautomed.data.datasets import PredictDataset, collate_single
+    from sautomed.data.io import stale_temporaries
+    from sautomed.data.preprocess import Preprocessing
+    from sautomed.data.samplers import ShardSampler
+    from sautomed.evaluation.ensemble import Ensemble
+    from sautomed.families import module_from_checkpoint, with_inference_changes
+    from sautomed.run_folder import read_checkpoint
+    from sautomed.writers import VolumeWriter, plan_predictions
+
     extras = predict_outputs.Extras.from_args(a)  # a missing optional dependency fails here, before the work
     changes = {}
     if a.mode:

@@ -378,3 +378,28 @@ def test_predict_slices_an_oblique_stack_along_its_acquisition(trained_run, tmp_
     )
     assert a.GetSize() == b.GetSize() and a.GetSpacing() == b.GetSpacing()
     assert a.GetOrigin() == b.GetOrigin() and a.GetDirection() == b.GetDirection()
+
+
+def test_help_answers_without_importing_torch_or_lightning():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from sautomed.cli import main\n"
+        "main(['--help'])\n"
+        "try:\n    main(['predict', '--help'])\nexcept SystemExit:\n    pass\n"
+        "heavy = sorted(m for m in ('torch', 'lightning', 'monai') if m in sys.modules)\n"
+        "print('HEAVY', heavy)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert "HEAVY []" in out.stdout and "--ckpt_path" in out.stdout
+
+
+def test_predicts_mode_choices_are_the_engines():
+    from sautomed.models.sautomed.inference import MODES
+    from sautomed.predict import MODES as PREDICT_MODES
+
+    assert tuple(PREDICT_MODES) == tuple(MODES)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from sautomed.cli import main
+from sautomed.writers import output_name
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,4 +76,4 @@ def test_ddp_fit_test_predict(trained_run, tiny_phantoms, make_config, tmp_path)
     n = len(list(images.iterdir()))
     assert f"wrote {n} of {n} outputs" in res.stderr
     written = sorted(p.name for p in out.iterdir() if p.name != "labels.json")
-    assert written == sorted(p.name for p in images.iterdir())
+    assert written == sorted(output_name(p) for p in images.iterdir())

@@ -47,6 +47,12 @@ def cmd_refine(argv: Sequence[str]) -> int:
     return refine_main(argv)
 
 
+def cmd_plan(argv: Sequence[str]) -> int:
+    from sautomed.tools.plan import plan_main
+
+    return plan_main(argv)
+
+
 TOOL_COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "evaluate": cmd_evaluate,
     "info": cmd_info,
@@ -55,9 +61,11 @@ TOOL_COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "report": cmd_report,
     "compare": cmd_compare,
     "refine": cmd_refine,
+    "plan": cmd_plan,
 }
 
 TOOL_HELP = """\
+  plan         a complete config from a dataset: --root DATASET [--family F] [--budget 20m] [--out C.yaml]
   evaluate     score label maps against references: --pred DIR --ref DIR [--layout L] [--out DIR]
   info         what a checkpoint holds (family, classes, preprocessing, training): info CKPT
   export       predictions in a challenge's format: --format chaos-png|segthor --pred P --out DIR

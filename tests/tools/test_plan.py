@@ -1,0 +1,93 @@
+"""`sautomed plan`: a config from the dataset alone, trainable without edits, its choices said; `fit
+--data.root` without a config plans in memory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sautomed.cli import main
+
+SHARED = Path(__file__).resolve().parents[2] / ".." / "shared"
+WEIGHTS = SHARED / "weights" / "lite_medsam.pth"
+FEW_STEPS = [
+    "--trainer.max_steps",
+    "2",
+    "--trainer.max_epochs",
+    "1",
+    "--trainer.enable_progress_bar",
+    "false",
+]
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAUTOMED_CACHE", str(tmp_path / "cache"))  # fingerprints of this test only
+
+
+def test_plan_says_what_it_chose_and_writes_a_config_that_parses(tiny_phantoms, tmp_path, capsys):
+    out = tmp_path / "plan.yaml"
+    assert (
+        main(["plan", "--root", str(tiny_phantoms / "train"), "--family", "unet2d", "--out", str(out)]) == 0
+    )
+    said = capsys.readouterr().out
+    assert "sided classes (right_kidney, left_kidney): no left-right flips" in said
+    assert "CT: window [" in said and "4 cases, 5 classes" in said
+    text = out.read_text()
+    assert text.startswith("# planned by `sautomed plan`:") and "../shared" not in text
+    cfg = yaml.safe_load(text)
+    assert cfg["model"]["init_args"]["unet"]["num_classes"] == 5
+    assert cfg["data"]["preprocessing"]["normalization"] == "ct"
+    assert main(["fit", "--config", str(out), "--print_config"]) == 0
+    assert (
+        main(["plan", "--root", str(tiny_phantoms / "train"), "--out", str(out)]) == 1
+    )  # kept, not replaced
+    assert "exists" in capsys.readouterr().err
+    assert "from the cache" in _plan_again(tiny_phantoms, capsys)  # read once
+
+
+def _plan_again(phantoms, capsys) -> str:
+    assert main(["plan", "--root", str(phantoms / "train"), "--family", "unet2d"]) == 0
+    return capsys.readouterr().out
+
+
+def test_a_broken_case_stops_the_plan_naming_it(tiny_phantoms, tmp_path, capsys):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_phantoms / "train", root)
+    (root / "imagesTr" / "phantom_001_0000.nii.gz").write_bytes(b"not a volume")
+    assert main(["plan", "--root", str(root)]) == 1
+    captured = capsys.readouterr()
+    assert "phantom_001" in captured.out and "the data check found errors" in captured.err
+
+
+@pytest.mark.slow
+def test_fit_with_a_dataset_and_no_config_plans_and_trains(tiny_phantoms, tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = ["fit", "--data.root", str(tiny_phantoms / "train"), "--trainer.default_root_dir", str(run)]
+    argv += ["--model.network.sam_checkpoint", str(WEIGHTS), "--data.windows.augmented_copies", "1"]
+    argv += ["--model.dense_pretrain_steps", "2", *FEW_STEPS]
+    assert main(argv) == 0
+    assert "no --config: planned" in capsys.readouterr().out
+    assert (run / "plan.yaml").is_file() and (run / "last.ckpt").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("root", "family", "extra"),
+    [
+        ("data/chaos-mr", "unet2d", []),
+        ("data/segthor/train", "unet3d", ["--layout", "segthor", "--modality", "ct"]),
+        ("data/brats-tumour", "msam", []),
+    ],
+    ids=["chaos-mr-unet2d", "segthor-unet3d", "brats-msam"],
+)
+def test_plans_of_the_shared_datasets_train(root, family, extra, tmp_path):
+    out = tmp_path / "plan.yaml"
+    assert main(["plan", "--root", str(SHARED / root), "--family", family, "--out", str(out), *extra]) == 0
+    fit = ["fit", "--config", str(out), "--trainer.default_root_dir", str(tmp_path / "run"), *FEW_STEPS]
+    assert main([*fit, "--trainer.limit_val_batches", "0"]) == 0
+    assert (tmp_path / "run" / "last.ckpt").is_file()
