@@ -20,6 +20,7 @@ from sautomed.models.sautomed.dense import (
     dense_volume_logits,
     pretrain_dense_head,
 )
+from sautomed.models.sautomed.feature_cache import FeatureCache
 from sautomed.models.sautomed.inference import InferenceSettings
 from sautomed.models.sautomed.loss import LossWeights, SAutoMedLoss, dense_loss
 from sautomed.models.sautomed.module import SAutoMedModule
@@ -150,7 +151,7 @@ def _volume(z: int = 10) -> Prepared:
     return Prepared("v", image, label, None)
 
 
-def test_pretraining_fills_the_chain_cache_and_learns_the_slices():
+def test_pretraining_fills_the_chain_cache_and_learns_the_slices(tmp_path):
     net = _net()
     ds = WindowDataset([_volume(), _volume(12)], 8, 0, Augmentation(probability=1.0), 0.8, augmented_copies=2)
     cache: dict[int, torch.Tensor] = {}
@@ -166,6 +167,10 @@ def test_pretraining_fills_the_chain_cache_and_learns_the_slices():
     again = _net()  # a seed repeats the pretraining exactly
     assert all(torch.equal(h0[k], v) for k, v in again.dense_head.state_dict().items())
     assert pretrain_dense_head(again, ds.copies, ds.key_offset, {}, 150, seed=3) == losses
+    mapped = FeatureCache(limit_bytes=0, folder=tmp_path)  # over its limit: memory-mapped on disk
+    mapped.expect(2 * 10 + 2 * 12)
+    assert pretrain_dense_head(_net(), ds.copies, ds.key_offset, mapped, 150, seed=3) == losses
+    assert mapped.where != "ram" and len(mapped) == 2 * 10 + 2 * 12  # the same steps, from the file
     vol = _volume()  # and what it learnt segments a volume of the kind
     with torch.no_grad():
         f = net.encode(torch.from_numpy(vol.image))

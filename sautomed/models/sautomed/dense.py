@@ -27,6 +27,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -120,6 +121,11 @@ def dense_volume_logits(head: DenseHead | None, feats: Tensor) -> Tensor:
     return head(prev, feats, nxt)
 
 
+def _rows(cache: FeatureCache | dict[int, Tensor], order: list[int], index: Tensor, device: Any) -> Tensor:
+    """(B, D, h, w) float32 features of the slices at positions ``index`` of ``order``, from the cache."""
+    return torch.stack([cache[order[j]] for j in index.tolist()]).to(device, torch.float32)
+
+
 def pretrain_dense_head(
     net: nn.Module,
     copies: list[list[tuple[np.ndarray, np.ndarray]]],
@@ -144,9 +150,9 @@ def pretrain_dense_head(
     head: DenseHead = net.dense_head
     device = next(head.parameters()).device
     started = time.monotonic()
-    feats: list[Tensor] = []
+    order: list[int] = []  # slice keys in training order (their features stay in the cache: memory-mapped)
     labels: list[Tensor] = []
-    neighbour: list[tuple[int, int]] = []  # per slice: its position in `feats` minus one, plus one
+    neighbour: list[tuple[int, int]] = []  # per slice: its position in `order` minus one, plus one
     total = sum(image.shape[0] for vol in copies for image, _ in vol)
     encoded = 0
     for vol_copies, offsets in zip(copies, key_offset, strict=True):
@@ -162,11 +168,11 @@ def pretrain_dense_head(
                 encoded += len(keys)
                 if check is not None:
                     check(encoded, total)
-            base = len(feats)
-            feats.extend(cache[first + k] for k in range(z))
+            base = len(order)
+            order.extend(first + k for k in range(z))
             labels.extend(torch.from_numpy(label[k].astype(np.int64)) for k in range(z))
             neighbour.extend((base + max(k - 1, 0), base + min(k + 1, z - 1)) for k in range(z))
-    if not feats or steps <= 0:
+    if not order or steps <= 0:
         return []
     encoded_s, left = time.monotonic() - started, seconds_left() if seconds_left is not None else None
     budget = None if left is None else share * max(0.0, left)
@@ -174,14 +180,13 @@ def pretrain_dense_head(
         log.warning(
             "encoding the %d cached slices took %.0f s; %.0f s of the time budget are left for the dense "
             "head and the chain: fewer data.windows.augmented_copies or a longer trainer.max_time",
-            len(feats),
+            len(order),
             encoded_s,
             left,
         )
-    grid = feats[0].shape[-2:]
+    grid = cache[order[0]].shape[-2:]
     small = torch.stack(labels)[:, None].float()
     small = F.interpolate(small, size=grid, mode="nearest")[:, 0].long().to(device)  # (N, h, w)
-    stack = torch.stack(feats)  # (N, D, h, w) float16
     prev_i = torch.tensor([p for p, _ in neighbour])
     next_i = torch.tensor([n for _, n in neighbour])
     opt = torch.optim.AdamW(head.parameters(), lr=PRETRAIN_LR, weight_decay=1e-4)
@@ -197,8 +202,8 @@ def pretrain_dense_head(
                 break
         for group in opt.param_groups:
             group["lr"] = PRETRAIN_LR * 0.5 * (1 + math.cos(math.pi * done))
-        idx = torch.randint(len(stack), (min(PRETRAIN_BATCH, len(stack)),), generator=gen)
-        f = [stack[i].to(device, torch.float32) for i in (prev_i[idx], idx, next_i[idx])]
+        idx = torch.randint(len(order), (min(PRETRAIN_BATCH, len(order)),), generator=gen)
+        f = [_rows(cache, order, i, device) for i in (prev_i[idx], idx, next_i[idx])]
         loss = dense_loss(head(*f), small[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -214,7 +219,7 @@ def pretrain_dense_head(
         steps,
         time.monotonic() - training_from,
         "no clock" if budget is None else f"its share of the clock: {budget:.0f} s",
-        len(stack),
+        len(order),
         encoded_s,
         losses[0],
         losses[-1],

@@ -324,13 +324,24 @@ class SAutoMedModule(SegmentationModule):
         started = getattr(self, "_encoding_started", None)
         if started is None:  # timed from the end of the first chunk (its first call pays for set-up)
             self._encoding_started = (time.monotonic(), encoded)
+            log.info("encoding the frozen encoder's features: %d of %d slices", encoded, total)
             return
-        left = time_remaining(trainer)
         timed = encoded - started[1]
+        rate = (time.monotonic() - started[0]) / max(1, timed)  # seconds per slice
+        need = rate * (total - encoded)
+        if (
+            encoded >= getattr(self, "_encoding_said", 0) + total / 10 or encoded == total
+        ):  # about every tenth
+            self._encoding_said = encoded
+            log.info(
+                "encoding the frozen encoder's features: %d of %d slices, about %.0f s left",
+                encoded,
+                total,
+                need,
+            )
+        left = time_remaining(trainer)
         if left is None or timed < min(32, total - started[1]):  # an estimate from a few chunks
             return
-        rate = (time.monotonic() - started[0]) / timed  # seconds per slice
-        need = rate * (total - encoded)
         if need > left:
             raise UserError(
                 f"encoding the frozen encoder's features of {total} slices needs about "
