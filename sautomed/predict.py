@@ -30,10 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--ckpt_path",
         "--ckpt-path",
         dest="ckpt_path",
-        required=True,
         type=Path,
         nargs="+",
         help="checkpoint; several: an ensemble averaging their class probabilities (same classes and input)",
+    )
+    p.add_argument(
+        "--model", default=None, help="a model that ships with sautomed (sautomed models lists them)"
     )
     p.add_argument(
         "-i", "--input", required=True, type=Path, help="a volume file, a DICOM series folder or a folder"
@@ -97,6 +99,12 @@ def check_output_folder(folder: Path) -> None:
 
 def predict_main(argv: Sequence[str]) -> int:
     a = build_parser().parse_args(argv)
+    if (a.ckpt_path is None) == (a.model is None):
+        raise UserError("predict needs --ckpt_path CKPT [CKPT ...] or --model NAME (one of the two)")
+    if a.model is not None:
+        from sautomed.zoo import model_path
+
+        a.ckpt_path = [model_path(a.model)]
     import lightning as L  # the heavy imports after the arguments: --help and usage errors stay fast
     from torch.utils.data import DataLoader
 

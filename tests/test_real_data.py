@@ -32,7 +32,7 @@ def test_tiny_network_learns_the_real_ct_organs(tmp_path, monkeypatch):
     run = tmp_path / "run"
     common = [
         "--config",
-        "configs/real_ct_overfit.yaml",
+        "tests/configs/real_ct_overfit.yaml",
         "--trainer.default_root_dir",
         str(run),
         "--data.cache_dir",

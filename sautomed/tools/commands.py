@@ -53,6 +53,12 @@ def cmd_plan(argv: Sequence[str]) -> int:
     return plan_main(argv)
 
 
+def cmd_models(argv: Sequence[str]) -> int:
+    from sautomed.zoo import models_main
+
+    return models_main(list(argv))
+
+
 TOOL_COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "evaluate": cmd_evaluate,
     "info": cmd_info,
@@ -62,9 +68,11 @@ TOOL_COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "compare": cmd_compare,
     "refine": cmd_refine,
     "plan": cmd_plan,
+    "models": cmd_models,
 }
 
 TOOL_HELP = """\
+  models       the trained models that ship with sautomed (predict --model NAME)
   plan         a complete config from a dataset: --root DATASET [--family F] [--budget 20m] [--out C.yaml]
   evaluate     score label maps against references: --pred DIR --ref DIR [--layout L] [--out DIR]
   info         what a checkpoint holds (family, classes, preprocessing, training): info CKPT

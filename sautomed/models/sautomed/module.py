@@ -41,6 +41,7 @@ __all__ = ["FAMILY", "CheckpointMismatchError", "InferenceSettings", "SAutoMedMo
 log = logging.getLogger(__name__)
 
 FAMILY = "sautomed"
+FROZEN_PREFIX = "net.image_encoder."  # a compact checkpoint leaves these out (compact_checkpoint)
 # settings that may differ between a checkpoint and the model it is loaded into
 _NON_STRUCTURAL = {
     "sam_checkpoint",
@@ -160,17 +161,44 @@ class SAutoMedModule(SegmentationModule):
     def from_checkpoint_dict(cls, ckpt: dict[str, Any]) -> SAutoMedModule:
         """Rebuild the module from a sautomed checkpoint alone (its config travels inside)."""
         cfg = ckpt["sautomed"]
-        net = NetworkConfig(**{**cfg["network"], "sam_checkpoint": None})
+        frozen = ckpt.get("frozen_from")  # a compact checkpoint: the frozen encoder comes from these weights
+        net = NetworkConfig(**{**cfg["network"], "sam_checkpoint": frozen})
         with weights_from_elsewhere():
             module = cls(
                 network=net,
                 loss=LossWeights(**cfg["loss"]),
                 inference=InferenceSettings(**cfg["inference"]),
             )
-        module.load_state_dict(ckpt["state_dict"])
+        if frozen:  # every tensor but the frozen encoder's (float16 tensors are cast on loading)
+            missing, unexpected = module.load_state_dict(ckpt["state_dict"], strict=False)
+            wrong = [k for k in missing if not k.startswith(FROZEN_PREFIX)] + list(unexpected)
+            if wrong:
+                raise CheckpointMismatchError(
+                    f"a compact checkpoint that does not fit its network: {wrong[:3]}"
+                )
+        else:
+            module.load_state_dict(ckpt["state_dict"])
         module.refine_source = cfg["network"].get("sam_checkpoint")
         module.adopt_checkpoint_config(cfg)
         return module
+
+    @staticmethod
+    def compact_checkpoint(ckpt: dict[str, Any], half: bool = True) -> dict[str, Any]:
+        """A checkpoint of only what the fit trained: the frozen encoder's tensors (loaded again from
+        ``network.sam_checkpoint``, e.g. ``litemedsam``) left out, the rest in float16 when ``half``.
+        ``from_checkpoint_dict`` rebuilds the module from it (the weights must then be at hand)."""
+        cfg = ckpt["sautomed"]
+        source = cfg["network"].get("sam_checkpoint")
+        if cfg["network"].get("encoder_finetune") != "frozen" or not source:
+            raise UserError(
+                "only a fit with a frozen encoder from network.sam_checkpoint can be made compact"
+            )
+        state = {
+            k: (v.half() if half and v.is_floating_point() else v)
+            for k, v in ckpt["state_dict"].items()
+            if not k.startswith(FROZEN_PREFIX)
+        }
+        return {"sautomed": cfg, "state_dict": state, "frozen_from": source, "compact_half": half}
 
     def box_refiner(self) -> PretrainedBoxRefiner:
         """LiteMedSAM as published, loaded on first use from the weights the network started from."""
