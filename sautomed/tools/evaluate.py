@@ -35,6 +35,7 @@ from sautomed.data.io import (
     integral_labels,
     is_volume_file,
     read_array,
+    read_label_volume,
     to_canonical,
     volume_stem,
 )
@@ -101,6 +102,17 @@ def _labels_folder(root: Path, names: dict[int, str]) -> tuple[tuple[str, ...], 
     return tuple(names[v] for v in values), refs
 
 
+def values_found(root: Path) -> dict[int, str]:
+    """Every foreground value of the label maps in ``root``, named ``label_<value>``."""
+    values: set[int] = set()
+    for p in sorted(root.iterdir()):
+        if not p.name.startswith(".") and is_volume_file(p):
+            values |= {int(v) for v in np.unique(read_label_volume(p)) if v > 0}
+    if not values:
+        raise EvaluateError(f"{root}: the reference label maps hold no foreground value")
+    return {v: f"label_{v}" for v in sorted(values)}
+
+
 def references(
     root: Path, layout: str, label_map: Path | None, names: dict[int, str] | None
 ) -> tuple[tuple[str, ...], list[Reference]]:
@@ -108,9 +120,12 @@ def references(
     if layout == "labels":
         if not root.is_dir():
             raise EvaluateError(f"{root}: reference folder does not exist")
-        if not names:
-            raise EvaluateError(
-                f"{root}: --layout labels needs a label table (--labels JSON, or {LABELS_FILE} in --pred)"
+        if not names:  # another tool's label maps and no table: the values the references hold, by value
+            names = values_found(root)
+            print(
+                f"note: no label table (--labels JSON, or {LABELS_FILE} in --pred): the values found in the "
+                f"references, {sorted(names)}, are scored by value as {', '.join(names.values())}",
+                file=sys.stderr,
             )
         return _labels_folder(root, names)
     lay = get_layout(layout, root, label_map)

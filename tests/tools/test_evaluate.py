@@ -177,3 +177,18 @@ def test_a_corrupt_prediction_is_reported_by_name_and_the_rest_are_scored(small_
     summary = json.loads((pred / "summary.json").read_text())
     assert list(summary["failed"]) == ["phantom_000"] and summary["num_cases"] == 2
     assert summary["mean_dsc"] == pytest.approx(1.0)
+
+
+def test_another_tools_maps_without_a_label_table_are_scored_by_the_values_found(
+    small_phantoms, tmp_path, capsys
+):
+    refs, pred = tmp_path / "refs", tmp_path / "pred"
+    shutil.copytree(small_phantoms / "labelsTr", refs)
+    shutil.copytree(small_phantoms / "labelsTr", pred)  # a perfect prediction, named by case id
+    out = tmp_path / "out"
+    assert main(["evaluate", "--pred", str(pred), "--ref", str(refs), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "no label table" in err and "scored by value as label_1, label_2" in err
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["per_class"]) == [f"label_{v}" for v in range(1, 6)]
+    assert summary["mean_dsc"] == pytest.approx(1.0)
