@@ -35,6 +35,18 @@ def model_path(name: str) -> Path:
     return path
 
 
+def named_weights(source: str) -> str:
+    """The name of known weights (``litemedsam``) when ``source`` is a file with their bytes, else ``source``:
+    a packed model then finds its frozen encoder where `sautomed weights NAME` puts it, on any machine."""
+    from sautomed.models.sam.weights import NAMED_WEIGHTS, sha256_of
+
+    path = Path(source)
+    if source in NAMED_WEIGHTS or not path.is_file():
+        return source
+    digest = sha256_of(path)
+    return next((name for name, spec in NAMED_WEIGHTS.items() if spec.sha256 == digest), source)
+
+
 def models_main(argv: list[str]) -> int:
     """`sautomed models`: what is there; `sautomed models pack CKPT OUT`: a fit's checkpoint made compact."""
     if argv[:1] == ["pack"]:
@@ -47,6 +59,8 @@ def models_main(argv: list[str]) -> int:
         from sautomed.run_folder import read_checkpoint
 
         compact = SAutoMedModule.compact_checkpoint(read_checkpoint(argv[1]))
+        compact["frozen_from"] = named_weights(compact["frozen_from"])
+        compact["sautomed"]["network"]["sam_checkpoint"] = compact["frozen_from"]  # the refiner's weights too
         atomic_write(Path(argv[2]), lambda p: torch.save(compact, p))
         print(f"wrote {argv[2]} ({Path(argv[2]).stat().st_size / 2**20:.1f} MiB)")
         return 0
