@@ -83,6 +83,16 @@ def input_mismatch(
     return f"{this}'s preprocessing differs from {that}'s: {said}"
 
 
+def class_names_of(dm: Any, num_classes: int, setting: str) -> tuple[str, ...]:
+    """The data module's class names; a UserError when their count is not the model's ``setting``."""
+    names = tuple(dm.class_names)
+    if len(names) != num_classes:
+        raise UserError(
+            f"the data has {len(names)} classes ({', '.join(names)}) but {setting} is {num_classes}"
+        )
+    return names
+
+
 def first_channel(image: Any) -> Any:
     """(C, Z, S, S) -> (Z, S, S) for a thumbnail; a (Z, S, S) volume as it is."""
     return image[0] if getattr(image, "ndim", 3) == 4 else image

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sautomed.evaluation.base import SegmentationModule
+from sautomed.evaluation.base import SegmentationModule, class_names_of
 from sautomed.evaluation.postprocess import keep_largest_component, logits_to_labels
 from sautomed.models.baselines.loss import BaselineLoss, DeepSupervisionDiceCE
 from sautomed.models.baselines.network import NetworkKind, UNetSettings, build_unet
@@ -226,12 +226,7 @@ class BaselineModule(SegmentationModule):
 
     # -- the data and the checkpoint's config -----------------------------------------------------------
     def data_class_names(self, dm: Any) -> tuple[str, ...]:
-        names = tuple(dm.class_names)
-        if len(names) != self.unet_cfg.num_classes:
-            raise UserError(
-                f"the data has {len(names)} classes ({', '.join(names)}) but model.unet.num_classes is "
-                f"{self.unet_cfg.num_classes}"
-            )
+        names = class_names_of(dm, self.unet_cfg.num_classes, "model.unet.num_classes")
         check_data_fits(self.network_kind, self.unet_cfg, dm)
         return names
 

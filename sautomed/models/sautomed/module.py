@@ -22,7 +22,7 @@ import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
 
-from sautomed.evaluation.base import SegmentationModule
+from sautomed.evaluation.base import SegmentationModule, class_names_of
 from sautomed.evaluation.postprocess import keep_largest_component, logits_to_labels
 from sautomed.guards import check_encoder_finetune, check_sam_decoder_finetune, weights_from_elsewhere
 from sautomed.models.sam.refine import PretrainedBoxRefiner
@@ -315,13 +315,7 @@ class SAutoMedModule(SegmentationModule):
 
     # -- the data and the checkpoint's config -------------------------------------------------------------
     def data_class_names(self, dm: Any) -> tuple[str, ...]:
-        names = tuple(dm.class_names)
-        if len(names) != self.network_cfg.num_classes:
-            raise UserError(
-                f"the data has {len(names)} classes ({', '.join(names)}) but model.network.num_classes is "
-                f"{self.network_cfg.num_classes}"
-            )
-        return names
+        return class_names_of(dm, self.network_cfg.num_classes, "model.network.num_classes")
 
     def on_train_end(self) -> None:
         super().on_train_end()
