@@ -74,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="3D-SAutoMed: the slice chain's masks, or the dense proposals alone (a checkpoint trained with "
         "network.dense_head; default: the checkpoint's inference.source)",
     )
+    p.add_argument(
+        "--tta",
+        action="store_true",
+        help="test-time augmentation: in-plane zooms, and left-right flips where no class is sided (slower)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     predict_outputs.add_output_arguments(p)  # --statistics, --preview, --dicom-seg
     return p
@@ -144,6 +149,10 @@ def predict_main(argv: Sequence[str]) -> int:
         module, family = members[0], families[0]
     else:
         module, family = Ensemble(members, [str(p) for p in a.ckpt_path]), "ensemble:" + ",".join(families)
+    if a.tta:
+        if not module.supports_tta:
+            raise UserError(f"--tta: not available for this checkpoint's model ({type(module).__name__})")
+        module.tta = True
     preprocessing = Preprocessing(
         **{k: tuple(v) if isinstance(v, list) else v for k, v in module.preprocessing.items()}
     )

@@ -28,12 +28,14 @@ from typing import Any
 
 import lightning as L
 import numpy as np
+import torch
 
 from sautomed.data.splits import FitRecord, fit_record, fit_split_record, split_provenance
 from sautomed.evaluation.gather import gather_lists
 from sautomed.evaluation.metrics import ClassResult, evaluate_case, gather_rows, summarize, write_metrics
-from sautomed.evaluation.postprocess import class_probabilities
+from sautomed.evaluation.postprocess import class_probabilities, keep_largest_component
 from sautomed.evaluation.thumbnails import write_run_thumbnail
+from sautomed.evaluation.tta import tta_probabilities
 from sautomed.run_folder import UserError
 from sautomed.schedule import ScheduleHooks
 from sautomed.writers import prediction_item
@@ -101,9 +103,10 @@ def first_channel(image: Any) -> Any:
 class SegmentationModule(ScheduleHooks, L.LightningModule):
     """The shared evaluation, prediction and checkpoint provenance of every model family (module docstring).
 
-    Subclasses set ``class_names`` and implement ``family_config``, ``segment_case``,
-    ``data_class_names`` and ``check_loaded_config``; ``evaluate_extra`` / ``extra_results`` /
-    ``monitored_dsc`` / ``summary_line`` let a family add its own evaluation (M-SAM's oracle clicks).
+    Subclasses set ``class_names`` and implement ``family_config``, ``segment_case``, ``data_class_names``
+    and ``check_loaded_config`` (and ``volume_scores`` for ensembles and TTA); ``evaluate_extra``,
+    ``extra_results``, ``monitored_dsc`` and ``summary_line`` let a family add its own evaluation (M-SAM's
+    oracle clicks).
     """
 
     def __init__(self) -> None:
@@ -115,6 +118,7 @@ class SegmentationModule(ScheduleHooks, L.LightningModule):
         self._rows: list[ClassResult] = []
         self._seconds: list[float] = []
         self.last_summary: dict[str, Any] = {}
+        self.tta = False  # test-time augmentation (predict --tta; evaluation/tta.py)
 
     # -- what a family supplies ----------------------------------------------------------------------------
     def family_config(self) -> dict[str, Any]:
@@ -202,7 +206,7 @@ class SegmentationModule(ScheduleHooks, L.LightningModule):
         if not self.scores_automatic:
             return
         start = time.perf_counter()
-        pred = self.segment_case(batch["image"], batch["geom"])
+        pred = self.segment(batch["image"], batch["geom"])
         self._seconds.append(time.perf_counter() - start)
         case = batch["case_id"]
         self._rows.extend(evaluate_case(case, pred, ref, batch["geom"].spacing_zyx, self.class_names))
@@ -263,8 +267,23 @@ class SegmentationModule(ScheduleHooks, L.LightningModule):
         self._finish_evaluation("test")
 
     # -- predict -------------------------------------------------------------------------------------------
+    @property
+    def supports_tta(self) -> bool:
+        """Whether the family gives ``volume_scores`` (the slice-based ones), which TTA needs."""
+        return type(self).volume_scores is not SegmentationModule.volume_scores
+
+    def segment(self, image: Any, geom: Any) -> np.ndarray:
+        """``segment_case``, or with ``tta`` the argmax of the augmented probabilities (and the family's
+        largest-component step when its inference settings ask for it)."""
+        if not self.tta:
+            return self.segment_case(image, geom)
+        labels = tta_probabilities(self, image, geom).argmax(1).to(torch.uint8).cpu().numpy()
+        if getattr(self.inference, "largest_component", False):
+            labels = keep_largest_component(labels, len(self.class_names))
+        return labels
+
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        return prediction_item(batch, self.segment_case)
+        return prediction_item(batch, self.segment)
 
     # -- the checkpoint carries its config and its fit -----------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

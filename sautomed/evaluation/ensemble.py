@@ -19,6 +19,7 @@ from torch import Tensor
 
 from sautomed.errors import UserError
 from sautomed.evaluation.base import SegmentationModule, input_mismatch
+from sautomed.evaluation.tta import tta_probabilities
 from sautomed.writers import prediction_item
 
 
@@ -45,12 +46,14 @@ class Ensemble(L.LightningModule):
         self.class_names: tuple[str, ...] = tuple(first.class_names)
         self.preprocessing: dict[str, Any] = dict(first.preprocessing)
         self.input_channels = int(getattr(first, "input_channels", 1))
+        self.tta = False  # each member's probabilities under test-time augmentation (evaluation/tta.py)
+        self.supports_tta = all(m.supports_tta for m in members)
 
     def case_probabilities(self, image: Tensor, geom: Any) -> Tensor:
         """The members' mean (Z, C+1, Y, X) class probabilities on the original grid."""
         total = None
         for member in self.members:
-            p = member.case_probabilities(image, geom)
+            p = tta_probabilities(member, image, geom) if self.tta else member.case_probabilities(image, geom)
             total = p if total is None else total + p
         return total / len(self.members)
 

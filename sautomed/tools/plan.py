@@ -25,10 +25,10 @@ from sautomed.data.check import check_dataset, format_report
 from sautomed.data.fingerprint import Fingerprint, fingerprint
 from sautomed.data.layouts import get_layout
 from sautomed.errors import UserError
+from sautomed.evaluation.tta import sided
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 FAMILIES = ("sautomed", "unet2d", "unet3d", "msam")
-SIDED = re.compile(r"(^|_)(left|right|l|r)(_|$)", re.IGNORECASE)
 
 
 def _template(family: str, device: str, sam_checkpoint: str | None) -> tuple[str, dict[str, Any]]:
@@ -98,11 +98,11 @@ def plan_config(
         pre.update(normalization="percentile", percentiles=[0.5, 99.5])
         pre.pop("window", None)
         notes.append("not CT: each volume scaled by its own 0.5-99.5 percentiles")
-    sided = [n for n in fp.class_names if SIDED.search(n)]
+    side = sided(fp.class_names)
     notes.append(
-        f"sided classes ({', '.join(sided)}): no left-right flips (sautomed never flips left-right)"
-        if sided
-        else "no sided class names; sautomed never flips left-right all the same"
+        f"sided classes ({', '.join(side)}): no left-right flips (nor in predict --tta)"
+        if side
+        else "no sided class names (predict --tta may flip left-right; training never does)"
     )
     rare = [n for n, k in zip(fp.class_names, fp.class_cases, strict=True) if k < len(fp.case_ids)]
     if rare:
