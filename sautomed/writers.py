@@ -7,6 +7,7 @@ for an input that could not be read, `{"error", "source"}`.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,6 +137,7 @@ class VolumeWriter(BasePredictionWriter):
         self.overwrite = overwrite
         self.written: list[str] = []
         self.failed: list[tuple[str, str]] = []
+        self._last = time.monotonic()  # each case's seconds: from the previous case's end
 
     def write_on_batch_end(
         self,
@@ -158,6 +160,12 @@ class VolumeWriter(BasePredictionWriter):
             self.failed.append((prediction["source"], f"could not write {prediction['output']}: {exc}"))
             return
         self.written.append(prediction["output"])
+        now = time.monotonic()
+        seconds, self._last = now - self._last, now
+        log.info("wrote %s (%.1f s)", prediction["output"], seconds)
+
+    def on_predict_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        self._last = time.monotonic()
 
     def on_predict_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         self.written, self.failed = gather_lists(self.written, self.failed)

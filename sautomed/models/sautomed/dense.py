@@ -209,6 +209,10 @@ def pretrain_dense_head(
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
+        if step and step % max(1, steps // 10) == 0:  # about every tenth of the steps (or of the clock)
+            spent = time.monotonic() - training_from
+            left = spent / max(done, 1e-6) - spent if done > 0 else 0.0
+            log.info("dense head: step %d of %d, loss %.3f, about %.0f s left", step, steps, losses[-1], left)
     if not losses:
         log.warning("dense head not pretrained: no time left in the budget after encoding")
         return losses
