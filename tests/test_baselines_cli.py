@@ -295,3 +295,22 @@ def test_a_clock_schedule_ends_at_zero_inside_the_guard(baseline_run, tmp_path, 
     ckpt = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=True)
     assert 0 < ckpt["global_step"] < 500 * 2  # stopped by its schedule, long before max_epochs
     assert ckpt["lr_schedulers"][0]["_last_lr"] == pytest.approx([0.0], abs=1e-12)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("kind", "epochs", "samples"), [("unet2d", 60, 32), ("unet3d", 40, 16)])
+def test_a_short_fit_learns_the_phantoms_liver(kind, epochs, samples, tiny_phantoms, tmp_path):
+    """A DSC bar an untrained or broken U-Net cannot reach (it scores 0 on every class): 960 (2D) or 320 (3D)
+    AdamW steps on 4 phantoms. Measured on 2026-12-06 (2-core CPU): unet2d liver 0.77, mean 0.42 (38 s);
+    unet3d liver 0.80 (23 s)."""
+    cfg = baseline_config(tmp_path / "c.yaml", tiny_phantoms, tmp_path / "run", kind)
+    doc = yaml.safe_load(cfg.read_text())
+    doc["trainer"].update(max_epochs=epochs, check_val_every_n_epoch=100000)
+    doc["model"]["init_args"].update(optimizer="adamw", lr=3e-3)
+    which = "patches" if kind == "unet3d" else "windows"
+    doc["data"][which]["samples_per_epoch"] = samples
+    cfg.write_text(yaml.safe_dump(doc))
+    assert main(["fit", "--config", str(cfg)]) == 0
+    assert main(["test", "--config", str(cfg), "--ckpt_path", "last"]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["per_class"]["liver"]["dsc"] > 0.6, summary["per_class"]
