@@ -22,6 +22,7 @@ from sautomed.models.sam.refine import PretrainedBoxRefiner, worst_case_logits
 from sautomed.models.sautomed.inference import InferenceSettings
 from sautomed.models.sautomed.module import SAutoMedModule
 from sautomed.models.sautomed.network import NetworkConfig
+from sautomed.writers import output_name
 
 ROOT = Path(__file__).resolve().parents[1] / ".." / "shared"
 MR = ROOT / "data" / "chaos-mr"
@@ -155,10 +156,10 @@ def test_predict_with_sam_refine_writes_labels_on_the_input_grid(tmp_path, capsy
     argv = ["predict", "--ckpt_path", str(ckpt), "--input", str(src), "--output", str(out), "--no-progress"]
     assert main(argv) == 0, capsys.readouterr().err
     assert main([*argv[:-3], "--output", str(tmp_path / "plain"), "--no-sam-refine", "--no-progress"]) == 0
-    plain = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "plain" / src.name)))
-    refined = sitk.GetArrayFromImage(sitk.ReadImage(str(out / src.name)))
+    plain = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "plain" / output_name(src))))
+    refined = sitk.GetArrayFromImage(sitk.ReadImage(str(out / output_name(src))))
     assert not np.array_equal(plain, refined)  # the checkpoint's refinement, and the flag that turns it off
-    a, b = sitk.ReadImage(str(src)), sitk.ReadImage(str(out / src.name))
+    a, b = sitk.ReadImage(str(src)), sitk.ReadImage(str(out / output_name(src)))
     assert a.GetSize() == b.GetSize() and a.GetSpacing() == b.GetSpacing()
     assert a.GetOrigin() == b.GetOrigin() and a.GetDirection() == b.GetDirection()
     assert set(np.unique(sitk.GetArrayFromImage(b))) <= {0, 1, 2, 3, 4}
