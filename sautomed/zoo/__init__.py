@@ -64,7 +64,11 @@ def models_main(argv: list[str]) -> int:
         atomic_write(Path(argv[2]), lambda p: torch.save(compact, p))
         print(f"wrote {argv[2]} ({Path(argv[2]).stat().st_size / 2**20:.1f} MiB)")
         return 0
-    if argv and argv[0] not in ("-h", "--help"):
+    if argv and argv[0] in ("-h", "--help"):
+        print("usage: sautomed models            list the shipped models (sautomed predict --model NAME)")
+        print("       sautomed models pack CKPT OUT  a fit with a frozen encoder as a compact checkpoint")
+        return 0
+    if argv:
         raise UserError(f"sautomed models: unknown argument {argv[0]!r} (none, or pack CKPT OUT)")
     models = registry()
     if not models:

@@ -11,9 +11,10 @@ from sautomed.tools.commands import TOOL_COMMANDS
 def test_top_help_lists_the_tool_commands(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    for cmd in ("evaluate", "info", "export", "preview", "report", "compare"):
+    tools = {"evaluate", "info", "export", "preview", "report", "compare", "refine", "plan", "models"}
+    for cmd in tools:
         assert f"\n  {cmd} " in out
-    assert set(TOOL_COMMANDS) == {"evaluate", "info", "export", "preview", "report", "compare"}
+    assert set(TOOL_COMMANDS) == tools
 
 
 @pytest.mark.parametrize("cmd", sorted(TOOL_COMMANDS))
