@@ -65,9 +65,14 @@ def test_a_broken_case_stops_the_plan_naming_it(tiny_phantoms, tmp_path, capsys)
 
 
 @pytest.mark.slow
-def test_fit_with_a_dataset_and_no_config_plans_and_trains(tiny_phantoms, tmp_path, capsys):
+def test_fit_with_a_dataset_and_no_config_plans_and_trains(tmp_path, capsys):
+    from sautomed.data.phantom import make_phantoms
+
+    data = make_phantoms(
+        tmp_path / "data", 2, seed=3, size=(8, 64, 64)
+    )  # few slices: LiteMedSAM encodes them
     run = tmp_path / "run"
-    argv = ["fit", "--data.root", str(tiny_phantoms / "train"), "--trainer.default_root_dir", str(run)]
+    argv = ["fit", "--data.root", str(data), "--trainer.default_root_dir", str(run)]
     argv += ["--model.network.sam_checkpoint", str(WEIGHTS), "--data.windows.augmented_copies", "1"]
     argv += ["--model.dense_pretrain_steps", "2", *FEW_STEPS]
     assert main(argv) == 0
