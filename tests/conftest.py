@@ -113,3 +113,17 @@ def write_tiny_sam_checkpoint(path: Path, image_size: int = 64) -> Path:
 def tiny_sam_checkpoint(tmp_path_factory) -> Path:
     """The tiny backbone's SAM-layout checkpoint at S = 64 (`write_tiny_sam_checkpoint`)."""
     return write_tiny_sam_checkpoint(tmp_path_factory.mktemp("tiny_sam") / "tiny_sam.pth")
+
+
+def frozen_tiny(checkpoint: Path, **settings: object):
+    """The tiny backbone at S = 64, its encoder frozen from ``checkpoint`` (write_tiny_sam_checkpoint)."""
+    from sautomed.models.sautomed.network import NetworkConfig
+
+    base = {
+        "backbone": "tiny",
+        "image_size": 64,
+        "num_classes": 1,
+        "encoder_finetune": "frozen",
+        "lora_rank": 0,
+    }
+    return NetworkConfig(**{**base, "sam_checkpoint": str(checkpoint), **settings})

@@ -10,27 +10,18 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from conftest import frozen_tiny
 
 from sautomed.cli import main
 from sautomed.families import module_from_checkpoint
 from sautomed.models.sautomed.module import FROZEN_PREFIX, SAutoMedModule
-from sautomed.models.sautomed.network import NetworkConfig
 from sautomed.zoo import registry
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
 
 
 def _fitted(tiny_sam_checkpoint) -> dict:
-    net = NetworkConfig(
-        backbone="tiny",
-        image_size=64,
-        num_classes=2,
-        encoder_finetune="frozen",
-        lora_rank=0,
-        decoder="per_class",
-        sam_checkpoint=str(tiny_sam_checkpoint),
-    )
-    module = SAutoMedModule(network=net)
+    module = SAutoMedModule(network=frozen_tiny(tiny_sam_checkpoint, num_classes=2, decoder="per_class"))
     torch.manual_seed(1)
     with torch.no_grad():  # what a fit changes: everything but the frozen encoder
         for name, p in module.named_parameters():

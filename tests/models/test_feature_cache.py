@@ -54,18 +54,11 @@ def _encoding_module(tmp_path, tiny_sam_checkpoint, monkeypatch, max_time=None):
     """A frozen tiny module whose trainer says what a fit would: SIGTERM received or not, time left."""
     from types import SimpleNamespace
 
-    from sautomed.models.sautomed.module import SAutoMedModule
-    from sautomed.models.sautomed.network import NetworkConfig
+    from conftest import frozen_tiny
 
-    net = NetworkConfig(
-        backbone="tiny",
-        image_size=64,
-        num_classes=1,
-        encoder_finetune="frozen",
-        lora_rank=0,
-        sam_checkpoint=str(tiny_sam_checkpoint),
-    )
-    module = SAutoMedModule(network=net)
+    from sautomed.models.sautomed.module import SAutoMedModule
+
+    module = SAutoMedModule(network=frozen_tiny(tiny_sam_checkpoint))
     trainer = SimpleNamespace(received_sigterm=False, callbacks=[])
     monkeypatch.setattr(SAutoMedModule, "trainer", property(lambda self: trainer))
     return module, trainer
