@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -115,7 +116,7 @@ def tiny_sam_checkpoint(tmp_path_factory) -> Path:
     return write_tiny_sam_checkpoint(tmp_path_factory.mktemp("tiny_sam") / "tiny_sam.pth")
 
 
-def frozen_tiny(checkpoint: Path, **settings: object):
+def _frozen_tiny(checkpoint: Path, **settings: object):
     """The tiny backbone at S = 64, its encoder frozen from ``checkpoint`` (write_tiny_sam_checkpoint)."""
     from sautomed.models.sautomed.network import NetworkConfig
 
@@ -127,3 +128,37 @@ def frozen_tiny(checkpoint: Path, **settings: object):
         "lora_rank": 0,
     }
     return NetworkConfig(**{**base, "sam_checkpoint": str(checkpoint), **settings})
+
+
+@pytest.fixture
+def frozen_tiny():
+    """_frozen_tiny as a fixture (conftest modules are not importable by name across folders)."""
+    return _frozen_tiny
+
+
+def _oblique_stack(path, rng_seed: int = 0):
+    """A cardiac-MR-like short-axis stack: 12 slices of 8 mm, 64 x 64 of 1.25 mm, the stack axis (stored
+    index k) lying in the patient's left-right / front-back plane, 20 degrees off left-right; index i runs
+    along the patient's long axis. Returns (image, labels) as stored numpy arrays (k, j, i)."""
+    import SimpleITK as sitk
+
+    t = np.deg2rad(20.0)
+    # columns: index axes i, j, k in physical (x, y, z)
+    cols = np.array([[0.0, 0.0, 1.0], [-np.sin(t), np.cos(t), 0.0], [np.cos(t), np.sin(t), 0.0]]).T
+    rng = np.random.default_rng(rng_seed)
+    stored = rng.normal(100, 10, (12, 64, 64)).astype(np.int16)  # (k, j, i)
+    labels = np.zeros((12, 64, 64), np.uint8)
+    labels[3:9, 20:40, 10:30] = 1
+    for array, out in ((stored, path / "oblique_0000.nii.gz"), (labels, path / "oblique_labels.nii.gz")):
+        img = sitk.GetImageFromArray(array)
+        img.SetSpacing((1.25, 1.25, 8.0))
+        img.SetDirection(tuple(float(v) for v in cols.ravel()))
+        img.SetOrigin((10.0, -20.0, 30.0))
+        sitk.WriteImage(img, str(out))
+    return stored, labels
+
+
+@pytest.fixture
+def oblique_stack():
+    """_oblique_stack as a fixture."""
+    return _oblique_stack

@@ -356,12 +356,12 @@ def test_predict_with_several_checkpoints_averages_them(trained_run, tiny_phanto
     assert len(err.strip().splitlines()) == 1
 
 
-def test_predict_slices_an_oblique_stack_along_its_acquisition(trained_run, tmp_path, monkeypatch):
-    from data.test_io import _oblique_stack
-
+def test_predict_slices_an_oblique_stack_along_its_acquisition(
+    trained_run, tmp_path, monkeypatch, oblique_stack
+):
     _, run = trained_run
     (tmp_path / "in").mkdir()
-    _oblique_stack(tmp_path / "in")
+    oblique_stack(tmp_path / "in")
     (tmp_path / "in" / "oblique_labels.nii.gz").unlink()
     encoded = []
     original = SAutoMedNet.encode

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import frozen_tiny
 
 from sautomed.cli import main
 from sautomed.families import module_from_checkpoint
@@ -20,7 +19,7 @@ from sautomed.zoo import registry
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
 
 
-def _fitted(tiny_sam_checkpoint) -> dict:
+def _fitted(tiny_sam_checkpoint, frozen_tiny) -> dict:
     module = SAutoMedModule(network=frozen_tiny(tiny_sam_checkpoint, num_classes=2, decoder="per_class"))
     torch.manual_seed(1)
     with torch.no_grad():  # what a fit changes: everything but the frozen encoder
@@ -34,8 +33,8 @@ def _fitted(tiny_sam_checkpoint) -> dict:
     return ckpt
 
 
-def test_a_compact_checkpoint_rebuilds_the_same_model(tiny_sam_checkpoint, tmp_path, capsys):
-    ckpt = _fitted(tiny_sam_checkpoint)
+def test_a_compact_checkpoint_rebuilds_the_same_model(tiny_sam_checkpoint, frozen_tiny, tmp_path, capsys):
+    ckpt = _fitted(tiny_sam_checkpoint, frozen_tiny)
     torch.save(ckpt, tmp_path / "fit.ckpt")
     assert main(["models", "pack", str(tmp_path / "fit.ckpt"), str(tmp_path / "compact.pt")]) == 0
     compact = torch.load(tmp_path / "compact.pt", map_location="cpu", weights_only=True)

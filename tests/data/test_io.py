@@ -334,32 +334,10 @@ def test_dicom_two_series_and_missing_slice(tmp_path, dicom_writer):
         read_volume(gap)
 
 
-def _oblique_stack(path, rng_seed: int = 0):
-    """A cardiac-MR-like short-axis stack: 12 slices of 8 mm, 64 x 64 of 1.25 mm, the stack axis (stored
-    index k) lying in the patient's left-right / front-back plane, 20 degrees off left-right; index i runs
-    along the patient's long axis. Returns (image, labels) as stored numpy arrays (k, j, i)."""
-    import SimpleITK as sitk
-
-    t = np.deg2rad(20.0)
-    # columns: index axes i, j, k in physical (x, y, z)
-    cols = np.array([[0.0, 0.0, 1.0], [-np.sin(t), np.cos(t), 0.0], [np.cos(t), np.sin(t), 0.0]]).T
-    rng = np.random.default_rng(rng_seed)
-    stored = rng.normal(100, 10, (12, 64, 64)).astype(np.int16)  # (k, j, i)
-    labels = np.zeros((12, 64, 64), np.uint8)
-    labels[3:9, 20:40, 10:30] = 1
-    for array, out in ((stored, path / "oblique_0000.nii.gz"), (labels, path / "oblique_labels.nii.gz")):
-        img = sitk.GetImageFromArray(array)
-        img.SetSpacing((1.25, 1.25, 8.0))
-        img.SetDirection(tuple(float(v) for v in cols.ravel()))
-        img.SetOrigin((10.0, -20.0, 30.0))
-        sitk.WriteImage(img, str(out))
-    return stored, labels
-
-
-def test_an_oblique_stack_is_sliced_along_its_acquisition_and_written_back_exactly(tmp_path):
+def test_an_oblique_stack_is_sliced_along_its_acquisition_and_written_back_exactly(tmp_path, oblique_stack):
     from sautomed.data.io import read_label_volume, read_volume, write_label_volume
 
-    _, labels = _oblique_stack(tmp_path)
+    _, labels = oblique_stack(tmp_path)
     image, geom = read_volume(tmp_path / "oblique_0000.nii.gz")
     assert image.shape == (12, 64, 64) and geom.spacing_zyx[0] == 8.0  # 12 slices, not 64 of 12 x 64
     canonical = read_label_volume(tmp_path / "oblique_labels.nii.gz", reference=geom)

@@ -50,11 +50,9 @@ def test_a_cache_over_its_limit_with_no_folder_is_refused_with_the_figures():
         cache[0] = _features(1)[0]
 
 
-def _encoding_module(tmp_path, tiny_sam_checkpoint, monkeypatch, max_time=None):
+def _encoding_module(tmp_path, tiny_sam_checkpoint, monkeypatch, frozen_tiny, max_time=None):
     """A frozen tiny module whose trainer says what a fit would: SIGTERM received or not, time left."""
     from types import SimpleNamespace
-
-    from conftest import frozen_tiny
 
     from sautomed.models.sautomed.module import SAutoMedModule
 
@@ -64,8 +62,8 @@ def _encoding_module(tmp_path, tiny_sam_checkpoint, monkeypatch, max_time=None):
     return module, trainer
 
 
-def test_the_feature_encoding_stops_on_sigterm(tmp_path, tiny_sam_checkpoint, monkeypatch):
-    module, trainer = _encoding_module(tmp_path, tiny_sam_checkpoint, monkeypatch)
+def test_the_feature_encoding_stops_on_sigterm(tmp_path, tiny_sam_checkpoint, monkeypatch, frozen_tiny):
+    module, trainer = _encoding_module(tmp_path, tiny_sam_checkpoint, monkeypatch, frozen_tiny)
     module._check_encoding(8, 800)  # before a signal: goes on
     trainer.received_sigterm = True
     with pytest.raises(SIGTERMException):
@@ -73,11 +71,11 @@ def test_the_feature_encoding_stops_on_sigterm(tmp_path, tiny_sam_checkpoint, mo
 
 
 def test_an_encoding_that_cannot_fit_the_budget_stops_early_with_the_figures(
-    tmp_path, tiny_sam_checkpoint, monkeypatch
+    tmp_path, tiny_sam_checkpoint, monkeypatch, frozen_tiny
 ):
     import sautomed.models.sautomed.module as module_file
 
-    module, trainer = _encoding_module(tmp_path, tiny_sam_checkpoint, monkeypatch)
+    module, trainer = _encoding_module(tmp_path, tiny_sam_checkpoint, monkeypatch, frozen_tiny)
     clock = iter([100.0, 110.0])  # 10 s for the 32 slices after the first chunk
     monkeypatch.setattr(module_file.time, "monotonic", lambda: next(clock))
     monkeypatch.setattr(module_file, "time_remaining", lambda t: 60.0)  # a minute of max_time left
