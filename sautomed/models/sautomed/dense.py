@@ -66,18 +66,56 @@ class DenseHead(nn.Module):
         return self.layers(torch.cat([f_prev, f_t, f_next], dim=1))
 
 
+@torch.no_grad()
 def largest_component_2d(labels: Tensor, num_classes: int) -> Tensor:
-    """(B, h, w) labels -> the same with each class cut to its largest 4-connected component per slice."""
-    arr = labels.cpu().numpy()
+    """(B, h, w) labels -> the same with each class cut to its largest 4-connected component per slice.
+
+    Labels on an accelerator stay there (``largest_component_2d_torch``: no copy to the host and back on
+    every chain step); on the CPU scipy's labelling is 4-5x faster than the tensor version (0.7 against
+    3.7 ms for 2 slices of 64 x 64 with 4 classes, 2-core EPYC). Both keep the same pixels (a test says
+    so)."""
+    if labels.device.type != "cpu":
+        return largest_component_2d_torch(labels, num_classes)
+    arr = labels.numpy()
     out = np.zeros_like(arr)
     for b in range(arr.shape[0]):
         for c in range(1, num_classes + 1):
             comp, n = ndimage.label(arr[b] == c)
-            if n == 0:
-                continue
-            sizes = np.bincount(comp.ravel())[1:]
-            out[b][comp == 1 + int(sizes.argmax())] = c
-    return torch.from_numpy(out).to(labels.device)
+            if n:
+                out[b][comp == 1 + int(np.bincount(comp.ravel())[1:].argmax())] = c
+    return torch.from_numpy(out)
+
+
+@torch.no_grad()
+def largest_component_2d_torch(labels: Tensor, num_classes: int) -> Tensor:
+    """largest_component_2d on the labels' own device, every slice and class at once: each pixel of a class
+    starts with its own raster index as component id, takes the smallest id among its 4 neighbours of the
+    same class, then the id its id points to (pointer jumping), until nothing changes; a component ends up
+    with the raster index of its first pixel, as ``scipy.ndimage.label`` numbers them, so equal sizes
+    resolve the same way (the first wins). No copy to the host, no Python loop over slices and classes."""
+    B, h, w = labels.shape
+    C, n = num_classes, h * w
+    classes = torch.arange(1, C + 1, device=labels.device).view(1, C, 1, 1)
+    fg = labels.unsqueeze(1) == classes  # (B, C, h, w)
+    none = n  # larger than every raster index
+    index = torch.arange(n, device=labels.device).view(1, 1, h, w)
+    comp = torch.where(fg, index, none)
+    while True:
+        padded = F.pad(comp, (1, 1, 1, 1), value=none)
+        left_right = torch.minimum(padded[..., 1:-1, :-2], padded[..., 1:-1, 2:])
+        up_down = torch.minimum(padded[..., :-2, 1:-1], padded[..., 2:, 1:-1])
+        neighbours = torch.minimum(comp, torch.minimum(left_right, up_down))  # (a stack's amin is 50x slower)
+        step = torch.where(fg, neighbours, none).flatten(2)  # (B, C, n)
+        jumped = torch.gather(torch.cat([step, step.new_full((B, C, 1), none)], dim=2), 2, step)
+        new = torch.minimum(step, jumped).view(B, C, h, w)
+        if torch.equal(new, comp):
+            break
+        comp = new
+    sizes = torch.zeros(B, C, n + 1, dtype=torch.long, device=labels.device)
+    sizes.scatter_add_(2, comp.flatten(2), torch.ones_like(comp.flatten(2)))
+    best = sizes[..., :n].argmax(dim=2)  # (B, C): the id of the largest component (the first on ties)
+    keep = fg & (comp == best.view(B, C, 1, 1))
+    return (keep * classes).sum(dim=1).to(labels.dtype)
 
 
 @torch.no_grad()
