@@ -79,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="test-time augmentation: in-plane zooms, and left-right flips where no class is sided (slower)",
     )
+    p.add_argument(
+        "--clicks",
+        type=Path,
+        default=None,
+        help="M-SAM: a JSON file of each case's positive / negative clicks (mm or voxel indices), applied in "
+        "order from the automatic mask (sautomed/models/msam/session.py documents the format)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     predict_outputs.add_output_arguments(p)  # --statistics, --preview, --dicom-seg
     return p
@@ -122,6 +129,11 @@ def predict_main(argv: Sequence[str]) -> int:
     from sautomed.run_folder import read_checkpoint
     from sautomed.writers import VolumeWriter, plan_predictions
 
+    clicks = None
+    if a.clicks is not None:
+        from sautomed.models.msam.session import read_clicks_file
+
+        clicks = read_clicks_file(a.clicks)  # a malformed file fails before the model loads
     extras = predict_outputs.Extras.from_args(a)  # a missing optional dependency fails here, before the work
     changes = {}
     if a.mode:
@@ -149,6 +161,12 @@ def predict_main(argv: Sequence[str]) -> int:
         module, family = members[0], families[0]
     else:
         module, family = Ensemble(members, [str(p) for p in a.ckpt_path]), "ensemble:" + ",".join(families)
+    if clicks is not None:
+        if not hasattr(module, "user_clicks"):
+            raise UserError(
+                f"--clicks {a.clicks}: only M-SAM checkpoints take clicks, not {type(module).__name__}"
+            )
+        module.user_clicks = clicks
     if a.tta:
         if not module.supports_tta:
             raise UserError(f"--tta: not available for this checkpoint's model ({type(module).__name__})")
@@ -170,6 +188,14 @@ def predict_main(argv: Sequence[str]) -> int:
                 print(f"note: removed {tmp}, a partial file of an interrupted run", file=sys.stderr)
             except OSError:
                 pass
+    if clicks is not None:
+        unmatched = clicks.unmatched([dst.name for _, dst in plan.jobs] + [k.name for k in plan.kept])
+        if unmatched:
+            names = ", ".join(sorted(dst.name for _, dst in plan.jobs)) or "none"
+            raise UserError(
+                f"--clicks {a.clicks}: no input for case(s) {', '.join(unmatched)} (cases are named as the "
+                f"outputs, without extension: {names})"
+            )
     if not plan.jobs:
         print("nothing to predict", file=sys.stderr)
         return 0

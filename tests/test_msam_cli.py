@@ -184,6 +184,59 @@ def test_predict_writes_labels_on_the_input_grid_without_ground_truth(msam_run, 
     assert (out / "labels.json").is_file()
 
 
+def test_predict_applies_a_users_clicks_per_case_and_reports_a_bad_one(
+    msam_run, lesions, sautomed_ckpt, tmp_path, capsys
+):
+    """--clicks: the named case starts empty and gets its positive clicks (mm and voxel) on the input grid; a
+    case whose click lies outside its volume fails alone; a case the file names but no input has, and a
+    checkpoint of another family, are refused in one line."""
+    _, run = msam_run
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for src in sorted((lesions / "test" / "imagesTr").iterdir()):
+        shutil.copy(src, scans / src.name)
+    first, second = sorted(scans.iterdir())
+    img = sitk.ReadImage(str(first))
+    mm = img.TransformIndexToPhysicalPoint((20, 22, 18))
+    clicks = {
+        "start": "empty",
+        "cases": {
+            output_name(first).split(".")[0]: [
+                {"point": list(mm), "space": "mm", "label": "positive"},
+                {"point": [20, 22, 18], "space": "voxel", "label": "positive"},
+            ],
+            output_name(second).split(".")[0]: [{"point": [500, 0, 0], "space": "voxel"}],
+        },
+    }
+    (tmp_path / "clicks.json").write_text(json.dumps(clicks))
+    out = tmp_path / "out"
+    argv = [
+        "predict",
+        "--ckpt_path",
+        str(run / "last.ckpt"),
+        "-i",
+        str(scans),
+        "-o",
+        str(out),
+        "--no-progress",
+    ]
+    assert main([*argv, "--clicks", str(tmp_path / "clicks.json")]) == 1  # one case failed
+    err = capsys.readouterr().err
+    assert f"failed {second}" in err and "lies outside the volume" in err and "wrote 1 of 2 outputs" in err
+    written = sitk.ReadImage(str(out / output_name(first)))
+    assert written.GetOrigin() == img.GetOrigin() and written.GetDirection() == img.GetDirection()
+    assert not (out / output_name(second)).exists()
+
+    clicks["cases"]["not_a_case"] = []
+    (tmp_path / "more.json").write_text(json.dumps(clicks))
+    argv[-2] = str(tmp_path / "out2")
+    assert main([*argv, "--clicks", str(tmp_path / "more.json")]) == 1
+    assert "no input for case(s) not_a_case" in _one_error_line(capsys.readouterr().err)
+    argv[2] = str(sautomed_ckpt)
+    assert main([*argv, "--clicks", str(tmp_path / "clicks.json")]) == 1
+    assert "only M-SAM checkpoints take clicks" in _one_error_line(capsys.readouterr().err)
+
+
 def test_predict_refuses_a_flag_of_another_family(msam_run, lesions, tmp_path, capsys):
     _, run = msam_run
     src = next((lesions / "test" / "imagesTr").iterdir())

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -56,8 +57,10 @@ from sautomed.models.msam.network import MSAMConfig, MSAMNet
 from sautomed.models.msam.optim import build_optimizer
 from sautomed.models.msam.patches import binary_target
 from sautomed.models.msam.refinement import RefinementSettings, refine_with_clicks
+from sautomed.models.msam.session import ClickSession, ClicksFile
 from sautomed.run_folder import UserError, check_checkpoint_config
 from sautomed.schedule import Schedule, ScheduleBy, check_schedule
+from sautomed.writers import prediction_item
 
 __all__ = [
     "CLASS_NAMES",
@@ -147,6 +150,7 @@ class MSAMModule(SegmentationModule):
         self.net = MSAMNet(network)
         self.class_names = CLASS_NAMES
         self._oracle: list[OracleCase] = []  # (case, DSC after 1, 2, ... clicks)
+        self.user_clicks: ClicksFile | None = None  # predict --clicks: each case's clicks (session.py)
 
     @property
     def input_channels(self) -> int:
@@ -314,6 +318,24 @@ class MSAMModule(SegmentationModule):
             logits = F.interpolate(logits[None, None], size=shape, mode="trilinear")[0, 0]
         p = logits.float().sigmoid()
         return torch.stack([1 - p, p], 1)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """The automatic mode, or with ``user_clicks`` (``predict --clicks``) each case's clicks applied in
+        order from the file's start mask (``session.ClickSession``); a click outside its volume fails that
+        case alone."""
+        clicks = self.user_clicks
+        if clicks is None or "error" in batch:
+            return super().predict_step(batch, batch_idx)
+        mine = clicks.clicks_for(Path(batch["output"]).name)
+
+        def segment(image: Tensor, geom: Any) -> np.ndarray:
+            session = ClickSession(self.net, image, geom, clicks.start, self.automatic, self.evaluation.merge)
+            return session.apply(mine)
+
+        try:
+            return prediction_item(batch, segment)
+        except UserError as exc:
+            return {"error": str(exc), "source": batch["source"]}
 
     def reference(self, batch: dict[str, Any]) -> np.ndarray:
         return binary_target(batch["label"].cpu().numpy(), self.foreground_labels).astype(np.uint8)
