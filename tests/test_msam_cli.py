@@ -322,7 +322,7 @@ def test_the_multistep_schedule_lowers_the_rates_at_the_milestones(msam_run, tmp
     assert state["_last_lr"] == pytest.approx([1e-4, 1e-4, 1e-5])
 
 
-OVERLAYS = ("msam_brats_t1c.yaml",)  # used on top of msam_brats.yaml
+OVERLAYS = ("msam_brats_flair.yaml",)  # used on top of msam_brats.yaml
 
 
 @pytest.mark.parametrize(
@@ -354,16 +354,16 @@ def test_every_msam_config_parses_and_names_the_msam_family(cfg, capsys):
     assert data["root"] in ("data/KiTS", "data/LiTS")
 
 
-def test_the_t1c_overlay_reads_two_channels_into_its_own_run_folder(capsys):
+def test_brats_reads_flair_and_t1c_and_the_flair_overlay_one_channel_into_its_own_run_folder(capsys):
     argv = ["fit", "--config", str(CONFIGS / "msam_brats.yaml")]
-    assert main([*argv, "--config", str(CONFIGS / "msam_brats_t1c.yaml"), "--print_config"]) == 0
-    printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["data"]["channels"] == printed["model"]["init_args"]["network"]["in_channels"] == 2
-    assert printed["trainer"]["default_root_dir"] == "runs/msam_brats_t1c"
-    assert printed["model"]["init_args"]["network"]["local_head"] is True  # the rest: msam_brats.yaml's
     assert main([*argv, "--print_config"]) == 0
-    alone = yaml.safe_load(capsys.readouterr().out)
-    assert alone["data"]["channels"] == alone["model"]["init_args"]["network"]["in_channels"] == 1
+    both = yaml.safe_load(capsys.readouterr().out)
+    assert both["data"]["channels"] == both["model"]["init_args"]["network"]["in_channels"] == 2
+    assert main([*argv, "--config", str(CONFIGS / "msam_brats_flair.yaml"), "--print_config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["data"]["channels"] == printed["model"]["init_args"]["network"]["in_channels"] == 1
+    assert printed["trainer"]["default_root_dir"] == "runs/msam_brats_flair"
+    assert printed["model"]["init_args"]["network"]["local_head"] is True  # the rest: msam_brats.yaml's
 
 
 def test_the_brats_config_ends_its_schedule_by_the_clock_inside_its_guard():
