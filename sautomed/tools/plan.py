@@ -7,13 +7,17 @@ starts from the shipped config of the family for the machine (on a CPU the LiteM
 cached encoder; on a GPU with an official SAM checkpoint, vit_b with LoRA as in the paper; the U-Nets;
 M-SAM). From the fingerprint it sets the classes, the channels, the normalisation (CT: a window from the
 foreground's 0.5-99.5 percentiles, as nnU-Net clips CT; otherwise each volume's own percentiles), the U-Nets'
-patch and spacing, and the time budget; every choice is printed and written as a comment in the config.
+patch and spacing, and the time budget. For the frozen, cached SAM encoder it times the encoder on this
+machine and lowers the augmented copies until encoding the dataset fits a third of the budget, and says how
+large the feature cache will be against the machine's memory (memory-mapped on disk above half of it); every
+choice is printed and written as a comment in the config.
 sautomed never flips left-right; sided class names are reported so that this is visible.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -67,6 +71,92 @@ def is_ct(fp: Fingerprint, modality: str | None) -> bool:
     return any(name.strip().upper() == "CT" for name in fp.channel_names)
 
 
+ENCODE_SHARE = (
+    0.35  # of the budget the frozen encoder's feature cache may take (the rest: pretraining, chain)
+)
+
+
+def encoder_seconds_per_slice(backbone: str, image_size: int, device: str) -> tuple[float, int]:
+    """This machine's seconds per slice of the SAM encoder ``backbone`` at ``image_size`` (random weights:
+    speed does not depend on them), the best of 2 timed batches of 4 slices after one warm-up; and the bytes
+    of one slice's float16 features (what the feature cache stores)."""
+    import time
+
+    import torch
+
+    from sautomed.models.sautomed.network import NetworkConfig, build_network
+
+    net = build_network(NetworkConfig(backbone=backbone, image_size=image_size, num_classes=1)).eval()
+    dev = torch.device(device if device == "cpu" or torch.cuda.is_available() else "cpu")
+    net.to(dev)
+    x = torch.rand(4, image_size, image_size, device=dev)
+    best = math.inf
+    with torch.no_grad():
+        for k in range(3):
+            t = time.perf_counter()
+            features = net.encode(x)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            if k:
+                best = min(best, (time.perf_counter() - t) / 4)
+    return best, int(features[0].numel()) * 2
+
+
+def _busy() -> str | None:
+    """A warning when other work was running while the encoder was timed (the load average over 1 minute
+    above half the CPUs): the timing, and the copies chosen from it, are then pessimistic."""
+    import os
+
+    try:
+        load, cpus = os.getloadavg()[0], os.cpu_count() or 1
+    except OSError:
+        return None
+    if load <= 0.5 * cpus:
+        return None
+    return (
+        f"warning: load average {load:.1f} on {cpus} CPUs while the encoder was timed: other work slows it; "
+        "plan again on an idle machine for the copies it affords"
+    )
+
+
+def size_feature_cache(
+    fp: Fingerprint,
+    copies: int,
+    image_size: int,
+    budget_s: int,
+    seconds_per_slice: float,
+    bytes_per_slice: int,
+    memory_bytes: int,
+) -> tuple[int, list[str]]:
+    """The augmented copies K whose encoding fits ``ENCODE_SHARE`` of the budget on this machine (at most the
+    template's, at least 1), and notes: slices, the encoding's minutes, the cache's size against memory.
+
+    The frozen encoder encodes every slice of every copy before the first step (``bytes_per_slice`` of
+    float16 features each); a dataset of many cases at the template's K would spend the whole
+    budget there, so K comes down (each copy is one fixed augmentation of every volume)."""
+    slices = int(sum(shape[0] for shape in fp.shapes_zyx))
+    fits = int(ENCODE_SHARE * budget_s / max(seconds_per_slice * slices, 1e-9))
+    k = max(1, min(copies, fits))
+    notes = [
+        f"frozen encoder: {seconds_per_slice:.3f} s a slice at S = {image_size} measured here; "
+        f"{slices} slices x {k} augmented copies = {slices * k * seconds_per_slice / 60:.1f} min of encoding "
+        f"(data.windows.augmented_copies {k}"
+        + (f", down from {copies} to stay inside {ENCODE_SHARE:.0%} of the budget)" if k < copies else ")")
+    ]
+    if fits < 1:
+        notes.append(
+            f"warning: even one copy needs {slices * seconds_per_slice / 60:.1f} min of encoding, over "
+            f"{ENCODE_SHARE:.0%} of the {budget_s // 60}-min budget: give a longer --budget or a GPU"
+        )
+    cache = slices * k * bytes_per_slice
+    half = memory_bytes // 2
+    where = "in memory" if cache <= half else "memory-mapped on disk (over half the machine's memory)"
+    notes.append(
+        f"feature cache {cache / 2**30:.1f} GiB of this machine's {memory_bytes / 2**30:.0f} GiB: {where}"
+    )
+    return k, notes
+
+
 def plan_config(
     fp: Fingerprint,
     family: str,
@@ -75,6 +165,7 @@ def plan_config(
     sam_checkpoint: str | None,
     modality: str | None = None,
     layout: str = "nnunet",
+    measure: bool = True,
 ) -> tuple[dict[str, Any], list[str]]:
     """The config for ``fp`` and the notes saying what was chosen and why."""
     name, cfg = _template(family, device, sam_checkpoint)
@@ -114,6 +205,19 @@ def plan_config(
         if sam_checkpoint:
             net["sam_checkpoint"] = sam_checkpoint
         notes.append(f"backbone {net.get('backbone')}, encoder {net.get('encoder_finetune')}, S = {S}")
+        windows = data.setdefault("windows", {})
+        copies = int(windows.get("augmented_copies", 0))
+        if measure and copies > 0 and net.get("encoder_finetune") == "frozen":
+            from sautomed.models.sautomed.feature_cache import machine_memory_bytes
+
+            speed, nbytes = encoder_seconds_per_slice(str(net.get("backbone")), S, device)
+            windows["augmented_copies"], more = size_feature_cache(
+                fp, copies, S, budget_s, speed, nbytes, machine_memory_bytes()
+            )
+            notes += more
+            busy = _busy()
+            if busy:
+                notes.append(busy)
     elif family in ("unet2d", "unet3d"):
         unet = model.setdefault("unet", {})
         unet["num_classes"] = C

@@ -96,3 +96,41 @@ def test_plans_of_the_shared_datasets_train(root, family, extra, tmp_path):
     fit = ["fit", "--config", str(out), "--trainer.default_root_dir", str(tmp_path / "run"), *FEW_STEPS]
     assert main([*fit, "--trainer.limit_val_batches", "0"]) == 0
     assert (tmp_path / "run" / "last.ckpt").is_file()
+
+
+def _fingerprint(cases: int, slices: int):
+    from sautomed.data.fingerprint import Fingerprint
+
+    return Fingerprint(
+        root="data",
+        case_ids=[f"c{i}" for i in range(cases)],
+        shapes_zyx=[[slices, 256, 256]] * cases,
+        spacings_zyx=[[6.0, 1.5, 1.5]] * cases,
+        class_names=["liver"],
+        class_voxels=[1000],
+        class_cases=[cases],
+        foreground_percentiles={"0.5": 0.0, "50": 1.0, "99.5": 2.0},
+        channel_names=["MR"],
+    )
+
+
+def test_the_augmented_copies_come_down_until_the_encoding_fits_the_budget_and_the_cache_says_where():
+    from sautomed.tools.plan import size_feature_cache
+
+    per_slice = 256 * 32 * 32 * 2  # LiteMedSAM at S = 128, float16
+    args = dict(image_size=128, budget_s=1200, seconds_per_slice=0.5, bytes_per_slice=per_slice)
+    k, notes = size_feature_cache(_fingerprint(4, 35), 6, memory_bytes=24 * 2**30, **args)
+    assert k == 6 and "down from" not in notes[0] and "in memory" in notes[-1]  # 140 slices x 6: 7 min
+    k, notes = size_feature_cache(_fingerprint(8, 35), 6, memory_bytes=24 * 2**30, **args)
+    assert k == 3 and "down from 6" in notes[0]  # 280 slices: 3 copies are 7 min, 35% of 20
+    k, notes = size_feature_cache(_fingerprint(8, 35), 6, memory_bytes=2**30 // 2, **args)
+    assert "memory-mapped on disk" in notes[-1]  # 0.4 GiB of cache on a machine of 0.5 GiB
+    k, notes = size_feature_cache(_fingerprint(100, 40), 6, memory_bytes=24 * 2**30, **args)
+    assert k == 1 and any("warning: even one copy needs 33.3 min" in n for n in notes)
+
+
+def test_a_sautomed_plan_times_the_frozen_encoder_on_this_machine(tiny_phantoms, capsys):
+    assert main(["plan", "--root", str(tiny_phantoms / "train")]) == 0
+    said = capsys.readouterr().out
+    assert "frozen encoder: " in said and " s a slice at S = 128 measured here" in said
+    assert "feature cache " in said
