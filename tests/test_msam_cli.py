@@ -16,11 +16,14 @@ import torch
 import yaml
 
 from sautomed.cli import main
+from sautomed.data.io import from_canonical
 from sautomed.data.lesion_phantom import make_lesion_phantoms
 from sautomed.families import FAMILIES, family_for_args, module_from_checkpoint
 from sautomed.models.msam.module import MSAMModule, oracle_class_name
+from sautomed.models.msam.session import Click, ClickSession
 from sautomed.models.sautomed.module import SAutoMedModule
 from sautomed.models.sautomed.network import NetworkConfig
+from sautomed.run_folder import read_checkpoint
 from sautomed.writers import output_name
 
 CLASS_PATH = "sautomed.models.msam.module.MSAMModule"
@@ -226,6 +229,13 @@ def test_predict_applies_a_users_clicks_per_case_and_reports_a_bad_one(
     written = sitk.ReadImage(str(out / output_name(first)))
     assert written.GetOrigin() == img.GetOrigin() and written.GetDirection() == img.GetDirection()
     assert not (out / output_name(second)).exists()
+    # the same clicks from Python: the same mask
+    session = ClickSession.for_volume(
+        module_from_checkpoint(read_checkpoint(run / "last.ckpt")), first, "empty"
+    )
+    session.click(Click(tuple(mm), space="mm"))
+    session.click(Click((20, 22, 18)))
+    assert (from_canonical(session.labels(), session.geom) == sitk.GetArrayFromImage(written)).all()
 
     clicks["cases"]["not_a_case"] = []
     (tmp_path / "more.json").write_text(json.dumps(clicks))

@@ -154,6 +154,24 @@ class ClickSession:
         self.clicks: list[Click] = []
         self._windows: dict[tuple[int, int, int], _Window] = {}
 
+    @classmethod
+    def for_volume(cls, module: Any, path: str | Path, start: Start = "automatic") -> ClickSession:
+        """A session on the volume file ``path`` for an M-SAM module (``families.module_from_checkpoint``):
+        read with its ``_0001`` .. siblings when the network takes several channels, preprocessed as the
+        checkpoint says (what ``predict`` does), with the module's automatic settings and merge."""
+        from sautomed.data.datasets import PredictDataset
+        from sautomed.data.preprocess import Preprocessing
+
+        if module.preprocessing is None:
+            raise UserError("the module carries no preprocessing settings (load it from a checkpoint)")
+        pre = Preprocessing(
+            **{k: tuple(v) if isinstance(v, list) else v for k, v in module.preprocessing.items()}
+        )
+        item = PredictDataset([(Path(path), Path(path))], pre, int(module.input_channels))[0]
+        if "error" in item:
+            raise UserError(item["error"])
+        return cls(module.net, item["image"], item["geom"], start, module.automatic, module.evaluation.merge)
+
     # -- clicks ---------------------------------------------------------------------------------------------
     def _window(self, voxel: tuple[int, int, int]) -> _Window:
         """The window for a click at ``voxel``: an encoded window holding it at least S/4 from its edges
