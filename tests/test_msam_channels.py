@@ -20,10 +20,12 @@ from sautomed.data.errors import DatasetError, VolumeError
 from sautomed.data.layouts import get_layout
 from sautomed.data.lesion_phantom import make_lesion_phantoms
 from sautomed.data.preprocess import Preprocessing, VolumeCache, preprocess
+from sautomed.families import module_from_checkpoint
 from sautomed.models.msam.checkpoint import export_sam_med3d, load_sam_med3d
 from sautomed.models.msam.cutout import cut_out_lesion
 from sautomed.models.msam.network import MSAMConfig, MSAMNet
 from sautomed.models.msam.patches import CropSettings, MSAMDataModule
+from sautomed.run_folder import read_checkpoint
 from sautomed.writers import plan_predictions
 
 SHARED_BRATS = Path(__file__).resolve().parents[2] / "shared" / "data" / "brats-tumour"
@@ -252,3 +254,79 @@ def test_channels_and_in_channels_must_agree(two_channel, tmp_path, capsys):
     assert main(["fit", "--config", str(cfg)]) == 1
     err = capsys.readouterr().err
     assert "data.channels 2 and model.network.in_channels 1 differ" in err and "Traceback" not in err
+
+
+# -- the 3D U-Net on the same channels (configs/unet3d_brats_small.yaml) -----------------------------------
+
+
+def _unet3d_config(path: Path, data: Path, run_dir: Path, channels: int, in_channels: int) -> Path:
+    """A tiny 3D U-Net of the baselines family on the 2-channel phantoms, whole tumour as one class."""
+    label_map = path.parent / "whole.json"
+    label_map.write_text(json.dumps({"classes": {"1": "lesion"}, "map": {str(k): 1 for k in range(1, 5)}}))
+    cfg = {
+        "seed_everything": 0,
+        "trainer": {
+            "default_root_dir": str(run_dir),
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_steps": 2,
+            "max_epochs": 1,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+        },
+        "model": {
+            "class_path": "sautomed.models.baselines.module.BaselineModule",
+            "init_args": {
+                "network": "unet3d",
+                "unet": {
+                    "num_classes": 1,
+                    "in_channels": in_channels,
+                    "patch_size": [16, 16, 16],
+                    "spacing": [1.0, 1.0, 1.0],
+                    "base_filters": 4,
+                    "max_filters": 8,
+                },
+            },
+        },
+        "data": {
+            "layout": "nnunet",
+            "root": str(data / "train"),
+            "test_root": str(data / "test"),
+            "label_map": str(label_map),
+            "channels": channels,
+            "folds": 1,
+            "preprocessing": {"image_size": 36, "normalization": "percentile"},
+            "patches": {"size": [16, 16, 16], "samples_per_epoch": 4},
+            "batch_size": 2,
+            "cache_dir": str(path.parent / "cache"),
+        },
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_the_3d_unet_reads_two_channels_in_fit_test_and_predict(two_channel, tmp_path, capsys):
+    cfg = _unet3d_config(tmp_path / "u.yaml", two_channel, tmp_path / "run", 2, 2)
+    assert main(["fit", "--config", str(cfg)]) == 0
+    module = module_from_checkpoint(read_checkpoint(tmp_path / "run" / "last.ckpt"))
+    assert module.input_channels == 2 and module.net.input_block.conv1.conv.in_channels == 2
+    assert module.class_names == ("lesion",)
+    assert main(["test", "--config", str(cfg), "--ckpt_path", "last"]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["num_cases"] == 2 and list(summary["per_class"]) == ["lesion"]
+    out = tmp_path / "out"
+    scans = two_channel / "test" / "imagesTr"
+    argv = ["predict", "--ckpt_path", str(tmp_path / "run" / "last.ckpt"), "-i", str(scans)]
+    assert main([*argv, "-o", str(out), "--no-progress"]) == 0
+    for case in ("lesion_000", "lesion_001"):
+        a = sitk.ReadImage(str(two_channel / "test" / "imagesTr" / f"{case}_0000.nii.gz"))
+        b = sitk.ReadImage(str(out / f"{case}.nii.gz"))
+        assert a.GetSize() == b.GetSize() and a.GetOrigin() == b.GetOrigin()
+        assert a.GetDirection() == b.GetDirection()
+
+
+def test_the_3d_unets_channels_must_match_the_data(two_channel, tmp_path, capsys):
+    cfg = _unet3d_config(tmp_path / "u.yaml", two_channel, tmp_path / "run", 2, 1)
+    assert main(["fit", "--config", str(cfg)]) == 1
+    err = capsys.readouterr().err
+    assert "data.channels 2 must equal model.unet.in_channels 1" in err and "Traceback" not in err

@@ -20,13 +20,16 @@ class BaselineDataModule(SegmentationDataModule):
     """`SegmentationDataModule` (every argument of it), plus:
 
     Args:
-        patches: if set, training batches are 3D patches (B, 1, pz, py, px) with labels (B, pz, py, px)
+        patches: if set, training batches are 3D patches (B, C, pz, py, px) with labels (B, pz, py, px)
             (unet3d); if null, the shared slice windows (unet2d).
+        channels: input channels C per case, nnU-Net's ``case_0000``, ``case_0001`` ... files of the nnunet
+            layout, checked to share one grid (= ``model.unet.in_channels``; unet3d only).
     """
 
-    def __init__(self, *args: Any, patches: Patches | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, patches: Patches | None = None, channels: int = 1, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.patches = patches
+        self.channels = channels
 
     def train_dataloader(self) -> DataLoader:
         if self.patches is None:

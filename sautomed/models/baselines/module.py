@@ -118,6 +118,11 @@ class BaselineModule(SegmentationModule):
         self.class_names = tuple(f"class_{i}" for i in range(1, unet.num_classes + 1))
         self._refiner: PretrainedBoxRefiner | None = None
 
+    @property
+    def input_channels(self) -> int:
+        """Input channels the network reads (``predict`` reads a case's ``_0000`` .. files if more than 1)."""
+        return int(self.unet_cfg.in_channels)
+
     # -- construction from a checkpoint (predict) -------------------------------------------------------
     @classmethod
     def from_checkpoint_dict(cls, ckpt: dict[str, Any]) -> BaselineModule:
@@ -145,7 +150,7 @@ class BaselineModule(SegmentationModule):
             return x, batch["label"]  # (B, 1 + 2c, S, S), (B, S, S)
         if batch["image"].ndim != 5:
             raise UserError("unet3d trains on 3D patches: set data.patches (size = model.unet.patch_size)")
-        return batch["image"], batch["label"]  # (B, 1, pz, py, px), (B, pz, py, px)
+        return batch["image"], batch["label"]  # (B, C_in, pz, py, px), (B, pz, py, px)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         x, y = self._inputs(batch)
@@ -185,7 +190,8 @@ class BaselineModule(SegmentationModule):
 
     # -- whole volumes ----------------------------------------------------------------------------------
     def segment_volume(self, image: Tensor, out_hw: tuple[int, int]) -> np.ndarray:
-        """(Z, S, S) preprocessed volume -> (Z, H, W) uint8 canonical labels at the original in-plane size."""
+        """(Z, S, S) (or (C, Z, S, S) for C input channels) preprocessed volume -> (Z, H, W) uint8 canonical
+        labels at the original in-plane size."""
         logits, _ = self.volume_scores(image)
         labels = logits_to_labels(logits, out_hw).cpu().numpy()  # (Z, H, W) uint8
         if self.inference.largest_component:
@@ -193,7 +199,8 @@ class BaselineModule(SegmentationModule):
         return labels
 
     def volume_scores(self, image: Tensor) -> tuple[Tensor, bool]:
-        """(Z, S, S) preprocessed volume -> (Z, C+1, S, S) U-Net logits, or the refiner's probabilities."""
+        """(Z, S, S) (or (C_in, Z, S, S)) preprocessed volume -> (Z, C+1, S, S) U-Net logits, or the
+        refiner's probabilities."""
         s = self.inference
         was_training = self.net.training
         self.net.eval()  # DynUNet returns the deep-supervision stack only in training mode
@@ -211,6 +218,8 @@ class BaselineModule(SegmentationModule):
             self.net.train(was_training)
         if not s.sam_refine:
             return logits, False
+        if image.dim() == 4:
+            raise UserError("--sam-refine reads one channel: not for a U-Net of several input channels")
         # the U-Net's boxes through LiteMedSAM as published (models/sam/refine.py)
         return self.box_refiner(image.shape[-1]).scores(image, logits, self.unet_cfg.num_classes), True
 
@@ -222,6 +231,8 @@ class BaselineModule(SegmentationModule):
         return self._refiner
 
     def segment_case(self, image: Tensor, geom: Any) -> np.ndarray:
+        if image.dim() == 4 and self.network_kind == "unet3d" and self.unet_cfg.in_channels == 1:
+            image = image[0]  # (1, Z, S, S) -> (Z, S, S)
         return self.segment_volume(image, tuple(geom.shape_zyx[1:]))
 
     # -- the data and the checkpoint's config -----------------------------------------------------------
@@ -256,6 +267,12 @@ def _unet_record(unet: UNetSettings) -> dict[str, Any]:
 def check_data_fits(kind: NetworkKind, unet: UNetSettings, dm: Any) -> None:
     """ValueError when the data module's training input does not match the network (one line, the fix)."""
     patches = getattr(dm, "patches", None)
+    channels = int(getattr(dm, "channels", 1))
+    if channels != unet.in_channels:
+        raise UserError(
+            f"data.channels {channels} must equal model.unet.in_channels {unet.in_channels} "
+            "(the case_0000, case_0001 ... files the network reads)"
+        )
     if kind == "unet3d":
         if patches is None:
             raise UserError(f"unet3d trains on 3D patches: set data.patches.size to {list(unet.patch_size)}")

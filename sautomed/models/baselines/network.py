@@ -42,6 +42,8 @@ class UNetSettings:
         deep_supervision_heads: coarser decoder outputs supervised besides the full-resolution one (nnU-Net
             supervises all but the two lowest; 0 turns deep supervision off). At most stages - 2.
         residual: residual convolution blocks instead of plain ones.
+        in_channels: unet3d: input channels per voxel, nnU-Net's ``case_0000``, ``case_0001`` ... files
+            (= ``data.channels``; BraTS: FLAIR and T1c); unet2d reads one.
     """
 
     num_classes: int = 4
@@ -53,6 +55,7 @@ class UNetSettings:
     min_feature_size: int = 4
     deep_supervision_heads: int = 2
     residual: bool = False
+    in_channels: int = 1
 
 
 def network_plan(kind: NetworkKind, s: UNetSettings) -> NetworkPlan:
@@ -70,6 +73,8 @@ def network_plan(kind: NetworkKind, s: UNetSettings) -> NetworkPlan:
         raise UserError(f"context_slices must be 0 or 1, got {s.context_slices}")
     if s.num_classes < 1:
         raise UserError(f"num_classes must be at least 1, got {s.num_classes}")
+    if s.in_channels < 1 or (kind == "unet2d" and s.in_channels != 1):
+        raise UserError(f"{kind}: in_channels {s.in_channels} (unet3d reads 1 or more channels, unet2d one)")
     return plan_network(s.patch_size, s.spacing, s.base_filters, s.max_filters, s.min_feature_size)
 
 
@@ -84,7 +89,7 @@ def build_unet(kind: NetworkKind, s: UNetSettings) -> DynUNet:
     heads = supervision_heads(plan, s)
     return DynUNet(
         spatial_dims=len(plan.patch_size),
-        in_channels=1 + 2 * s.context_slices,
+        in_channels=s.in_channels + 2 * s.context_slices,
         out_channels=s.num_classes + 1,
         kernel_size=[list(k) for k in plan.kernels],
         strides=[list(k) for k in plan.strides],

@@ -65,7 +65,8 @@ def crop(volume: np.ndarray, start: tuple[int, ...], size: tuple[int, ...]) -> n
 
 
 class PatchDataset(Dataset):
-    """Training patches. Item: `image` (1, pz, py, px) float in [0, 1], `label` (pz, py, px) long."""
+    """Training patches. Item: `image` (C, pz, py, px) float in [0, 1] (C input channels: a volume's image
+    is (Z, Y, X) for one, (C, Z, Y, X) for more), `label` (pz, py, px) long."""
 
     def __init__(
         self, volumes: list[Prepared], patches: Patches, seed: int, augmentation: Augmentation
@@ -85,7 +86,7 @@ class PatchDataset(Dataset):
         if classes and rng.random() < self.patches.foreground_fraction:
             coords = list(classes.values())[int(rng.integers(len(classes)))]
             return coords[int(rng.integers(len(coords)))]
-        shape = np.array(self.volumes[c].image.shape)
+        shape = np.array(self.volumes[c].image.shape[-3:])
         size = np.array(self.patches.size)
         # anywhere the patch overlaps the volume; a volume shorter than the patch is centred in it
         low = np.minimum(size // 2, shape // 2)
@@ -102,10 +103,14 @@ class PatchDataset(Dataset):
         wy, wx = (math.ceil(py * _AUGMENT_MARGIN), math.ceil(px * _AUGMENT_MARGIN)) if augment else (py, px)
         centre = self._centre(c, rng)
         start = (int(centre[0]) - pz // 2, int(centre[1]) - wy // 2, int(centre[2]) - wx // 2)
-        image = torch.from_numpy(crop(vol.image, start, (pz, wy, wx)).astype(np.float32))  # (pz, wy, wx)
+        channels = vol.image if vol.image.ndim == 4 else vol.image[None]  # (C, Z, Y, X)
+        image = np.stack([crop(ch, start, (pz, wy, wx)) for ch in channels]).astype(np.float32)
+        image = torch.from_numpy(image)  # (C, pz, wy, wx)
         label = torch.from_numpy(crop(vol.label, start, (pz, wy, wx)).astype(np.int64))
-        if augment:
-            image, label = augment_window(image, label, rng, self.augmentation)
+        if augment:  # one transform for every slice of every channel
+            C = image.shape[0]
+            flat, label = augment_window(image.reshape(C * pz, wy, wx), label, rng, self.augmentation)
+            image = flat.reshape(C, pz, wy, wx)
             oy, ox = (wy - py) // 2, (wx - px) // 2
-            image, label = image[:, oy : oy + py, ox : ox + px], label[:, oy : oy + py, ox : ox + px]
-        return {"image": image[None].contiguous(), "label": label.contiguous()}
+            image, label = image[..., oy : oy + py, ox : ox + px], label[:, oy : oy + py, ox : ox + px]
+        return {"image": image.contiguous(), "label": label.contiguous()}

@@ -27,10 +27,11 @@ def segment_patches(
     batch: int = 2,
     blend: Literal["gaussian", "constant"] = "gaussian",
 ) -> Tensor:
-    """(Z, S, S) preprocessed volume -> (Z, C+1, S, S) logits, by sliding (pz, py, px) windows."""
-    if volume.ndim != 3 or volume.shape[0] == 0:
-        raise UserError(f"expected a (Z, S, S) volume with Z >= 1, got {tuple(volume.shape)}")
-    x = volume[None, None].float()  # (1, 1, Z, S, S)
+    """(Z, S, S) preprocessed volume (or (C_in, Z, S, S) of C_in input channels) -> (Z, C+1, S, S) logits,
+    by sliding (pz, py, px) windows."""
+    if volume.ndim not in (3, 4) or volume.shape[-3] == 0:
+        raise UserError(f"expected a (Z, S, S) or (C, Z, S, S) volume with Z >= 1, got {tuple(volume.shape)}")
+    x = (volume[None] if volume.ndim == 4 else volume[None, None]).float()  # (1, C_in, Z, S, S)
     logits = sliding_window_inference(
         x,
         tuple(patch_size),
