@@ -229,6 +229,9 @@ def plan_config(
             unet.update(patch_size=patch, spacing=[round(spacing[0], 3), *inplane])
             data.setdefault("patches", {})["size"] = patch
             notes.append(f"3D patch {patch} at spacing {unet['spacing']} mm (slices resized to S = {S})")
+            unet["in_channels"] = data["channels"] = channels
+            if channels > 1:
+                notes.append(f"{channels} input channels ({', '.join(fp.channel_names)})")
     else:  # msam: the whole foreground as one lesion class, every channel read
         model["foreground_labels"] = None
         model.setdefault("network", {})["in_channels"] = channels
@@ -272,7 +275,7 @@ def plan_dataset(
     if layout is None:
         raise UserError(f"{root}: no dataset.json; give --layout (btcv, chaos, segthor, folder)")
     channels = 1
-    if layout == "nnunet" and family == "msam":
+    if layout == "nnunet" and family in ("msam", "unet3d"):  # the families that read several channels
         from sautomed.data.layouts.nnunet import nnunet_channel_names
 
         channels = max(1, len(nnunet_channel_names(root)))
