@@ -64,3 +64,24 @@ def progressive_merge(
     take = torch.from_numpy(region)[:, None].to(new_logits.device)  # (B, 1, S, S, S)
     take_low = F.adaptive_max_pool3d(take.float(), tuple(new_low.shape[-3:])) > 0  # (B, 1, l, l, l)
     return torch.where(take, new_logits, old_logits), torch.where(take_low, new_low, old_low)
+
+
+def merge_near(
+    old: np.ndarray, new: np.ndarray, point: tuple[int, int, int], positive: bool, radius: float
+) -> np.ndarray:
+    """The voxels a user's click at ``point`` changes (``session.py``): every 26-connected component of what
+    the network added (positive click) or removed (negative) that comes within ``radius`` voxels of the
+    click. Unlike :func:`merge_region` the network need not flip the clicked voxel itself: a small network
+    often grows the missed region around a click without covering its exact voxel (held-out lesion
+    phantoms: 3 of 4 positive clicks in a missed region changed nothing under :func:`merge_region`)."""
+    change = (new & ~old) if positive else (old & ~new)
+    if not change.any():
+        return change
+    labels, _ = ndimage.label(change, structure=np.ones((3, 3, 3), bool))
+    lo = [max(0, int(p - radius)) for p in point]
+    hi = [min(n, int(p + radius) + 1) for p, n in zip(point, change.shape)]
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    grid = np.stack(np.meshgrid(*(np.arange(a, b) for a, b in zip(lo, hi)), indexing="ij"), -1)
+    ball = ((grid - np.asarray(point)) ** 2).sum(-1) <= radius**2
+    near = np.unique(labels[box][ball])
+    return np.isin(labels, near[near > 0])

@@ -264,6 +264,7 @@ class MSAMModule(SegmentationModule):
         return loss
 
     def configure_optimizers(self) -> Any:
+        self._warn_of_a_slow_decoder()
         opt = build_optimizer(self.net, self.lr, self.decoder_lr_scale, self.weight_decay)
         if self.scheduler == "none":
             return opt
@@ -279,6 +280,23 @@ class MSAMModule(SegmentationModule):
         )
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self.schedule.factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _warn_of_a_slow_decoder(self) -> None:
+        """Warn (fit only) when the prompt encoder and decoder start from random weights at a reduced rate.
+
+        ``decoder_lr_scale`` 0.1 (the default, the public code's) keeps a pretrained SAM-Med3D decoder close
+        to its weights. From random weights the decoder must learn everything at lr x 0.1, and a short fit
+        learns nothing: the tiny M-SAM, 200 steps on 12 lesion phantoms of 40^3, oracle DSC 0.14 after 1
+        and 10 clicks and automatic DSC 0.0 at 0.1, against 0.58 / 0.57 / 0.49 at 1.0 (README.md).
+        """
+        if not self.network_cfg.sam_med3d_checkpoint and self.decoder_lr_scale < 1.0:
+            log.warning(
+                "model.decoder_lr_scale %g with no network.sam_med3d_checkpoint: the randomly initialised "
+                "prompt encoder and mask decoder train at lr x %g (the public code's rate for a pretrained "
+                "decoder); a fit from random weights learns slowly or not at all: set decoder_lr_scale 1.0",
+                self.decoder_lr_scale,
+                self.decoder_lr_scale,
+            )
 
     # -- evaluation -----------------------------------------------------------------------------------------
     def segment_volume(self, image: Tensor, out_shape: tuple[int, int, int]) -> np.ndarray:
@@ -329,7 +347,7 @@ class MSAMModule(SegmentationModule):
         mine = clicks.clicks_for(Path(batch["output"]).name)
 
         def segment(image: Tensor, geom: Any) -> np.ndarray:
-            session = ClickSession(self.net, image, geom, clicks.start, self.automatic, self.evaluation.merge)
+            session = ClickSession(self.net, image, geom, clicks.start, self.automatic, clicks.local)
             return session.apply(mine)
 
         try:

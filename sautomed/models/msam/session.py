@@ -5,9 +5,12 @@ from the automatic mode (``start="automatic"``, what ``predict`` writes without 
 refines as the network was trained to: the S^3 window centred on the click (clamped to the volume) is
 encoded once and kept (a later click at least S/4 inside an encoded window reuses it: no encoder call), the
 decoder gets the click as its point prompt, every click so far inside the window for the click maps, and the
-window's current logits as its previous mask; with ``merge`` (the checkpoint's ``evaluation.merge``) only
-the change the click asked for enters the mask (progressive merge, ``merge.py``): a positive click adds the
-connected region it grew, a negative one removes the region it cut, and nothing else moves.
+window's current logits as its previous mask. With ``local`` (the default) only the change the click asked
+for enters the mask (``merge.merge_near``): a positive click adds the connected regions the network grew
+within S/8 of it, a negative one removes the regions it cut there, and nothing else moves; without it the
+network's whole answer in the window replaces the mask there, as in training and the oracle evaluation (on
+held-out lesion phantoms a positive click in a missed region then also undid right voxels elsewhere in the
+window: DSC 0.837 -> 0.778 and 0.813 -> 0.752 on two of four cases).
 
 Where a click lies (:func:`click_index`):
 
@@ -21,6 +24,7 @@ The clicks file of ``predict --clicks`` (JSON)::
     {
       "coordinate_system": "LPS",           # of the mm points (default LPS)
       "start": "automatic",                 # or "empty": the first mask before the clicks
+      "local": true,                        # false: the network's whole answer in the click's window
       "cases": {
         "brats13_0005": [                   # the output's name without its extension (case_0000 -> case)
           {"point": [-12.5, 30.0, 14.0], "space": "mm", "label": "positive"},
@@ -48,7 +52,7 @@ from torch import Tensor
 from sautomed.data.io import Geometry
 from sautomed.errors import UserError
 from sautomed.models.msam.automatic import AutoSettings, segment_automatic
-from sautomed.models.msam.merge import merge_region
+from sautomed.models.msam.merge import merge_near
 
 Space = Literal["mm", "voxel"]
 CoordinateSystem = Literal["LPS", "RAS"]
@@ -124,7 +128,8 @@ class ClickSession:
         geom: the input's geometry (``io.read_volume``): where clicks lie, and the grid of the output.
         start: ``automatic`` (the automatic mode's mask, ``settings``) or ``empty``.
         settings: the automatic mode's settings (``MSAMModule.automatic``).
-        merge: progressive merge of each click's change (``MSAMModule.evaluation.merge``).
+        local: each click changes only the regions it added or removed near it (module doc); False: the
+            network's whole answer in the click's window.
     """
 
     def __init__(
@@ -134,11 +139,11 @@ class ClickSession:
         geom: Geometry,
         start: Start = "automatic",
         settings: Any = None,
-        merge: bool = True,
+        local: bool = True,
     ) -> None:
         if start not in ("automatic", "empty"):
             raise UserError(f"a session starts from 'automatic' or 'empty', got {start!r}")
-        self.net, self.geom, self.merge = net.eval(), geom, merge
+        self.net, self.geom, self.local = net.eval(), geom, local
         image = image.float() if image.dim() == 4 else image.float()[None]
         self.size = int(net.config.image_size)
         self.grid = tuple(int(n) for n in image.shape[1:])  # (Z, S', S')
@@ -155,10 +160,12 @@ class ClickSession:
         self._windows: dict[tuple[int, int, int], _Window] = {}
 
     @classmethod
-    def for_volume(cls, module: Any, path: str | Path, start: Start = "automatic") -> ClickSession:
+    def for_volume(
+        cls, module: Any, path: str | Path, start: Start = "automatic", local: bool = True
+    ) -> ClickSession:
         """A session on the volume file ``path`` for an M-SAM module (``families.module_from_checkpoint``):
         read with its ``_0001`` .. siblings when the network takes several channels, preprocessed as the
-        checkpoint says (what ``predict`` does), with the module's automatic settings and merge."""
+        checkpoint says (what ``predict`` does), with the module's automatic settings."""
         from sautomed.data.datasets import PredictDataset
         from sautomed.data.preprocess import Preprocessing
 
@@ -170,7 +177,7 @@ class ClickSession:
         item = PredictDataset([(Path(path), Path(path))], pre, int(module.input_channels))[0]
         if "error" in item:
             raise UserError(item["error"])
-        return cls(module.net, item["image"], item["geom"], start, module.automatic, module.evaluation.merge)
+        return cls(module.net, item["image"], item["geom"], start, module.automatic, local)
 
     # -- clicks ---------------------------------------------------------------------------------------------
     def _window(self, voxel: tuple[int, int, int]) -> _Window:
@@ -202,11 +209,11 @@ class ClickSession:
         voxel = to_grid(click_index(click, self.geom), self.geom.shape_zyx, self.grid)
         window = self._window(voxel)
         s, start = self.size, window.start
-        local = tuple(v - a for v, a in zip(voxel, start))
-        window.points.append(local)
+        at = tuple(v - a for v, a in zip(voxel, start))  # in the window
+        window.points.append(at)
         window.labels.append(int(click.positive))
         dev = self.logits.device
-        point = (torch.tensor([[local]], device=dev), torch.tensor([[int(click.positive)]], device=dev))
+        point = (torch.tensor([[at]], device=dev), torch.tensor([[int(click.positive)]], device=dev))
         so_far = (torch.tensor([window.points], device=dev), torch.tensor([window.labels], device=dev))
         box = tuple(slice(a, a + s) for a in start)
         old = self.logits[box]
@@ -214,8 +221,9 @@ class ClickSession:
         prev = F.interpolate(old[None, None], size=size, mode="trilinear", align_corners=False)
         low = self.net.decode(window.embedding, point, prev.to(window.embedding.dtype), so_far)
         new = self.net.upscale(low)[0, 0].float()  # (S, S, S)
-        if self.merge:
-            region = merge_region((old > 0).cpu().numpy(), (new > 0).cpu().numpy(), local, click.positive)
+        if self.local:
+            old_mask, new_mask = (old > 0).cpu().numpy(), (new > 0).cpu().numpy()
+            region = merge_near(old_mask, new_mask, at, click.positive, max(1.0, s / 8))
             new = torch.where(torch.from_numpy(region).to(dev), new, old)
         self.logits[box] = new
         self.clicks.append(click)
@@ -262,6 +270,7 @@ class ClicksFile:
     path: str
     start: Start
     cases: dict[str, list[Click]]
+    local: bool = True
 
     def clicks_for(self, output_name: str) -> list[Click]:
         """The clicks of the case whose output file is ``output_name`` (extension and all)."""
@@ -293,10 +302,13 @@ def read_clicks_file(path: str | Path) -> ClicksFile:
     start = data.get("start", "automatic")
     if start not in ("automatic", "empty"):
         raise UserError(f"{path}: start is 'automatic' or 'empty', got {start!r}")
+    local = data.get("local", True)
+    if not isinstance(local, bool):
+        raise UserError(f"{path}: local is true or false, got {local!r}")
     cases: dict[str, list[Click]] = {}
     for case, entries in data["cases"].items():
         if not isinstance(entries, list):
             raise UserError(f"{path}: case {case!r}: a list of clicks, got {entries!r}")
         where = f"{path}: case {case!r}, click"
         cases[str(case)] = [_click_of(e, f"{where} {i + 1}", system) for i, e in enumerate(entries)]
-    return ClicksFile(str(path), start, cases)
+    return ClicksFile(str(path), start, cases, local)

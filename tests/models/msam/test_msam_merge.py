@@ -95,3 +95,18 @@ def test_with_merge_each_click_changes_only_the_component_holding_it():
             assert n == 1 and changed[point]  # one region, the one holding the newest click
             assert masks[t][point] == bool(res.labels[0, t])  # and it now agrees with the click
     assert changes >= 2
+
+
+def test_a_users_click_takes_the_regions_the_network_changed_near_it_even_off_its_voxel():
+    from sautomed.models.msam.merge import merge_near
+
+    old = np.zeros((20, 20, 20), bool)
+    new = old.copy()
+    new[5:9, 5:9, 5:9] = True  # grown 2 voxels from the click, not on it
+    new[15:18, 15:18, 15:18] = True  # grown far away
+    region = merge_near(old, new, (3, 3, 3), positive=True, radius=4)
+    assert region[5:9, 5:9, 5:9].all() and not region[15:18, 15:18, 15:18].any()
+    assert not merge_near(old, new, (3, 3, 3), positive=True, radius=2).any()  # nothing that close
+    assert not merge_near(old, new, (3, 3, 3), positive=False, radius=4).any()  # nothing removed
+    removed = merge_near(new, old, (12, 12, 12), positive=False, radius=7)  # a negative click between them
+    assert removed[5:9, 5:9, 5:9].all() and removed[15:18, 15:18, 15:18].all()

@@ -88,13 +88,13 @@ def test_a_click_outside_the_volume_names_the_file_and_the_point(tmp_path):
         click_index(Click((30, 2, 3)), geom)
 
 
-def _session(tmp_path, start="empty", merge=True, net=None):
+def _session(tmp_path, start="empty", local=True, net=None):
     tmp_path.mkdir(parents=True, exist_ok=True)
     _volume(tmp_path / "v.nii.gz", True)
     stored, geom = read_volume(tmp_path / "v.nii.gz")
     image = torch.from_numpy(to_canonical(stored, geom)).float()  # the preprocessed grid = the input's
     image = image / image.max()
-    return ClickSession(net or BallNet(), image, geom, start=start, merge=merge), geom
+    return ClickSession(net or BallNet(), image, geom, start=start, local=local), geom
 
 
 def test_clicks_add_and_remove_where_they_land_and_the_written_mask_is_on_the_input_grid(tmp_path):
@@ -116,12 +116,12 @@ def test_clicks_add_and_remove_where_they_land_and_the_written_mask_is_on_the_in
     assert len(session.clicks) == 3
 
 
-def test_merge_keeps_what_the_click_did_not_ask_for(tmp_path):
-    """A network that also paints a corner of the window when clicked: with merge only the region holding
-    the click enters the mask; without it the network's whole answer in the window does."""
+def test_a_local_click_keeps_what_it_did_not_ask_for(tmp_path):
+    """A network that also paints a corner of the window when clicked: a local click takes only the region
+    near it; without ``local`` the network's whole answer in the window enters the mask."""
     corner = []
-    for merge in (True, False):
-        session, geom = _session(tmp_path / str(merge), merge=merge, net=BallNet(spurious=True))
+    for local in (True, False):
+        session, geom = _session(tmp_path / str(local), local=local, net=BallNet(spurious=True))
         session.click(Click((12, 10, 9), positive=True))
         labels = session.labels()
         z, y, x = (int(round(v)) for v in click_index(Click((12, 10, 9)), geom))
