@@ -38,7 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", default=None, help="a model that ships with sautomed (sautomed models lists them)"
     )
     p.add_argument(
-        "-i", "--input", required=True, type=Path, help="a volume file, a DICOM series folder or a folder"
+        "-i",
+        "--input",
+        required=True,
+        type=Path,
+        nargs="+",
+        help="volume files, DICOM series folders or folders of them",
     )
     p.add_argument("-o", "--output", required=True, type=Path, help="output folder (created if missing)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: keep them)")
@@ -85,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="M-SAM: a JSON file of each case's positive / negative clicks (mm or voxel indices), applied in "
         "order from the automatic mask (sautomed/models/msam/session.py documents the format)",
+    )
+    p.add_argument(
+        "--save-probabilities",
+        action="store_true",
+        help="also write each case's class probabilities as CASE.npz beside its labels (float16, the label "
+        "map's array order; `sautomed ensemble` averages them)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     predict_outputs.add_output_arguments(p)  # --statistics, --preview, --dicom-seg
@@ -167,6 +178,10 @@ def predict_main(argv: Sequence[str]) -> int:
                 f"--clicks {a.clicks}: only M-SAM checkpoints take clicks, not {type(module).__name__}"
             )
         module.user_clicks = clicks
+    if a.save_probabilities:
+        if clicks is not None:
+            raise UserError("--save-probabilities: not with --clicks (a click session gives labels only)")
+        module.save_probabilities = True
     if a.tta:
         if not module.supports_tta:
             raise UserError(f"--tta: not available for this checkpoint's model ({type(module).__name__})")

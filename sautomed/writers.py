@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from sautomed.data.io import is_dicom_dir, is_volume_file, volume_stem, write_la
 from sautomed.data.layouts.nnunet import CHANNEL
 from sautomed.errors import UserError
 from sautomed.evaluation.gather import gather_lists
+from sautomed.evaluation.probabilities import write_probabilities
 
 log = logging.getLogger(__name__)
 
@@ -67,24 +68,28 @@ def _multichannel(candidates: list[Path], channels: int, plan: PredictPlan) -> l
     return kept
 
 
-def plan_predictions(inp: Path, out_dir: Path, overwrite: bool, channels: int = 1) -> PredictPlan:
-    """Turn `--input` (a volume file, a DICOM series folder or a folder of volumes) into output jobs.
+def plan_predictions(
+    inputs: Path | Sequence[Path], out_dir: Path, overwrite: bool, channels: int = 1
+) -> PredictPlan:
+    """Turn `--input` (volume files, DICOM series folders or folders of volumes) into output jobs.
 
     With ``channels`` C > 1 (a model reading several channels) the inputs are nnU-Net channel files: each
     ``case_0000`` file is a job (its ``case_0001`` .. siblings are read with it). A ``case_0000`` input is
     written as ``case.<ext>`` whatever the channel count, as nnU-Net names its predictions.
-    Raises FileNotFoundError when the input does not exist, ValueError when an output would replace an input
+    Raises FileNotFoundError when an input does not exist, ValueError when an output would replace an input
     (whatever ``overwrite`` says: e.g. ``--output`` is the input folder) or when two inputs would be
     written to the same output.
     """
-    inp, out_dir = Path(inp), Path(out_dir)
-    if not inp.exists():
-        raise FileNotFoundError(f"{inp}: input does not exist")
+    out_dir = Path(out_dir)
+    inputs = [Path(inputs)] if isinstance(inputs, (str, Path)) else [Path(p) for p in inputs]
     plan = PredictPlan()
-    if inp.is_file() or is_dicom_dir(inp):
-        candidates = [inp]
-    else:
-        candidates = []
+    candidates: list[Path] = []
+    for inp in inputs:
+        if not inp.exists():
+            raise FileNotFoundError(f"{inp}: input does not exist")
+        if inp.is_file() or is_dicom_dir(inp):
+            candidates.append(inp)
+            continue
         for p in sorted(inp.iterdir()):
             if p.name in IGNORED_NAMES or p.name.startswith("."):
                 plan.ignored.append((p, "hidden or system file"))
@@ -98,8 +103,8 @@ def plan_predictions(inp: Path, out_dir: Path, overwrite: bool, channels: int = 
                 plan.ignored.append((p, "not an image volume or DICOM series"))
     if channels > 1:
         candidates = _multichannel(candidates, channels, plan)
-        if not candidates and inp.is_file():
-            raise UserError(f"{inp}: {plan.ignored[-1][1]}")
+        if not candidates and len(inputs) == 1 and inputs[0].is_file():
+            raise UserError(f"{inputs[0]}: {plan.ignored[-1][1]}")
     claimed: dict[Path, Path] = {}
     for src in candidates:
         dst = out_dir / output_name(src)
@@ -119,14 +124,22 @@ def plan_predictions(inp: Path, out_dir: Path, overwrite: bool, channels: int = 
     return plan
 
 
-def prediction_item(batch: dict[str, Any], segment: Callable[[Any, Any], Any]) -> dict[str, Any]:
+def prediction_item(
+    batch: dict[str, Any],
+    segment: Callable[[Any, Any], Any],
+    probabilities: Callable[[Any, Any], Any] | None = None,
+) -> dict[str, Any]:
     """What every family's `predict_step` hands the writer: the labels of `segment(image, geom)` with the
-    batch's geometry, output path and source, or the batch's error (a bad input is reported, not fatal)."""
+    batch's geometry, output path and source, or the batch's error (a bad input is reported, not fatal).
+    With ``probabilities`` (predict --save-probabilities) also its (Z, C+1, Y, X) class probabilities."""
     if "error" in batch:
         return {"error": batch["error"], "source": batch["source"]}
     geom = batch["geom"]
     labels = segment(batch["image"], geom)
-    return {"labels": labels, "geom": geom, "output": batch["output"], "source": batch["source"]}
+    item = {"labels": labels, "geom": geom, "output": batch["output"], "source": batch["source"]}
+    if probabilities is not None:
+        item["probabilities"] = probabilities(batch["image"], geom)
+    return item
 
 
 class VolumeWriter(BasePredictionWriter):
@@ -156,6 +169,14 @@ class VolumeWriter(BasePredictionWriter):
             write_label_volume(
                 prediction["labels"], prediction["geom"], prediction["output"], overwrite=self.overwrite
             )
+            if "probabilities" in prediction:
+                write_probabilities(
+                    prediction["probabilities"],
+                    prediction["geom"],
+                    pl_module.class_names,
+                    prediction["output"],
+                    overwrite=self.overwrite,
+                )
         except (OSError, ValueError) as exc:
             self.failed.append((prediction["source"], f"could not write {prediction['output']}: {exc}"))
             return

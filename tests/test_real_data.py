@@ -1,5 +1,5 @@
 """Proof on real anatomy (slow, runs in CI): the tiny network fitted to the shared abdominal CT for at most
-10 minutes (256 steps: about 2.7 alone on a fast machine, 6-7 on a 2.3x slower one), then scored on that
+10 minutes (256 steps at S = 96: 4.0 minutes on the 2-core machine of 2026-12-07), then scored on that
 volume, for the 8 BTCV organs.
 
 An overfitting check: it shows the whole pipeline (box prompts and history included) can learn real organs.
@@ -7,7 +7,8 @@ The issue's bar is mean DSC >= 0.80 with every organ >= 0.60, asserted as it is.
 one CPU, not across CPUs: with 24 epochs (192 steps) it scored mean 0.877, pancreas 0.72 (the smallest organ,
 644 voxels) on the machine of 2026-11, and 0.831, pancreas 0.56, on that of 2026-12-03. With 32 epochs (256
 steps, the config now) on the latter: mean 0.899, pancreas 0.76, the rest 0.90-0.94. With the paper's loss
-and plain foreground targets it was 0.804 with the pancreas at 0.50.
+and plain foreground targets it was 0.804 with the pancreas at 0.50. At S = 96 (2026-12-07, to keep CI
+short; 128 took 7 minutes on that machine): mean 0.876, pancreas 0.74, the rest 0.86-0.94.
 """
 
 from __future__ import annotations

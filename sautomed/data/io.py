@@ -295,7 +295,7 @@ def _volume_suffix(name: str) -> str:
     return Path(name).suffix
 
 
-def _split_suffix(out: Path) -> tuple[str, str]:
+def split_suffix(out: Path) -> tuple[str, str]:
     suffix = _volume_suffix(out.name)
     return (out.name[: len(out.name) - len(suffix)] if suffix else out.name), suffix
 
@@ -320,7 +320,7 @@ def stale_temporaries(out: str | Path) -> list[Path]:
     never listed, so a concurrent writer is left alone.
     """
     out = Path(out)
-    base, suffix = _split_suffix(out)
+    base, suffix = split_suffix(out)
     pattern = re.compile(rf"\.{re.escape(base)}\.tmp-(\d+)-[0-9a-f]{{8}}{re.escape(suffix)}")
     if not out.parent.is_dir():
         return []
@@ -343,7 +343,7 @@ def atomic_write(out: Path, write: Callable[[Path], None], overwrite: bool = Tru
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out}: output exists (pass overwrite=True to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    base, suffix = _split_suffix(out)
+    base, suffix = split_suffix(out)
     tmp = out.with_name(f".{base}.tmp-{os.getpid()}-{secrets.token_hex(4)}{suffix}")
     try:
         write(tmp)

@@ -119,6 +119,7 @@ class SegmentationModule(ScheduleHooks, L.LightningModule):
         self._seconds: list[float] = []
         self.last_summary: dict[str, Any] = {}
         self.tta = False  # test-time augmentation (predict --tta; evaluation/tta.py)
+        self.save_probabilities = False  # predict --save-probabilities (evaluation/probabilities.py)
 
     # -- what a family supplies ----------------------------------------------------------------------------
     def family_config(self) -> dict[str, Any]:
@@ -282,8 +283,13 @@ class SegmentationModule(ScheduleHooks, L.LightningModule):
             labels = keep_largest_component(labels, len(self.class_names))
         return labels
 
+    def probabilities(self, image: Any, geom: Any) -> Any:
+        """The (Z, C+1, Y, X) class probabilities ``predict --save-probabilities`` writes (with ``tta``, the
+        augmented ones): what ensembles average."""
+        return tta_probabilities(self, image, geom) if self.tta else self.case_probabilities(image, geom)
+
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        return prediction_item(batch, self.segment)
+        return prediction_item(batch, self.segment, self.probabilities if self.save_probabilities else None)
 
     # -- the checkpoint carries its config and its fit -----------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -47,6 +47,7 @@ class Ensemble(L.LightningModule):
         self.preprocessing: dict[str, Any] = dict(first.preprocessing)
         self.input_channels = int(getattr(first, "input_channels", 1))
         self.tta = False  # each member's probabilities under test-time augmentation (evaluation/tta.py)
+        self.save_probabilities = False  # predict --save-probabilities: the mean is written beside the labels
         self.supports_tta = all(m.supports_tta for m in members)
 
     def case_probabilities(self, image: Tensor, geom: Any) -> Tensor:
@@ -61,4 +62,12 @@ class Ensemble(L.LightningModule):
         return self.case_probabilities(image, geom).argmax(1).to(torch.uint8).cpu().numpy()
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        return prediction_item(batch, self.segment_case)
+        if not self.save_probabilities:
+            return prediction_item(batch, self.segment_case)
+        mean: dict[str, Tensor] = {}  # computed once: the labels are its argmax
+
+        def segment(image: Tensor, geom: Any) -> np.ndarray:
+            mean["p"] = self.case_probabilities(image, geom)
+            return mean["p"].argmax(1).to(torch.uint8).cpu().numpy()
+
+        return prediction_item(batch, segment, lambda image, geom: mean["p"])

@@ -47,6 +47,18 @@ def cmd_refine(argv: Sequence[str]) -> int:
     return refine_main(argv)
 
 
+def cmd_ensemble(argv: Sequence[str]) -> int:
+    from sautomed.tools.ensemble import ensemble_main
+
+    return ensemble_main(argv)
+
+
+def cmd_crossval(argv: Sequence[str]) -> int:
+    from sautomed.tools.crossval import crossval_main
+
+    return crossval_main(argv)
+
+
 def cmd_plan(argv: Sequence[str]) -> int:
     from sautomed.tools.plan import plan_main
 
@@ -68,6 +80,8 @@ TOOL_COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "compare": cmd_compare,
     "refine": cmd_refine,
     "plan": cmd_plan,
+    "ensemble": cmd_ensemble,
+    "crossval": cmd_crossval,
     "models": cmd_models,
 }
 
@@ -80,5 +94,7 @@ TOOL_HELP = """\
   preview      PNG of a label map over its image: --image IMG --labels LAB --out PNG
   report       report.html from a folder's metrics.csv and summary.json (test, evaluate): report DIR
   compare      several test runs' summary.json as one table: compare RUN_DIR...
+  ensemble     average saved class probabilities of several predictions: -i PRED_A PRED_B -o OUT
+  crossval     k-fold CV of configs and their ensembles, the winner named: --config A.yaml B.yaml --out DIR
   refine       LiteMedSAM redraws the organs of any tool's label maps: -i IMAGES -s SEGS -o OUT
 """

@@ -12,6 +12,7 @@ def test_top_help_lists_the_tool_commands(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
     tools = {"evaluate", "info", "export", "preview", "report", "compare", "refine", "plan", "models"}
+    tools |= {"ensemble", "crossval"}
     for cmd in tools:
         assert f"\n  {cmd} " in out
     assert set(TOOL_COMMANDS) == tools

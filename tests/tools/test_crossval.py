@@ -1,0 +1,172 @@
+"""`sautomed crossval` (k-fold CV of configs and their ensembles), `predict --save-probabilities` and
+`sautomed ensemble`, on small phantoms stored in different orientations."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import yaml
+
+from sautomed.cli import main
+from sautomed.evaluation.probabilities import read_probabilities
+
+CLASS_PATH = "sautomed.models.baselines.module.BaselineModule"
+
+
+def unet_config(path: Path, root: Path, kind: str) -> Path:
+    """A tiny U-Net at S = 32, 2 steps: enough to make probabilities that differ between the families."""
+    unet: dict = {"num_classes": 5, "base_filters": 4, "max_filters": 16}
+    data: dict = {
+        "layout": "nnunet",
+        "root": str(root),
+        "folds": 1,
+        "preprocessing": {"image_size": 32, "normalization": "ct"},
+        "windows": {"samples_per_epoch": 4, "warmup_min": 1, "warmup_max": 1},
+        "batch_size": 2,
+        "cache_dir": str(path.parent / "cache"),
+    }
+    if kind == "unet2d":
+        unet.update(patch_size=[32, 32], spacing=[2.0, 2.0], context_slices=1)
+    else:
+        unet.update(patch_size=[8, 32, 32], spacing=[4.0, 2.0, 2.0])
+        data["patches"] = {"size": [8, 32, 32], "samples_per_epoch": 4}
+    cfg = {
+        "seed_everything": 0,
+        "trainer": {
+            "default_root_dir": str(path.parent / "unused"),
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_epochs": 1,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "log_every_n_steps": 1,
+        },
+        "model": {"class_path": CLASS_PATH, "init_args": {"network": kind, "unet": unet}},
+        "data": data,
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def crossval_run(small_phantoms, tmp_path_factory) -> tuple[Path, list[Path], int]:
+    """Two U-Net configs cross-validated over 2 folds of the 3 phantoms: (out folder, configs, exit code)."""
+    base = tmp_path_factory.mktemp("crossval")
+    configs = [unet_config(base / f"{k}.yaml", small_phantoms, k) for k in ("unet2d", "unet3d")]
+    out = base / "cv"
+    rc = main(
+        ["crossval", "--config", *map(str, configs), "--folds", "2", "--out", str(out), "--device", "cpu"]
+    )
+    return out, configs, rc
+
+
+def test_crossval_scores_each_config_and_their_ensemble_on_held_out_cases(crossval_run, small_phantoms):
+    out, _, rc = crossval_run
+    assert rc == 0
+    record = json.loads((out / "crossval.json").read_text())
+    held = record["held_out"]
+    cases = sorted(
+        p.name[: -len("_0000.nii.gz")] for p in (small_phantoms / "imagesTr").glob("*_0000.nii.gz")
+    )
+    assert sorted(i for fold in held for i in fold) == cases  # every case held out exactly once
+    names = {r["name"]: r for r in record["results"]}
+    assert set(names) == {"unet2d", "unet3d", "unet2d+unet3d"}
+    assert all(r["cases"] == len(cases) for r in names.values())
+    best = max(names.values(), key=lambda r: round(r["mean_dsc"], 4))
+    assert names[record["winner"]]["mean_dsc"] == pytest.approx(best["mean_dsc"], abs=1e-4)
+    assert record["predict"].count("last.ckpt") == 2 * len(names[record["winner"]]["members"])
+    assert "Winner" in (out / "crossval.md").read_text()
+    for kind in ("unet2d", "unet3d"):
+        for fold, ids in enumerate(held):  # the fold's split is the one its fit held out
+            split = json.loads((out / kind / f"fold_{fold}" / "splits.json").read_text())
+            assert sorted(split[fold]["val"]) == sorted(ids)
+            assert not set(split[fold]["train"]) & set(ids)
+    # the ensemble's labels are the argmax of the members' mean probabilities, on the input's grid
+    for case in cases:
+        a = read_probabilities(out / "unet2d" / "oof" / f"{case}.npz")
+        b = read_probabilities(out / "unet3d" / "oof" / f"{case}.npz")
+        mean = (a.probabilities.astype(np.float32) + b.probabilities.astype(np.float32)).argmax(0)
+        written = sitk.ReadImage(str(out / "ensembles" / "unet2d+unet3d" / f"{case}.nii.gz"))
+        image = sitk.ReadImage(str(small_phantoms / "imagesTr" / f"{case}_0000.nii.gz"))
+        assert np.array_equal(sitk.GetArrayFromImage(written), mean)
+        assert written.GetSize() == image.GetSize()
+        assert written.GetOrigin() == image.GetOrigin()
+        assert written.GetSpacing() == image.GetSpacing()
+        assert written.GetDirection() == image.GetDirection()
+
+
+def test_saved_probabilities_lie_in_the_label_maps_array_order(crossval_run, small_phantoms):
+    """The argmax of `predict --save-probabilities`'s npz is the written label map, whatever the file's
+    stored orientation (the phantoms are stored in different ones); the U-Net has no post-processing here."""
+    out, _, _ = crossval_run
+    for npz in sorted((out / "unet2d" / "oof").glob("*.npz")):
+        saved = read_probabilities(npz)
+        labels = sitk.GetArrayFromImage(sitk.ReadImage(str(saved.labels_file)))
+        assert saved.probabilities.shape[1:] == labels.shape
+        assert saved.class_names[0] == "background" and len(saved.class_names) == 6
+        agree = (saved.probabilities.astype(np.float32).argmax(0) == labels).mean()
+        assert agree > 0.999, (npz, agree)  # float16 may break a near tie
+        assert np.allclose(saved.probabilities.astype(np.float32).sum(0), 1.0, atol=1e-2)
+
+
+def test_a_second_run_keeps_the_fits_and_the_ensemble_command_agrees(crossval_run, capsys, tmp_path):
+    out, configs, _ = crossval_run
+    before = json.loads((out / "crossval.json").read_text())
+    rc = main(
+        ["crossval", "--config", *map(str, configs), "--folds", "2", "--out", str(out), "--device", "cpu"]
+    )
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert err.count("done before, kept") == 4
+    after = json.loads((out / "crossval.json").read_text())
+    assert after["winner"] == before["winner"]
+    assert [r["mean_dsc"] for r in after["results"]] == [r["mean_dsc"] for r in before["results"]]
+    # `sautomed ensemble` on the two out-of-fold folders writes what crossval scored
+    ens = tmp_path / "ens"
+    assert (
+        main(["ensemble", "-i", str(out / "unet2d" / "oof"), str(out / "unet3d" / "oof"), "-o", str(ens)])
+        == 0
+    )
+    for mine in sorted((out / "ensembles" / "unet2d+unet3d").glob("*.nii.gz")):
+        theirs = sitk.GetArrayFromImage(sitk.ReadImage(str(ens / mine.name)))
+        assert np.array_equal(theirs, sitk.GetArrayFromImage(sitk.ReadImage(str(mine))))
+    assert json.loads((ens / "labels.json").read_text())["labels"]["1"]["name"] == "liver"
+    # nothing the user had is overwritten: a second ensemble into the same folder keeps the files
+    assert (
+        main(["ensemble", "-i", str(out / "unet2d" / "oof"), str(out / "unet3d" / "oof"), "-o", str(ens)])
+        == 0
+    )
+    assert "exists" in capsys.readouterr().err
+
+
+def test_crossval_refuses_what_it_sets_and_twin_names(small_phantoms, tmp_path, capsys):
+    cfg = unet_config(tmp_path / "unet2d.yaml", small_phantoms, "unet2d")
+    twin = tmp_path / "other"
+    twin.mkdir()
+    twin_cfg = unet_config(twin / "unet2d.yaml", small_phantoms, "unet2d")
+    out = str(tmp_path / "cv")
+    assert main(["crossval", "--config", str(cfg), "--out", out, "--", "--data.fold", "1"]) != 0
+    assert "--data.fold" in capsys.readouterr().err
+    assert main(["crossval", "--config", str(cfg), str(twin_cfg), "--out", out]) != 0
+    assert "named unet2d" in capsys.readouterr().err
+    assert main(["crossval", "--config", str(cfg), "--folds", "1", "--out", out]) != 0
+    assert not (tmp_path / "cv" / "unet2d").exists()  # refused before any fit
+
+
+def test_ensemble_skips_a_case_one_folder_lacks(crossval_run, tmp_path, capsys):
+    out, _, _ = crossval_run
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    npz = sorted((out / "unet3d" / "oof").glob("*.npz"))[0]
+    (partial / npz.name).write_bytes(npz.read_bytes())
+    label = read_probabilities(npz).labels_file
+    (partial / label.name).write_bytes(label.read_bytes())
+    ens = tmp_path / "ens"
+    assert main(["ensemble", "-i", str(out / "unet2d" / "oof"), str(partial), "-o", str(ens)]) == 0
+    err = capsys.readouterr().err
+    assert "skipped" in err and str(partial) in err
+    assert sorted(p.name for p in ens.glob("*.nii.gz")) == [label.name]
