@@ -33,8 +33,9 @@ def _case(image: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(im, lo, hi), np.rint(lb).astype(np.int64)
 
 
-def _box_dsc(model: LiteMedSAM, image: np.ndarray, label: np.ndarray) -> dict[int, float]:
-    zs = [z for z in range(label.shape[0]) if label[z].any()][::5]
+@torch.no_grad()
+def _box_dsc(model: LiteMedSAM, image: np.ndarray, label: np.ndarray, every: int = 5) -> dict[int, float]:
+    zs = [z for z in range(label.shape[0]) if label[z].any()][::every]
     feats = model.encode(torch.from_numpy(image[zs]))  # every slice encoded once
     out = {}
     for c in range(1, 5):
@@ -67,6 +68,6 @@ def test_litemedsam_zero_shot_boxes_segment_real_mr_organs():
     torch.manual_seed(0)
     model.image_encoder = TinyViTEncoder().eval()
     image, label = _case(images[0])
-    random_scores = _box_dsc(model, image, label)
+    random_scores = _box_dsc(model, image, label, every=10)  # fewer slices: it fails by far
     print("random encoder:", random_scores)
     assert np.mean(list(random_scores.values())) < 0.7, random_scores
