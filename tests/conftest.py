@@ -72,6 +72,50 @@ def tiny_config(path: Path, phantoms: Path, run_dir: Path, **data: object) -> Pa
     return path
 
 
+UNET_CLASS_PATH = "sautomed.models.baselines.module.BaselineModule"
+
+
+def unet_config(path: Path, root: Path, run_dir: Path, kind: str, **data: object) -> Path:
+    """A tiny unet2d (2.5D) or unet3d at S = 32 on the phantoms at ``root``, one epoch of 2 steps."""
+    unet: dict = {"num_classes": 5, "base_filters": 4, "max_filters": 16}
+    cfg_data: dict = {
+        "layout": "nnunet",
+        "root": str(root),
+        "folds": 1,
+        "preprocessing": {"image_size": 32, "normalization": "ct"},
+        "windows": {"samples_per_epoch": 4, "warmup_min": 1, "warmup_max": 1},
+        "batch_size": 2,
+        "cache_dir": str(path.parent / "cache"),
+    }
+    if kind == "unet2d":
+        unet.update(patch_size=[32, 32], spacing=[2.0, 2.0], context_slices=1)
+    else:
+        unet.update(patch_size=[8, 32, 32], spacing=[4.0, 2.0, 2.0])
+        cfg_data["patches"] = {"size": [8, 32, 32], "samples_per_epoch": 4}
+    cfg = {
+        "seed_everything": 0,
+        "trainer": {
+            "default_root_dir": str(run_dir),
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_epochs": 1,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "log_every_n_steps": 1,
+        },
+        "model": {"class_path": UNET_CLASS_PATH, "init_args": {"network": kind, "unet": unet}},
+        "data": {**cfg_data, **data},
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="session")
+def make_unet_config():
+    """The `unet_config` function (conftest modules are not importable by name across folders)."""
+    return unet_config
+
+
 @pytest.fixture(scope="session")
 def make_config():
     """The `tiny_config` function, for tests that write their own variant."""

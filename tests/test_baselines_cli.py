@@ -25,47 +25,18 @@ CLASS_PATH = "sautomed.models.baselines.module.BaselineModule"
 CLASSES = ["liver", "right_kidney", "left_kidney", "spleen", "aorta"]
 
 
-def baseline_config(path: Path, phantoms: Path, run_dir: Path, kind: str) -> Path:
-    """A tiny unet2d (2.5D) or unet3d on the tiny phantoms at S = 32."""
-    unet: dict = {"num_classes": 5, "base_filters": 4, "max_filters": 16}
-    data: dict = {
-        "layout": "nnunet",
-        "root": str(phantoms / "train"),
-        "test_root": str(phantoms / "test"),
-        "folds": 2,
-        "preprocessing": {"image_size": 32, "normalization": "ct"},
-        "windows": {"samples_per_epoch": 4, "warmup_min": 1, "warmup_max": 1},
-        "batch_size": 2,
-        "cache_dir": str(path.parent / "cache"),
-    }
-    if kind == "unet2d":
-        unet.update(patch_size=[32, 32], spacing=[2.0, 2.0], context_slices=1)
-    else:
-        unet.update(patch_size=[8, 32, 32], spacing=[4.0, 2.0, 2.0])
-        data["patches"] = {"size": [8, 32, 32], "samples_per_epoch": 4}
-    cfg = {
-        "seed_everything": 0,
-        "trainer": {
-            "default_root_dir": str(run_dir),
-            "accelerator": "cpu",
-            "devices": 1,
-            "max_epochs": 1,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "log_every_n_steps": 1,
-        },
-        "model": {"class_path": CLASS_PATH, "init_args": {"network": kind, "unet": unet}},
-        "data": data,
-    }
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+def baseline_config(make_unet_config, base: Path, phantoms: Path, kind: str) -> Path:
+    """The tiny U-Net config on the phantoms' `train` (2 folds) and `test` folders, run folder `base/run`."""
+    return make_unet_config(
+        base / "c.yaml", phantoms / "train", base / "run", kind, test_root=str(phantoms / "test"), folds=2
+    )
 
 
 @pytest.fixture(scope="module", params=["unet2d", "unet3d"])
-def baseline_run(request, tiny_phantoms, tmp_path_factory) -> tuple[str, Path, Path]:
+def baseline_run(request, tiny_phantoms, make_unet_config, tmp_path_factory) -> tuple[str, Path, Path]:
     """(kind, config, run folder) of a one-epoch fit through the CLI."""
     base = tmp_path_factory.mktemp(request.param)
-    cfg = baseline_config(base / "c.yaml", tiny_phantoms, base / "run", request.param)
+    cfg = baseline_config(make_unet_config, base, tiny_phantoms, request.param)
     assert main(["fit", "--config", str(cfg)]) == 0
     return request.param, cfg, base / "run"
 
@@ -299,11 +270,13 @@ def test_a_clock_schedule_ends_at_zero_inside_the_guard(baseline_run, tmp_path, 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("kind", "epochs", "samples"), [("unet2d", 60, 32), ("unet3d", 40, 16)])
-def test_a_short_fit_learns_the_phantoms_liver(kind, epochs, samples, tiny_phantoms, tmp_path):
+def test_a_short_fit_learns_the_phantoms_liver(
+    kind, epochs, samples, tiny_phantoms, make_unet_config, tmp_path
+):
     """A DSC bar an untrained or broken U-Net cannot reach (it scores 0 on every class): 960 (2D) or 320 (3D)
     AdamW steps on 4 phantoms. Measured on 2026-12-06 (2-core CPU): unet2d liver 0.77, mean 0.42 (38 s);
     unet3d liver 0.80 (23 s)."""
-    cfg = baseline_config(tmp_path / "c.yaml", tiny_phantoms, tmp_path / "run", kind)
+    cfg = baseline_config(make_unet_config, tmp_path, tiny_phantoms, kind)
     doc = yaml.safe_load(cfg.read_text())
     doc["trainer"].update(max_epochs=epochs, check_val_every_n_epoch=100000)
     doc["model"]["init_args"].update(optimizer="adamw", lr=3e-3)

@@ -9,54 +9,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import yaml
 
 from sautomed.cli import main
 from sautomed.evaluation.probabilities import read_probabilities
 
-CLASS_PATH = "sautomed.models.baselines.module.BaselineModule"
-
-
-def unet_config(path: Path, root: Path, kind: str) -> Path:
-    """A tiny U-Net at S = 32, 2 steps: enough to make probabilities that differ between the families."""
-    unet: dict = {"num_classes": 5, "base_filters": 4, "max_filters": 16}
-    data: dict = {
-        "layout": "nnunet",
-        "root": str(root),
-        "folds": 1,
-        "preprocessing": {"image_size": 32, "normalization": "ct"},
-        "windows": {"samples_per_epoch": 4, "warmup_min": 1, "warmup_max": 1},
-        "batch_size": 2,
-        "cache_dir": str(path.parent / "cache"),
-    }
-    if kind == "unet2d":
-        unet.update(patch_size=[32, 32], spacing=[2.0, 2.0], context_slices=1)
-    else:
-        unet.update(patch_size=[8, 32, 32], spacing=[4.0, 2.0, 2.0])
-        data["patches"] = {"size": [8, 32, 32], "samples_per_epoch": 4}
-    cfg = {
-        "seed_everything": 0,
-        "trainer": {
-            "default_root_dir": str(path.parent / "unused"),
-            "accelerator": "cpu",
-            "devices": 1,
-            "max_epochs": 1,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "log_every_n_steps": 1,
-        },
-        "model": {"class_path": CLASS_PATH, "init_args": {"network": kind, "unet": unet}},
-        "data": data,
-    }
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
 
 @pytest.fixture(scope="module")
-def crossval_run(small_phantoms, tmp_path_factory) -> tuple[Path, list[Path], int]:
+def crossval_run(small_phantoms, make_unet_config, tmp_path_factory) -> tuple[Path, list[Path], int]:
     """Two U-Net configs cross-validated over 2 folds of the 3 phantoms: (out folder, configs, exit code)."""
     base = tmp_path_factory.mktemp("crossval")
-    configs = [unet_config(base / f"{k}.yaml", small_phantoms, k) for k in ("unet2d", "unet3d")]
+    configs = [
+        make_unet_config(base / f"{k}.yaml", small_phantoms, base / k, k) for k in ("unet2d", "unet3d")
+    ]
     out = base / "cv"
     rc = main(
         ["crossval", "--config", *map(str, configs), "--folds", "2", "--out", str(out), "--device", "cpu"]
@@ -143,11 +107,11 @@ def test_a_second_run_keeps_the_fits_and_the_ensemble_command_agrees(crossval_ru
     assert "exists" in capsys.readouterr().err
 
 
-def test_crossval_refuses_what_it_sets_and_twin_names(small_phantoms, tmp_path, capsys):
-    cfg = unet_config(tmp_path / "unet2d.yaml", small_phantoms, "unet2d")
+def test_crossval_refuses_what_it_sets_and_twin_names(small_phantoms, make_unet_config, tmp_path, capsys):
+    cfg = make_unet_config(tmp_path / "unet2d.yaml", small_phantoms, tmp_path / "run", "unet2d")
     twin = tmp_path / "other"
     twin.mkdir()
-    twin_cfg = unet_config(twin / "unet2d.yaml", small_phantoms, "unet2d")
+    twin_cfg = make_unet_config(twin / "unet2d.yaml", small_phantoms, tmp_path / "run", "unet2d")
     out = str(tmp_path / "cv")
     assert main(["crossval", "--config", str(cfg), "--out", out, "--", "--data.fold", "1"]) != 0
     assert "--data.fold" in capsys.readouterr().err
