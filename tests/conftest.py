@@ -33,19 +33,24 @@ def tiny_phantoms(tmp_path_factory) -> Path:
     return root
 
 
+def cpu_trainer(run_dir: Path) -> dict:
+    """The trainer section of the tiny test configs: one CPU epoch, quiet, logging every step."""
+    return {
+        "default_root_dir": str(run_dir),
+        "accelerator": "cpu",
+        "devices": 1,
+        "max_epochs": 1,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "log_every_n_steps": 1,
+    }
+
+
 def tiny_config(path: Path, phantoms: Path, run_dir: Path, **data: object) -> Path:
     """A complete config for the tiny network at S = 64 on the tiny phantoms."""
     cfg = {
         "seed_everything": 0,
-        "trainer": {
-            "default_root_dir": str(run_dir),
-            "accelerator": "cpu",
-            "devices": 1,
-            "max_epochs": 1,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "log_every_n_steps": 1,
-        },
+        "trainer": cpu_trainer(run_dir),
         "model": {
             "network": {
                 "backbone": "tiny",
@@ -94,15 +99,7 @@ def unet_config(path: Path, root: Path, run_dir: Path, kind: str, **data: object
         cfg_data["patches"] = {"size": [8, 32, 32], "samples_per_epoch": 4}
     cfg = {
         "seed_everything": 0,
-        "trainer": {
-            "default_root_dir": str(run_dir),
-            "accelerator": "cpu",
-            "devices": 1,
-            "max_epochs": 1,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "log_every_n_steps": 1,
-        },
+        "trainer": cpu_trainer(run_dir),
         "model": {"class_path": UNET_CLASS_PATH, "init_args": {"network": kind, "unet": unet}},
         "data": {**cfg_data, **data},
     }

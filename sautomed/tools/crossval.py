@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import logging
 import shutil
 import subprocess
 import sys
@@ -40,7 +39,6 @@ from sautomed.data.io import atomic_write
 from sautomed.errors import UserError
 from sautomed.tools.labels import LABELS_FILE, write_label_table
 
-log = logging.getLogger("sautomed.crossval")
 DONE = "crossval.done"
 RESULTS = "crossval.json"
 TABLE = "crossval.md"
