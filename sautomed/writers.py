@@ -125,20 +125,20 @@ def plan_predictions(
 
 
 def prediction_item(
-    batch: dict[str, Any],
-    segment: Callable[[Any, Any], Any],
-    probabilities: Callable[[Any, Any], Any] | None = None,
+    batch: dict[str, Any], segment: Callable[[Any, Any], Any], with_probabilities: bool = False
 ) -> dict[str, Any]:
     """What every family's `predict_step` hands the writer: the labels of `segment(image, geom)` with the
     batch's geometry, output path and source, or the batch's error (a bad input is reported, not fatal).
-    With ``probabilities`` (predict --save-probabilities) also its (Z, C+1, Y, X) class probabilities."""
+    ``with_probabilities`` (predict --save-probabilities): `segment` returns the labels and their (Z, C+1,
+    Y, X) class probabilities, from one pass."""
     if "error" in batch:
         return {"error": batch["error"], "source": batch["source"]}
     geom = batch["geom"]
-    labels = segment(batch["image"], geom)
+    out = segment(batch["image"], geom)
+    labels, probabilities = out if with_probabilities else (out, None)
     item = {"labels": labels, "geom": geom, "output": batch["output"], "source": batch["source"]}
-    if probabilities is not None:
-        item["probabilities"] = probabilities(batch["image"], geom)
+    if with_probabilities:
+        item["probabilities"] = probabilities
     return item
 
 

@@ -182,14 +182,16 @@ def test_one_decoder_call_per_slice_equals_one_per_box(refiner):
 
 
 @pytest.mark.slow
-def test_a_frozen_published_encoders_features_serve_the_refiner_where_min_max_is_the_identity(refiner):
+def test_a_frozen_published_encoders_features_serve_the_refiner(refiner):
+    """The network's features of the frozen published encoder replace the refiner's own encoder pass (the
+    slices in the network's normalisation: the masks equal those of the network's features); an encoder of
+    other weights never serves."""
     rng = np.random.default_rng(0)
     volume = torch.from_numpy(rng.random((3, S, S)).astype(np.float32) * 0.9)  # spans [0, 0.9): min-max acts
-    volume[0, 0, 0], volume[0, 0, 1] = 0.0, 1.0  # slice 0 spans [0, 1]: min-max is the identity
-    volume[1, 0, 0], volume[1, 0, 1] = 0.0, 1.0
     logits = torch.full((3, 3, S, S), -5.0)
     logits[:, 0] = 0.0
     logits[:, 1, 40:80, 30:70] = 5.0
+    logits[2, 1] = -5.0  # slice 2 holds no box: neither encoded nor decoded
     encoder = refiner.sam.image_encoder
     with torch.no_grad():
         feats = encoder(volume[:, None].expand(-1, 3, -1, -1))  # what the network's encode gives
@@ -198,16 +200,21 @@ def test_a_frozen_published_encoders_features_serve_the_refiner_where_min_max_is
     refiner.sam.encode = lambda x: calls.append(len(x)) or original(x)
     try:
         alone = refiner.scores(volume, logits, 2)
-        assert sum(calls) == 3
+        assert sum(calls) == 2
         shared = refiner.scores(volume, logits, 2, shared=(encoder, feats))
-        assert sum(calls) == 3 + 1  # only slice 2 encoded again
-        torch.testing.assert_close(shared, alone, atol=1e-4, rtol=0)
+        assert sum(calls) == 2  # no slice encoded again
+        box = torch.tensor([[30.0 - 6, 40 - 6, 69 + 6, 79 + 6]])  # the component's box grown by the margin
+        for z in (0, 1):
+            expected = refiner.sam.image_box_probabilities(feats[z : z + 1], box)[0]
+            torch.testing.assert_close(shared[z, 1], expected, atol=1e-5, rtol=0)
+        assert (shared[2, 1] == 0).all() and (shared[:, 0] == 0.5).all()
+        assert not torch.allclose(shared[:2, 1], alone[:2, 1], atol=1e-3)  # min-max did act on `alone`
         other = type(encoder)()  # other weights: never shared
         other.load_state_dict(encoder.state_dict())
         with torch.no_grad():
             next(other.parameters()).add_(0.1)
         assert not refiner.same_encoder(other) and refiner.same_encoder(encoder)
         refiner.scores(volume, logits, 2, shared=(other, feats))
-        assert sum(calls) == 4 + 3
+        assert sum(calls) == 2 + 2
     finally:
         refiner.sam.encode = original

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import numpy as np
@@ -96,3 +97,38 @@ def test_predict_tta_writes_on_the_input_grid(trained_run, tiny_phantoms, tmp_pa
         a.GetSize() == b.GetSize() and a.GetDirection() == b.GetDirection() and a.GetOrigin() == b.GetOrigin()
     )
     assert np.isin(sitk.GetArrayFromImage(b), range(6)).all()
+
+
+def test_saved_probabilities_come_from_the_same_single_pass_as_the_labels(
+    trained_run, tiny_phantoms, tmp_path, monkeypatch
+):
+    """predict --save-probabilities runs the network once a case, and writes the labels a plain predict
+    writes (with the largest-component step on, so the labels are not merely the npz's argmax)."""
+    from sautomed.evaluation.probabilities import read_probabilities
+    from sautomed.models.sautomed.module import SAutoMedModule
+
+    _, run = trained_run
+    src = next((tiny_phantoms / "test" / "imagesTr").iterdir())
+    plain, saved = tmp_path / "plain", tmp_path / "saved"
+    common = ["predict", "--ckpt_path", str(run / "best.ckpt"), "-i", str(src), "--no-progress"]
+    original_settings = SAutoMedModule.engine
+
+    def with_largest_component(self, *args, **kwargs):
+        self.inference = dataclasses.replace(self.inference, largest_component=True)
+        return original_settings(self, *args, **kwargs)
+
+    monkeypatch.setattr(SAutoMedModule, "engine", with_largest_component)
+    assert main([*common, "-o", str(plain)]) == 0
+    calls = []
+    original = SAutoMedModule.volume_scores
+    monkeypatch.setattr(
+        SAutoMedModule, "volume_scores", lambda self, x, mode=None: calls.append(1) or original(self, x, mode)
+    )
+    assert main([*common, "-o", str(saved), "--save-probabilities"]) == 0
+    assert len(calls) == 1
+    name = output_name(src)
+    a = sitk.GetArrayFromImage(sitk.ReadImage(str(plain / name)))
+    b = sitk.GetArrayFromImage(sitk.ReadImage(str(saved / name)))
+    assert np.array_equal(a, b)
+    probs = read_probabilities(saved / name.replace(".nii.gz", ".npz")).probabilities.astype(np.float32)
+    assert probs.shape[1:] == b.shape and (probs.argmax(0) == b).mean() > 0.99

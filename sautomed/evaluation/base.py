@@ -278,8 +278,13 @@ class SegmentationModule(ScheduleHooks, L.LightningModule):
         largest-component step when its inference settings ask for it)."""
         if not self.tta:
             return self.segment_case(image, geom)
-        labels = tta_probabilities(self, image, geom).argmax(1).to(torch.uint8).cpu().numpy()
-        if getattr(self.inference, "largest_component", False):
+        return self.labels_of(tta_probabilities(self, image, geom))
+
+    def labels_of(self, probabilities: Any) -> np.ndarray:
+        """(Z, C+1, Y, X) class probabilities -> the (Z, Y, X) uint8 labels ``segment_case`` would write: the
+        argmax, and the family's largest-component step when its inference settings ask for it."""
+        labels = probabilities.argmax(1).to(torch.uint8).cpu().numpy()
+        if getattr(getattr(self, "inference", None), "largest_component", False):
             labels = keep_largest_component(labels, len(self.class_names))
         return labels
 
@@ -288,8 +293,16 @@ class SegmentationModule(ScheduleHooks, L.LightningModule):
         augmented ones): what ensembles average."""
         return tta_probabilities(self, image, geom) if self.tta else self.case_probabilities(image, geom)
 
+    def segment_with_probabilities(self, image: Any, geom: Any) -> tuple[np.ndarray, Any]:
+        """The labels and the class probabilities of one pass (``predict --save-probabilities``): the labels
+        are ``labels_of`` the probabilities, which is what ``segment`` computes from the same scores."""
+        probabilities = self.probabilities(image, geom)
+        return self.labels_of(probabilities), probabilities
+
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        return prediction_item(batch, self.segment, self.probabilities if self.save_probabilities else None)
+        if self.save_probabilities:
+            return prediction_item(batch, self.segment_with_probabilities, with_probabilities=True)
+        return prediction_item(batch, self.segment)
 
     # -- the checkpoint carries its config and its fit -----------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -64,10 +64,9 @@ class Ensemble(L.LightningModule):
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         if not self.save_probabilities:
             return prediction_item(batch, self.segment_case)
-        mean: dict[str, Tensor] = {}  # computed once: the labels are its argmax
 
-        def segment(image: Tensor, geom: Any) -> np.ndarray:
-            mean["p"] = self.case_probabilities(image, geom)
-            return mean["p"].argmax(1).to(torch.uint8).cpu().numpy()
+        def segment(image: Tensor, geom: Any) -> tuple[np.ndarray, Tensor]:  # the labels: the mean's argmax
+            mean = self.case_probabilities(image, geom)
+            return mean.argmax(1).to(torch.uint8).cpu().numpy(), mean
 
-        return prediction_item(batch, segment, lambda image, geom: mean["p"])
+        return prediction_item(batch, segment, with_probabilities=True)
