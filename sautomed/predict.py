@@ -64,7 +64,20 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="3D-SAutoMed: bfloat16 autocast for the image encoder only (faster on CPUs with AMX: README)",
     )
-    p.add_argument("--largest-component", action="store_true", default=None, help="keep largest component")
+    p.add_argument(
+        "--largest-component",
+        action="store_true",
+        default=None,
+        help="the model's own largest-component step for every class (inference.largest_component)",
+    )
+    p.add_argument(
+        "--keep-largest",
+        nargs="+",
+        metavar="CLASS",
+        default=None,
+        help="after everything else (an ensemble's mean included), keep only the largest 3D component of "
+        "these classes (names, label values or all; `sautomed crossval` says which help on its folds)",
+    )
     p.add_argument(
         "--sam-refine",
         action=argparse.BooleanOptionalAction,
@@ -182,6 +195,13 @@ def predict_main(argv: Sequence[str]) -> int:
         if clicks is not None:
             raise UserError("--save-probabilities: not with --clicks (a click session gives labels only)")
         module.save_probabilities = True
+    if a.keep_largest:
+        from sautomed.evaluation.postprocess import resolve_classes
+
+        try:
+            module.keep_largest = resolve_classes(a.keep_largest, module.class_names, "--keep-largest")
+        except ValueError as exc:
+            raise UserError(str(exc)) from exc
     if a.tta:
         if not module.supports_tta:
             raise UserError(f"--tta: not available for this checkpoint's model ({type(module).__name__})")

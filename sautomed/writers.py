@@ -13,12 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from sautomed.data.io import is_dicom_dir, is_volume_file, volume_stem, write_label_volume
 from sautomed.data.layouts.nnunet import CHANNEL
 from sautomed.errors import UserError
 from sautomed.evaluation.gather import gather_lists
+from sautomed.evaluation.postprocess import keep_largest_component
 from sautomed.evaluation.probabilities import write_probabilities
 
 log = logging.getLogger(__name__)
@@ -125,17 +127,23 @@ def plan_predictions(
 
 
 def prediction_item(
-    batch: dict[str, Any], segment: Callable[[Any, Any], Any], with_probabilities: bool = False
+    batch: dict[str, Any],
+    segment: Callable[[Any, Any], Any],
+    with_probabilities: bool = False,
+    keep_largest: Sequence[int] = (),
 ) -> dict[str, Any]:
     """What every family's `predict_step` hands the writer: the labels of `segment(image, geom)` with the
     batch's geometry, output path and source, or the batch's error (a bad input is reported, not fatal).
     ``with_probabilities`` (predict --save-probabilities): `segment` returns the labels and their (Z, C+1,
-    Y, X) class probabilities, from one pass."""
+    Y, X) class probabilities, from one pass. ``keep_largest`` (predict --keep-largest): the label values
+    whose largest 3D component alone is kept (the probabilities stay as the model gave them)."""
     if "error" in batch:
         return {"error": batch["error"], "source": batch["source"]}
     geom = batch["geom"]
     out = segment(batch["image"], geom)
     labels, probabilities = out if with_probabilities else (out, None)
+    if keep_largest:
+        labels = keep_largest_component(np.asarray(labels), max(keep_largest), keep_largest)
     item = {"labels": labels, "geom": geom, "output": batch["output"], "source": batch["source"]}
     if with_probabilities:
         item["probabilities"] = probabilities

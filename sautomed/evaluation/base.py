@@ -120,6 +120,7 @@ class SegmentationModule(ScheduleHooks, L.LightningModule):
         self.last_summary: dict[str, Any] = {}
         self.tta = False  # test-time augmentation (predict --tta; evaluation/tta.py)
         self.save_probabilities = False  # predict --save-probabilities (evaluation/probabilities.py)
+        self.keep_largest: tuple[int, ...] = ()  # predict --keep-largest: classes post-processed after all
 
     # -- what a family supplies ----------------------------------------------------------------------------
     def family_config(self) -> dict[str, Any]:
@@ -301,8 +302,8 @@ class SegmentationModule(ScheduleHooks, L.LightningModule):
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         if self.save_probabilities:
-            return prediction_item(batch, self.segment_with_probabilities, with_probabilities=True)
-        return prediction_item(batch, self.segment)
+            return prediction_item(batch, self.segment_with_probabilities, True, self.keep_largest)
+        return prediction_item(batch, self.segment, False, self.keep_largest)
 
     # -- the checkpoint carries its config and its fit -----------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

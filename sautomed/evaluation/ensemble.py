@@ -4,7 +4,8 @@ probabilities on the input's grid are averaged before the argmax.
 Members may be folds of one config or configs of different families, provided they predict the same classes
 in the same order from the same preprocessed input (normalisation, window, image size, channels); anything
 else is refused in one line that names the difference. Each member segments with its own inference settings
-(a LiteMedSAM refinement included); the ensemble takes no largest-component step of its own.
+(a LiteMedSAM refinement included); the ensemble's own largest-component step is ``predict --keep-largest``
+with the classes ``sautomed crossval`` chose on the folds.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class Ensemble(L.LightningModule):
         self.input_channels = int(getattr(first, "input_channels", 1))
         self.tta = False  # each member's probabilities under test-time augmentation (evaluation/tta.py)
         self.save_probabilities = False  # predict --save-probabilities: the mean is written beside the labels
+        self.keep_largest: tuple[int, ...] = ()  # predict --keep-largest (chosen by crossval on the folds)
         self.supports_tta = all(m.supports_tta for m in members)
 
     def case_probabilities(self, image: Tensor, geom: Any) -> Tensor:
@@ -63,10 +65,10 @@ class Ensemble(L.LightningModule):
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         if not self.save_probabilities:
-            return prediction_item(batch, self.segment_case)
+            return prediction_item(batch, self.segment_case, False, self.keep_largest)
 
         def segment(image: Tensor, geom: Any) -> tuple[np.ndarray, Tensor]:  # the labels: the mean's argmax
             mean = self.case_probabilities(image, geom)
             return mean.argmax(1).to(torch.uint8).cpu().numpy(), mean
 
-        return prediction_item(batch, segment, with_probabilities=True)
+        return prediction_item(batch, segment, True, self.keep_largest)

@@ -3,7 +3,7 @@ largest-connected-component step (plain numpy / scipy)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -12,11 +12,14 @@ from scipy import ndimage
 from torch import Tensor
 
 
-def keep_largest_component(labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """Keep the largest 3D connected component (26-connectivity) of each class; the rest -> background."""
+def keep_largest_component(
+    labels: np.ndarray, num_classes: int, classes: Iterable[int] | None = None
+) -> np.ndarray:
+    """Keep the largest 3D connected component (26-connectivity) of each class (of ``classes`` only, when
+    given); the rest -> background."""
     out = labels.copy()
     structure = np.ones((3,) * labels.ndim, dtype=bool)
-    for c in range(1, num_classes + 1):
+    for c in range(1, num_classes + 1) if classes is None else sorted(set(classes)):
         mask = labels == c
         if not mask.any():
             continue
@@ -27,6 +30,26 @@ def keep_largest_component(labels: np.ndarray, num_classes: int) -> np.ndarray:
         sizes[0] = 0
         out[(comp != 0) & (comp != int(sizes.argmax()))] = 0
     return out
+
+
+def resolve_classes(spec: Sequence[str], class_names: Sequence[str], what: str) -> tuple[int, ...]:
+    """Class names, label values or ``all`` (``predict --keep-largest liver spleen``) -> the label values
+    1..C of ``class_names`` (the foreground classes, in label order); an unknown one is a ValueError that
+    names it and the classes there are."""
+    out: set[int] = set()
+    for item in spec:
+        if item == "all":
+            out.update(range(1, len(class_names) + 1))
+        elif item in class_names:
+            out.add(list(class_names).index(item) + 1)
+        elif item.isdigit() and 1 <= int(item) <= len(class_names):
+            out.add(int(item))
+        else:
+            raise ValueError(
+                f"{what}: no class {item!r} here; give names or label values of {', '.join(class_names)}, "
+                "or all"
+            )
+    return tuple(sorted(out))
 
 
 def logits_to_labels(

@@ -24,6 +24,7 @@ import SimpleITK as sitk
 
 from sautomed.data.io import Geometry, atomic_write, from_canonical, split_suffix
 from sautomed.errors import UserError
+from sautomed.evaluation.postprocess import keep_largest_component
 
 SUFFIX = ".npz"
 
@@ -102,9 +103,12 @@ class EnsembleResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (case, why): not in every folder
 
 
-def ensemble_case(files: Sequence[Path], out: Path, overwrite: bool = False) -> Path:
+def ensemble_case(
+    files: Sequence[Path], out: Path, overwrite: bool = False, keep_largest: Sequence[int] = ()
+) -> Path:
     """Average the probabilities of ``files`` (one case, one per member), write the argmax labels to ``out``
-    on the grid of the first member's label map; ValueError naming the file that does not fit."""
+    on the grid of the first member's label map (the largest 3D component alone of the label values in
+    ``keep_largest``); ValueError naming the file that does not fit."""
     first = read_probabilities(files[0])
     total = first.probabilities.astype(np.float32)
     for f in files[1:]:
@@ -122,13 +126,20 @@ def ensemble_case(files: Sequence[Path], out: Path, overwrite: bool = False) -> 
     reference = sitk.ReadImage(str(first.labels_file))
     if reference.GetSize()[::-1] != first.probabilities.shape[1:]:
         raise ValueError(f"{files[0]}: its label map {first.labels_file} is on another grid")
-    labels = sitk.GetImageFromArray(total.argmax(0).astype(np.uint8))
+    array = total.argmax(0).astype(np.uint8)
+    if keep_largest:
+        array = keep_largest_component(array, max(keep_largest), keep_largest)
+    labels = sitk.GetImageFromArray(array)
     labels.CopyInformation(reference)
     return atomic_write(out, lambda tmp: sitk.WriteImage(labels, str(tmp), True), overwrite=overwrite)
 
 
 def ensemble_folders(
-    folders: Sequence[Path], out_dir: Path, suffix: str = ".nii.gz", overwrite: bool = False
+    folders: Sequence[Path],
+    out_dir: Path,
+    suffix: str = ".nii.gz",
+    overwrite: bool = False,
+    keep_largest: Sequence[int] = (),
 ) -> EnsembleResult:
     """Every case whose ``.npz`` each of ``folders`` holds, averaged and written to ``out_dir/case<suffix>``.
     A case missing from a folder is skipped and named; a case that fails is named and the rest go on."""
@@ -158,7 +169,7 @@ def ensemble_folders(
             result.skipped.append((case, f"{out} exists (use --overwrite to replace it)"))
             continue
         try:
-            result.written.append(ensemble_case(files, out, overwrite))
+            result.written.append(ensemble_case(files, out, overwrite, keep_largest))
         except (ValueError, OSError, RuntimeError) as exc:
             result.failed.append((case, str(exc)))
     return result

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from sautomed.errors import UserError
+from sautomed.evaluation.postprocess import resolve_classes
 from sautomed.evaluation.probabilities import ensemble_folders, read_probabilities
 from sautomed.tools.labels import label_table, write_label_table
 
@@ -28,7 +29,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, type=Path, help="output folder (created if missing)")
     p.add_argument("--suffix", default=".nii.gz", help="label map file ending (.nii.gz, .nrrd, .mha)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: keep them)")
+    p.add_argument(
+        "--keep-largest",
+        nargs="+",
+        metavar="CLASS",
+        default=None,
+        help="keep only the largest 3D component of these classes (names, label values or all) after the "
+        "argmax (`sautomed crossval` says which help on its folds)",
+    )
     return p
+
+
+def first_class_names(folders: Sequence[Path]) -> tuple[str, ...]:
+    """The foreground class names of the first saved probabilities in ``folders[0]`` (UserError if none)."""
+    for f in sorted(Path(folders[0]).glob("*.npz")):
+        if not f.name.startswith("."):
+            try:
+                return read_probabilities(f).class_names[1:]
+            except (ValueError, OSError, KeyError) as exc:
+                raise UserError(f"{f}: not saved probabilities of sautomed predict ({exc})") from exc
+    raise UserError(f"{folders[0]}: no saved probabilities (*.npz): predict with --save-probabilities first")
 
 
 def ensemble_main(argv: Sequence[str]) -> int:
@@ -37,7 +57,15 @@ def ensemble_main(argv: Sequence[str]) -> int:
         raise UserError("ensemble needs at least two folders (-i A B ...)")
     if a.output.resolve() in {p.resolve() for p in a.input}:
         raise UserError(f"{a.output}: the output folder is one of the inputs; choose another")
-    result = ensemble_folders(a.input, a.output, a.suffix, a.overwrite)
+    keep: tuple[int, ...] = ()
+    if a.keep_largest:
+        if not Path(a.input[0]).is_dir():
+            raise UserError(f"{a.input[0]}: folder does not exist")
+        try:
+            keep = resolve_classes(a.keep_largest, first_class_names(a.input), "--keep-largest")
+        except ValueError as exc:
+            raise UserError(str(exc)) from exc
+    result = ensemble_folders(a.input, a.output, a.suffix, a.overwrite, keep)
     for case, why in result.skipped:
         print(f"note: skipped {case}: {why}", file=sys.stderr)
     for case, why in result.failed:
