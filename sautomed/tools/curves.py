@@ -78,3 +78,64 @@ def curves_svg(folder: str | Path) -> list[str]:
         return []
     series = read_series(path)
     return [_panel(series[name], label, colour) for name, label, colour in SERIES if name in series]
+
+
+PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
+
+
+def lines_svg(
+    series: dict[str, Sequence[tuple[float, float]]],
+    title: str,
+    x_label: str,
+    y_label: str,
+    y_range: tuple[float, float] | None = None,
+) -> str:
+    """Several named series of (x, y) points on one set of axes, as a standalone SVG with a legend (for a
+    figure in the docs, e.g. DSC against the number of training cases). ValueError when there is no point."""
+    points = [p for pts in series.values() for p in pts]
+    if not points:
+        raise ValueError("lines_svg: no points to draw")
+    xs = sorted({p[0] for p in points})
+    x0, x1 = xs[0], xs[-1] if xs[-1] > xs[0] else xs[0] + 1
+    y0, y1 = y_range or (min(p[1] for p in points), max(p[1] for p in points))
+    y1 = y1 if y1 > y0 else y0 + 1
+    width, height, left, right, top, bottom = 560, 320, 60, 170, 36, 46
+    w, h = width - left - right, height - top - bottom
+
+    def xy(x: float, y: float) -> tuple[float, float]:
+        return left + (x - x0) / (x1 - x0) * w, top + (1 - (y - y0) / (y1 - y0)) * h
+
+    e = html.escape
+    parts = [
+        f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' role='img' "
+        f"aria-label='{e(title)}'><rect width='100%' height='100%' fill='#fff'/>",
+        f"<rect x='{left}' y='{top}' width='{w}' height='{h}' fill='none' stroke='#bbb'/>",
+        f"<text x='{left}' y='{top - 14}' font-size='13'>{e(title)}</text>",
+        f"<text x='{left + w / 2:.1f}' y='{height - 8}' font-size='11' text-anchor='middle'>"
+        f"{e(x_label)}</text>",
+        f"<text x='14' y='{top + h / 2:.1f}' font-size='11' text-anchor='middle' "
+        f"transform='rotate(-90 14 {top + h / 2:.1f})'>{e(y_label)}</text>",
+    ]
+    for x in xs:
+        px, _ = xy(x, y0)
+        parts.append(
+            f"<text x='{px:.1f}' y='{top + h + 14}' font-size='10' text-anchor='middle'>{x:g}</text>"
+        )
+    for k in range(5):
+        y = y0 + (y1 - y0) * k / 4
+        _, py = xy(x0, y)
+        parts.append(f"<line x1='{left}' x2='{left + w}' y1='{py:.1f}' y2='{py:.1f}' stroke='#eee'/>")
+        parts.append(f"<text x='{left - 4}' y='{py + 3:.1f}' font-size='10' text-anchor='end'>{y:.3g}</text>")
+    for i, (name, pts) in enumerate(series.items()):
+        colour = PALETTE[i % len(PALETTE)]
+        coords = [xy(x, y) for x, y in sorted(pts)]
+        line = " ".join(f"{px:.1f},{py:.1f}" for px, py in coords)
+        parts.append(f"<polyline fill='none' stroke='{colour}' stroke-width='1.8' points='{line}'/>")
+        parts += [f"<circle cx='{px:.1f}' cy='{py:.1f}' r='3' fill='{colour}'/>" for px, py in coords]
+        ly = top + 14 + 18 * i
+        parts.append(
+            f"<line x1='{left + w + 10}' x2='{left + w + 28}' y1='{ly}' y2='{ly}' stroke='{colour}' "
+            "stroke-width='2'/>"
+        )
+        parts.append(f"<text x='{left + w + 32}' y='{ly + 4}' font-size='11'>{e(name)}</text>")
+    return "".join(parts) + "</svg>\n"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from html.parser import HTMLParser
 
+import pytest
+
 from sautomed.cli import main
 from sautomed.evaluation.metrics import ClassResult, summarize, write_metrics
 
@@ -135,3 +137,28 @@ def test_report_orders_cases_worst_first_and_draws_the_training_curves(tmp_path)
     assert embedded in text and text.count("data:image/png;base64,") == 1  # only `bad` has one
     assert "training loss" in text and "validation mean DSC" in text
     assert text.count("<polyline") == 2
+
+
+def test_lines_svg_draws_each_series_where_its_points_lie():
+    import xml.etree.ElementTree as ET
+
+    from sautomed.tools.curves import lines_svg
+
+    svg = lines_svg(
+        {"SAM <path>": [(1, 0.5), (3, 0.9), (2, 0.7)], "U-Net": [(1, 0.2), (3, 0.8)]},
+        "DSC by training cases",
+        "training cases",
+        "mean DSC",
+        (0.0, 1.0),
+    )
+    root = ET.fromstring(svg)  # well-formed, names escaped
+    ns = "{http://www.w3.org/2000/svg}"
+    lines = root.findall(f"{ns}polyline")
+    assert len(lines) == 2
+    first = [tuple(map(float, p.split(","))) for p in lines[0].get("points").split()]
+    assert [x for x, _ in first] == sorted(x for x, _ in first)  # points drawn in x order
+    ys = [y for _, y in first]
+    assert ys[0] > ys[1] > ys[2]  # a higher DSC is drawn higher (smaller SVG y)
+    assert "SAM &lt;path&gt;" in svg
+    with pytest.raises(ValueError):
+        lines_svg({}, "t", "x", "y")
