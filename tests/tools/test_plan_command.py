@@ -69,10 +69,11 @@ def test_fit_with_a_dataset_and_no_config_plans_and_trains(tmp_path, capsys):
     from sautomed.data.phantom import make_phantoms
 
     data = make_phantoms(
-        tmp_path / "data", 2, seed=3, size=(8, 64, 64)
+        tmp_path / "data", 2, seed=3, size=(6, 64, 64)
     )  # few slices: LiteMedSAM encodes them
     run = tmp_path / "run"
     argv = ["fit", "--data.root", str(data), "--trainer.default_root_dir", str(run)]
+    argv += ["--trainer.limit_val_batches", "0"]  # the plan and a trained step are the point here
     argv += ["--model.network.sam_checkpoint", str(WEIGHTS), "--data.windows.augmented_copies", "1"]
     argv += ["--model.dense_pretrain_steps", "2", *FEW_STEPS]
     assert main(argv) == 0
