@@ -12,9 +12,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from sautomed.errors import UserError
 from sautomed.evaluation.postprocess import resolve_classes
-from sautomed.evaluation.probabilities import ensemble_folders, read_probabilities
+from sautomed.evaluation.probabilities import ensemble_folders
 from sautomed.tools.labels import label_table, write_label_table
 
 
@@ -41,11 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def first_class_names(folders: Sequence[Path]) -> tuple[str, ...]:
-    """The foreground class names of the first saved probabilities in ``folders[0]`` (UserError if none)."""
+    """The foreground class names of the first saved probabilities in ``folders[0]`` (UserError if none);
+    only the names are read, not the probabilities."""
     for f in sorted(Path(folders[0]).glob("*.npz")):
         if not f.name.startswith("."):
             try:
-                return read_probabilities(f).class_names[1:]
+                with np.load(f, allow_pickle=False) as z:
+                    return tuple(str(n) for n in z["class_names"])[1:]
             except (ValueError, OSError, KeyError) as exc:
                 raise UserError(f"{f}: not saved probabilities of sautomed predict ({exc})") from exc
     raise UserError(f"{folders[0]}: no saved probabilities (*.npz): predict with --save-probabilities first")
@@ -71,8 +75,7 @@ def ensemble_main(argv: Sequence[str]) -> int:
     for case, why in result.failed:
         print(f"sautomed: failed {case}: {why}", file=sys.stderr)
     if result.written:
-        case = result.written[0].name[: -len(a.suffix)]
-        names = read_probabilities(Path(a.input[0]) / f"{case}.npz").class_names
-        write_label_table(a.output, label_table(names[1:], None, "ensemble"), overwrite=a.overwrite)
+        names = first_class_names(a.input)  # every written case's classes matched the first folder's
+        write_label_table(a.output, label_table(names, None, "ensemble"), overwrite=a.overwrite)
     print(f"wrote {len(result.written)} ensembled label maps to {a.output}", file=sys.stderr)
     return 1 if result.failed else 0
