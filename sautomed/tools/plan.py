@@ -157,6 +157,55 @@ def size_feature_cache(
     return k, notes
 
 
+def data_bytes(fp: Fingerprint, image_size: int, channels: int) -> int:
+    """The preprocessed cases a fit holds in memory: float32 slices of S x S per channel and a uint8 label."""
+    slices = sum(shape[0] for shape in fp.shapes_zyx)
+    return int(slices * image_size * image_size * (4 * channels + 1))
+
+
+def size_batch(
+    fp: Fingerprint,
+    family: str,
+    model: dict[str, Any],
+    data: dict[str, Any],
+    image_size: int,
+    channels: int,
+    device: str,
+    memory_bytes: int | None,
+) -> list[str]:
+    """Set ``data.batch_size`` (and shrink the patch or crop if it must) from a training step measured on
+    this machine against its memory (memory.py); notes saying what it measured and chose."""
+    from sautomed.models.sautomed.feature_cache import machine_memory_bytes
+    from sautomed.tools.memory import GIB, MEMORY_SHARE, fit_batch_to_memory
+
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            return ["no GPU here: the training step's memory was not measured; the template's batch is kept"]
+        memory = memory_bytes or int(torch.cuda.get_device_properties(0).total_memory)
+        held = 0  # the cases stay in host memory
+    else:
+        memory = memory_bytes or machine_memory_bytes() or 8 * GIB
+        held = data_bytes(fp, image_size, channels)
+    limit = int(MEMORY_SHARE * memory) - held
+    notes = [
+        f"memory: {memory / GIB:.1f} GiB "
+        + ("given (--memory)" if memory_bytes else ("on the GPU" if device == "cuda" else "on this machine"))
+        + f"; a step may take {MEMORY_SHARE:.0%} of it"
+        + (f" less {held / GIB:.2f} GiB of preprocessed cases" if held else "")
+    ]
+    batch = int(data.get("batch_size", 2))
+    model_now = {key: model[key] for key in ("unet", "network", "refinement") if key in model}
+    sized, data["batch_size"], _, more = fit_batch_to_memory(family, model_now, batch, limit, device)
+    model.update(sized)
+    if family == "unet3d":
+        data.setdefault("patches", {})["size"] = sized["unet"]["patch_size"]
+    if family == "msam":
+        data.setdefault("crops", {})["size"] = sized["network"]["image_size"]
+    return notes + more
+
+
 def plan_config(
     fp: Fingerprint,
     family: str,
@@ -166,8 +215,11 @@ def plan_config(
     modality: str | None = None,
     layout: str = "nnunet",
     measure: bool = True,
+    memory_bytes: int | None = None,
 ) -> tuple[dict[str, Any], list[str]]:
-    """The config for ``fp`` and the notes saying what was chosen and why."""
+    """The config for ``fp`` and the notes saying what was chosen and why (``measure``: time the encoder
+    and measure a training step here; ``memory_bytes``: plan for that much memory instead of this machine's
+    or its GPU's)."""
     name, cfg = _template(family, device, sam_checkpoint)
     notes = [f"started from configs/{name} (the shipped {family} config for a {device.upper()})"]
     model, data, trainer = _init_args(cfg), cfg.setdefault("data", {}), cfg.setdefault("trainer", {})
@@ -237,6 +289,8 @@ def plan_config(
         model.setdefault("network", {})["in_channels"] = channels
         data["channels"] = channels
         notes.append(f"M-SAM: every label > 0 is the lesion; {channels} input channel(s)")
+    if family != "sautomed" and measure:
+        notes += size_batch(fp, family, model, data, S, channels, device, memory_bytes)
     trainer["max_time"] = f"00:{budget_s // 3600:02d}:{budget_s % 3600 // 60:02d}:{budget_s % 60:02d}"
     trainer["accelerator"] = device
     trainer["default_root_dir"] = f"runs/{Path(fp.root).name}_{family}"
@@ -266,6 +320,7 @@ def plan_dataset(
     sam_checkpoint: str | None = None,
     modality: str | None = None,
     layout: str | None = None,
+    memory_bytes: int | None = None,
 ) -> tuple[dict[str, Any], list[str]]:
     """Check, fingerprint and plan the dataset at ``root`` (layout: nnunet when it has a dataset.json)."""
     if family not in FAMILIES:
@@ -285,7 +340,18 @@ def plan_dataset(
         print(format_report(report))
         raise UserError(f"{root}: the data check found errors (listed above): fix them, then plan")
     fp = fingerprint(found)
-    return plan_config(fp, family, _seconds(budget), device, sam_checkpoint, modality, layout)
+    return plan_config(
+        fp, family, _seconds(budget), device, sam_checkpoint, modality, layout, memory_bytes=memory_bytes
+    )
+
+
+def memory_size(text: str) -> int:
+    """``16G``, ``512M``, ``16GiB`` -> bytes (binary units)."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmgt])?(?:i?b)?", text.strip().lower())
+    if not match:
+        raise UserError(f"--memory {text!r}: give a size such as 16G or 512M")
+    power = " kmgt".index(match.group(2) or " ")
+    return int(float(match.group(1)) * 1024**power)
 
 
 def plan_main(argv: Sequence[str]) -> int:
@@ -305,10 +371,18 @@ def plan_main(argv: Sequence[str]) -> int:
     p.add_argument(
         "--modality", choices=("ct", "mr"), default=None, help="default: CT if a channel is named CT"
     )
+    p.add_argument(
+        "--memory",
+        default=None,
+        help="plan for this much memory, e.g. 16G (default: this machine's, or the GPU's with --device cuda)",
+    )
     p.add_argument("--out", type=Path, default=None, help="the config to write (default: print it)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     a = p.parse_args(argv)
-    cfg, notes = plan_dataset(a.root, a.family, a.budget, a.device, a.sam_checkpoint, a.modality, a.layout)
+    memory = None if a.memory is None else memory_size(a.memory)
+    cfg, notes = plan_dataset(
+        a.root, a.family, a.budget, a.device, a.sam_checkpoint, a.modality, a.layout, memory
+    )
     for n in notes:
         print(f"plan: {n}")
     if a.out is None:

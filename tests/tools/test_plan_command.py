@@ -40,6 +40,8 @@ def test_plan_says_what_it_chose_and_writes_a_config_that_parses(tiny_phantoms, 
     cfg = yaml.safe_load(text)
     assert cfg["model"]["init_args"]["unet"]["num_classes"] == 5
     assert cfg["data"]["preprocessing"]["normalization"] == "ct"
+    assert "a training step measured here: " in said and "batch size 8: " in said  # the template's fits
+    assert cfg["data"]["batch_size"] == 8
     assert main(["fit", "--config", str(out), "--print_config"]) == 0
     assert (
         main(["plan", "--root", str(tiny_phantoms / "train"), "--out", str(out)]) == 1
@@ -135,3 +137,59 @@ def test_a_sautomed_plan_times_the_frozen_encoder_on_this_machine(tiny_phantoms,
     said = capsys.readouterr().out
     assert "frozen encoder: " in said and " s a slice at S = 128 measured here" in said
     assert "feature cache " in said
+
+
+def _probe(fixed_gib: float, per_gib: float, smallest: int):
+    """A stand-in for the measured step: ``fixed + batch x per`` GiB, per sample x 8 per halving above
+    ``smallest`` (the patch's side)."""
+    from sautomed.tools.memory import GIB, StepMemory
+
+    def measure(family, model, device="cpu"):
+        side = model["unet"]["patch_size"][-1] if "unet" in model else model["network"]["image_size"]
+        return StepMemory(int(fixed_gib * GIB), int(per_gib * GIB * (side / smallest) ** 3))
+
+    return measure
+
+
+def test_the_batch_comes_down_then_the_patch_halves_until_a_step_fits_the_memory(monkeypatch):
+    from sautomed.errors import UserError
+    from sautomed.tools import memory
+    from sautomed.tools.memory import GIB, fit_batch_to_memory, largest_batch
+
+    model = {"unet": {"patch_size": [16, 64, 64]}}
+    monkeypatch.setattr(memory, "measure_step", _probe(0.5, 0.25, 16))  # 64: 16 GiB a sample
+    assert largest_batch(memory.StepMemory(GIB, GIB), 3 * GIB, 8) == 2
+    assert largest_batch(memory.StepMemory(GIB, 0), GIB // 2, 8) == 0
+    sized, batch, _, notes = fit_batch_to_memory("unet3d", model, 2, 40 * GIB)
+    assert (sized, batch) == (model, 2) and "fits the memory" in notes[-1]  # 32.5 GiB
+    sized, batch, _, notes = fit_batch_to_memory("unet3d", model, 2, 20 * GIB)
+    assert batch == 1 and "down from 2" in notes[-1]
+    sized, batch, _, notes = fit_batch_to_memory("unet3d", model, 2, 3 * GIB)  # 32: 2 GiB a sample
+    assert sized["unet"]["patch_size"] == [8, 32, 32] and batch == 1
+    assert any("unet.patch_size [16, 64, 64] -> [8, 32, 32]" in n for n in notes)
+    assert model["unet"]["patch_size"] == [16, 64, 64]  # the caller's settings are left alone
+    with pytest.raises(UserError, match="at batch 1 needs .* more memory"):
+        fit_batch_to_memory("unet3d", model, 2, GIB // 4)
+    msam = {"network": {"image_size": 64}}
+    sized, batch, _, _ = fit_batch_to_memory("msam", msam, 2, 3 * GIB)
+    assert sized["network"]["image_size"] == 32 and batch == 1  # 64 -> 32: 0.5 + 2 GiB a sample
+    with pytest.raises(UserError):  # M-SAM's crop stays at 32 or more
+        fit_batch_to_memory("msam", msam, 2, 2 * GIB)
+
+
+def test_plan_sizes_the_batch_for_the_memory_it_is_given(tiny_phantoms, tmp_path, capsys, monkeypatch):
+    from sautomed.tools import memory, plan
+
+    monkeypatch.setattr(memory, "measure_step", _probe(0.5, 0.25, 16))
+    out = tmp_path / "plan.yaml"
+    root = str(tiny_phantoms / "train")
+    assert main(["plan", "--root", root, "--family", "unet3d", "--memory", "3G", "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "memory: 3.0 GiB given (--memory)" in said
+    cfg = yaml.safe_load(out.read_text())
+    patch = cfg["model"]["init_args"]["unet"]["patch_size"]
+    assert cfg["data"]["patches"]["size"] == patch and cfg["data"]["batch_size"] >= 1
+    assert 0.5 + cfg["data"]["batch_size"] * 0.25 * (patch[-1] / 16) ** 3 <= 0.7 * 3  # it fits
+    assert plan.memory_size("512M") == 512 * 2**20 and plan.memory_size("16GiB") == 16 * 2**30
+    assert main(["plan", "--root", root, "--family", "unet3d", "--memory", "lots"]) == 1
+    assert "--memory 'lots'" in capsys.readouterr().err

@@ -37,7 +37,7 @@ from sautomed.evaluation.metrics import ClassResult, dice
 from sautomed.models.msam.clicks import ClickMode
 from sautomed.models.msam.network import MSAMNet
 from sautomed.models.msam.patches import crop_or_pad, crop_start
-from sautomed.models.msam.refinement import refine_with_clicks
+from sautomed.models.msam.refinement import MergeMode, refine_with_clicks
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +66,18 @@ class EvaluationSettings:
         oracle_clicks: click counts at which the oracle-prompted DSC is reported.
         oracle: run the oracle-prompted evaluation.
         automatic: run the automatic whole-volume evaluation.
-        merge: progressive merge of each click's change (``merge.py``, our addition; off: the network's
-            prediction after each click as it is).
+        merge: progressive merge of each click's change (``merge.py``, our addition): ``true`` the changed
+            component holding the click, ``near`` every changed component within S/8 of it (as a user's
+            clicks in ``predict --clicks``); ``false``: the network's prediction after each click as it is.
+        click_seeds: oracle-prompted runs per case, each with its own clicks (seeds ``refinement.seed``,
+            ``+ 1``, ...); a case's DSC after k clicks is their mean (random clicks vary from run to run).
     """
 
     oracle_clicks: tuple[int, ...] = (1, 3, 5, 10)
     oracle: bool = True
     automatic: bool = True
-    merge: bool = False
+    merge: MergeMode = False
+    click_seeds: int = 1
 
 
 def reference_on_image_grid(ref: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -95,7 +99,7 @@ def oracle_dsc(
     seed: int = 0,
     accumulate_clicks: bool = False,
     click_mode: ClickMode = "random",
-    merge: bool = False,
+    merge: MergeMode = False,
 ) -> list[float]:
     """Oracle-prompted DSC after each of ``clicks`` clicks, in an ``image_size``^3 crop centred on the lesion.
 

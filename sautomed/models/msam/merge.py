@@ -42,6 +42,7 @@ def progressive_merge(
     new_low: Tensor,
     points: Tensor,
     labels: Tensor,
+    radius: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Merge one iteration's prediction into the previous one (module doc).
 
@@ -49,18 +50,22 @@ def progressive_merge(
         old_logits, new_logits: (B, 1, S, S, S) full-size logits before and after the click.
         old_low, new_low: (B, 1, l, l, l) the matching low-res logits.
         points: (B, 3) the click's voxel indices; labels: (B,) 1 positive, 0 negative.
+        radius: None: the component holding the click (:func:`merge_region`); a radius in voxels: every
+            component of the change within it (:func:`merge_near`, the rule of a user's clicks).
 
     Returns:
         the merged full-size and low-res logits.
     """
     old_mask = (old_logits[:, 0] > 0).cpu().numpy()
     new_mask = (new_logits[:, 0] > 0).cpu().numpy()
-    region = np.stack(
-        [
-            merge_region(old_mask[b], new_mask[b], tuple(int(v) for v in points[b]), bool(labels[b]))
-            for b in range(old_mask.shape[0])
-        ]
-    )  # (B, S, S, S)
+
+    def region_of(b: int) -> np.ndarray:
+        at, positive = tuple(int(v) for v in points[b]), bool(labels[b])
+        if radius is None:
+            return merge_region(old_mask[b], new_mask[b], at, positive)
+        return merge_near(old_mask[b], new_mask[b], at, positive, radius)
+
+    region = np.stack([region_of(b) for b in range(old_mask.shape[0])])  # (B, S, S, S)
     take = torch.from_numpy(region)[:, None].to(new_logits.device)  # (B, 1, S, S, S)
     take_low = F.adaptive_max_pool3d(take.float(), tuple(new_low.shape[-3:])) > 0  # (B, 1, l, l, l)
     return torch.where(take, new_logits, old_logits), torch.where(take_low, new_low, old_low)

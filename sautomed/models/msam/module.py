@@ -308,20 +308,27 @@ class MSAMModule(SegmentationModule):
         return (logits > 0).cpu().numpy().astype(np.uint8)
 
     def oracle_dsc(self, image: Tensor, target: np.ndarray, case_id: str) -> list[float]:
-        """Oracle-prompted DSC after each of max(oracle_clicks) clicks, in a crop centred on the lesion."""
-        r = self.refinement
-        return oracle_dsc(
-            self.net,
-            image,
-            target,
-            case_id,
-            max(self.evaluation.oracle_clicks),
-            self.network_cfg.image_size,
-            r.seed,
-            r.accumulate_clicks,
-            r.click_mode,
-            merge=self.evaluation.merge,
-        )
+        """Oracle-prompted DSC after each of max(oracle_clicks) clicks, in a crop centred on the lesion (the
+        mean over ``evaluation.click_seeds`` runs of clicks)."""
+        r, e = self.refinement, self.evaluation
+        if e.click_seeds < 1:
+            raise UserError(f"evaluation.click_seeds must be at least 1, got {e.click_seeds}")
+        runs = [
+            oracle_dsc(
+                self.net,
+                image,
+                target,
+                case_id,
+                max(e.oracle_clicks),
+                self.network_cfg.image_size,
+                r.seed + k,
+                r.accumulate_clicks,
+                r.click_mode,
+                merge=e.merge,
+            )
+            for k in range(e.click_seeds)
+        ]
+        return [float(np.mean(dscs)) for dscs in zip(*runs, strict=True)]
 
     def segment_case(self, image: Tensor, geom: Any) -> np.ndarray:
         image = image if image.dim() == 4 else image[None]  # (C, Z, S, S)
@@ -381,6 +388,8 @@ class MSAMModule(SegmentationModule):
         )
         if summary:
             summary["oracle_prompted"]["progressive_merge"] = self.evaluation.merge
+            summary["oracle_prompted"]["click_seeds"] = self.evaluation.click_seeds
+            summary["oracle_prompted"]["accumulate_clicks"] = self.refinement.accumulate_clicks
         for k, value in means.items():
             self.log(f"{prefix}/oracle_dsc@{k}", value)
         return rows, {"modes": dict(MODES), **summary}

@@ -29,6 +29,8 @@ from sautomed.models.msam.corrupt import mask_to_low_res
 from sautomed.models.msam.merge import progressive_merge
 from sautomed.models.msam.network import MSAMNet
 
+MergeMode = bool | Literal["near"]  # False: none; True: the clicked component (FocalClick); near: S/8 of it
+
 
 @dataclass(frozen=True)
 class RefinementSettings:
@@ -96,7 +98,7 @@ def refine_with_clicks(
     accumulate_clicks: bool = False,
     detach_between: bool = False,
     click_mode: ClickMode = "random",
-    merge: bool = False,
+    merge: MergeMode = False,
     initial: Tensor | None = None,
 ) -> RefinementResult:
     """Oracle-click refinement of a batch of crops.
@@ -113,7 +115,8 @@ def refine_with_clicks(
         detach_between: cut the gradient between iterations (the public code keeps it).
         click_mode: ``random`` error voxel (the public code) or ``center`` of the largest error (clicks.py).
         merge: progressive merge at inference (merge.py): from the second click on, only the change that
-            the newest click asked for enters the mask.
+            the newest click asked for enters the mask: ``True`` the changed component holding the click,
+            ``"near"`` every changed component within S/8 of it (the rule of a user's clicks, session.py).
         initial: (B, 1, S, S, S) bool masks to start from instead of an empty prediction (training with
             corrupted masks, corrupt.py): the first click comes from their error region, and the network
             gets them as its previous logits.
@@ -142,7 +145,8 @@ def refine_with_clicks(
         low = net.decode(emb, points, prev, so_far)  # (B, 1, 4g, 4g, 4g); so_far: the click maps' clicks
         logits = net.upscale(low, tuple(target.shape[-3:]))  # (B, 1, S, S, S)
         if merge and points is not None and len(all_points) > 1:  # not the first click: merge its change
-            logits, low = progressive_merge(result.logits[-1], logits, prev, low, p[:, 0], lab[:, 0])
+            radius = max(1.0, target.shape[-1] / 8) if merge == "near" else None
+            logits, low = progressive_merge(result.logits[-1], logits, prev, low, p[:, 0], lab[:, 0], radius)
         result.logits.append(logits)
         pred = logits.detach() > 0
     result.low_res = low

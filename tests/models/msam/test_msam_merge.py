@@ -110,3 +110,16 @@ def test_a_users_click_takes_the_regions_the_network_changed_near_it_even_off_it
     assert not merge_near(old, new, (3, 3, 3), positive=False, radius=4).any()  # nothing removed
     removed = merge_near(new, old, (12, 12, 12), positive=False, radius=7)  # a negative click between them
     assert removed[5:9, 5:9, 5:9].all() and removed[15:18, 15:18, 15:18].all()
+
+
+def test_near_merge_in_the_oracle_refinement_keeps_far_side_effects_out():
+    from sautomed.models.msam.refinement import refine_with_clicks
+
+    target = torch.zeros(1, 1, 16, 16, 16)
+    target[0, 0, 3:10, 3:10, 3:10] = 1
+    image = torch.zeros_like(target)
+    res = refine_with_clicks(_GlobalNet(), image, target, 6, torch.Generator().manual_seed(0), merge="near")
+    corner = (slice(13, None),) * 3
+    masks = [(lg[0, 0] > 0).numpy() for lg in res.logits]
+    assert not any(m[corner].any() for m in masks)  # 2 voxels of a 16^3 crop: the corner is far
+    assert any((masks[t] ^ masks[t - 1]).any() for t in range(1, len(masks)))  # the clicks still act

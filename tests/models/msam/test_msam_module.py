@@ -129,3 +129,24 @@ def test_predict_step_returns_labels_on_the_input_grid():
     out = module.predict_step(batch, 0)
     assert out["labels"].shape == (24, 36, 36) and out["geom"] is geom
     assert module.predict_step({"error": "broken", "source": "x"}, 0) == {"error": "broken", "source": "x"}
+
+
+def test_the_oracle_dsc_is_the_mean_over_the_click_seeds(monkeypatch):
+    from sautomed.errors import UserError
+    from sautomed.models.msam import module as module_py
+
+    seen = []
+
+    def fake(net, image, target, case_id, clicks, size, seed, *args, **kwargs):
+        seen.append(seed)
+        return [0.1 * seed + k for k in range(clicks)]
+
+    monkeypatch.setattr(module_py, "oracle_dsc", fake)
+    module = _module()
+    module.refinement = RefinementSettings(seed=2)
+    module.evaluation = EvaluationSettings(oracle_clicks=(1, 3), click_seeds=3)
+    dscs = module.oracle_dsc(torch.zeros(1, 8, 8, 8), np.ones((8, 8, 8), bool), "case")
+    assert seen == [2, 3, 4] and np.allclose(dscs, [0.3, 1.3, 2.3])  # seeds 2, 3, 4: mean 0.3 more
+    module.evaluation = EvaluationSettings(click_seeds=0)
+    with pytest.raises(UserError, match="click_seeds"):
+        module.oracle_dsc(torch.zeros(1, 8, 8, 8), np.ones((8, 8, 8), bool), "case")
