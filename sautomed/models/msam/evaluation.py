@@ -35,6 +35,7 @@ from torch import Tensor
 from sautomed.evaluation.gather import gather_lists, unique_by
 from sautomed.evaluation.metrics import ClassResult, dice
 from sautomed.models.msam.clicks import ClickMode
+from sautomed.models.msam.consistency import Consistency
 from sautomed.models.msam.network import MSAMNet
 from sautomed.models.msam.patches import crop_or_pad, crop_start
 from sautomed.models.msam.refinement import MergeMode, refine_with_clicks
@@ -71,6 +72,10 @@ class EvaluationSettings:
             clicks in ``predict --clicks``); ``false``: the network's prediction after each click as it is.
         click_seeds: oracle-prompted runs per case, each with its own clicks (seeds ``refinement.seed``,
             ``+ 1``, ...); a case's DSC after k clicks is their mean (random clicks vary from run to run).
+        consistency_steps: at most this many gradient steps per click that make the answer agree with every
+            click so far (``consistency.py``, our addition; 0: off).
+        click_mode: the oracle's clicks, ``random`` error voxel (the paper's) or ``center`` of the largest
+            error (RITM's protocol, a user's click); None: ``refinement.click_mode``, the training's.
     """
 
     oracle_clicks: tuple[int, ...] = (1, 3, 5, 10)
@@ -78,6 +83,8 @@ class EvaluationSettings:
     automatic: bool = True
     merge: MergeMode = False
     click_seeds: int = 1
+    consistency_steps: int = 0
+    click_mode: ClickMode | None = None
 
 
 def reference_on_image_grid(ref: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -100,6 +107,7 @@ def oracle_dsc(
     accumulate_clicks: bool = False,
     click_mode: ClickMode = "random",
     merge: MergeMode = False,
+    consistency: Consistency | None = None,
 ) -> list[float]:
     """Oracle-prompted DSC after each of ``clicks`` clicks, in an ``image_size``^3 crop centred on the lesion.
 
@@ -122,6 +130,7 @@ def oracle_dsc(
         accumulate_clicks=accumulate_clicks,
         click_mode=click_mode,
         merge=merge,
+        consistency=consistency,
     )
     return [dice((out[0, 0] > 0).cpu().numpy(), tgt) for out in res.logits]
 

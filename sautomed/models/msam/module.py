@@ -38,6 +38,8 @@ from sautomed.evaluation.base import SegmentationModule
 from sautomed.evaluation.metrics import ClassResult
 from sautomed.guards import weights_from_elsewhere
 from sautomed.models.msam.automatic import AutoSettings, segment_automatic
+from sautomed.models.msam.clicks import ClickMode
+from sautomed.models.msam.consistency import Consistency
 from sautomed.models.msam.corrupt import corrupt_masks
 from sautomed.models.msam.cutout import cut_out_lesion
 from sautomed.models.msam.evaluation import (
@@ -307,6 +309,16 @@ class MSAMModule(SegmentationModule):
             logits = F.interpolate(logits[None, None], size=out_shape, mode="trilinear")[0, 0]
         return (logits > 0).cpu().numpy().astype(np.uint8)
 
+    @property
+    def oracle_click_mode(self) -> ClickMode:
+        """Where the oracle evaluation clicks: ``evaluation.click_mode``, else the training's."""
+        return self.evaluation.click_mode or self.refinement.click_mode
+
+    @property
+    def consistency(self) -> Consistency:
+        """Click-consistent decoding of the oracle evaluation and a user's clicks (``consistency.py``)."""
+        return Consistency(steps=self.evaluation.consistency_steps)
+
     def oracle_dsc(self, image: Tensor, target: np.ndarray, case_id: str) -> list[float]:
         """Oracle-prompted DSC after each of max(oracle_clicks) clicks, in a crop centred on the lesion (the
         mean over ``evaluation.click_seeds`` runs of clicks)."""
@@ -323,8 +335,9 @@ class MSAMModule(SegmentationModule):
                 self.network_cfg.image_size,
                 r.seed + k,
                 r.accumulate_clicks,
-                r.click_mode,
+                self.oracle_click_mode,
                 merge=e.merge,
+                consistency=self.consistency,
             )
             for k in range(e.click_seeds)
         ]
@@ -354,7 +367,9 @@ class MSAMModule(SegmentationModule):
         mine = clicks.clicks_for(Path(batch["output"]).name)
 
         def segment(image: Tensor, geom: Any) -> np.ndarray:
-            session = ClickSession(self.net, image, geom, clicks.start, self.automatic, clicks.local)
+            session = ClickSession(
+                self.net, image, geom, clicks.start, self.automatic, clicks.local, self.consistency
+            )
             return session.apply(mine)
 
         try:
@@ -383,12 +398,11 @@ class MSAMModule(SegmentationModule):
     def extra_results(self, prefix: str) -> tuple[list[ClassResult], dict[str, Any]]:
         """The oracle-prompted means by click count (logged as ``<prefix>/oracle_dsc@k``), rows and keys."""
         oracle, self._oracle = gather_oracle(self._oracle), []
-        means, rows, summary = oracle_results(
-            oracle, self.evaluation.oracle_clicks, self.refinement.click_mode
-        )
+        means, rows, summary = oracle_results(oracle, self.evaluation.oracle_clicks, self.oracle_click_mode)
         if summary:
             summary["oracle_prompted"]["progressive_merge"] = self.evaluation.merge
             summary["oracle_prompted"]["click_seeds"] = self.evaluation.click_seeds
+            summary["oracle_prompted"]["consistency_steps"] = self.evaluation.consistency_steps
             summary["oracle_prompted"]["accumulate_clicks"] = self.refinement.accumulate_clicks
         for k, value in means.items():
             self.log(f"{prefix}/oracle_dsc@{k}", value)

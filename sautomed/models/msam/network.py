@@ -224,22 +224,19 @@ class MSAMNet(nn.Module):
         points: tuple[Tensor, Tensor] | None,
         prev_low_res: Tensor | None,
         clicks: tuple[Tensor, Tensor] | None = None,
+        local_head: bool = True,
     ) -> Tensor:
         """One refinement step. embedding (B, C, g^3); points ((B, N, 3) voxel indices, (B, N) labels) or
         None (prompt-free: only the padding point); prev_low_res (B, 1, 4g^3) logits or None (zeros)
         -> low-res logits (B, 1, 4g, 4g, 4g). ``clicks``: every click so far, for the click maps
-        (``config.click_maps``; default: ``points``)."""
+        (``config.click_maps``; default: ``points``). ``local_head`` False: the decoder's logits before the
+        local head (``consistency.py`` optimises through the head alone)."""
         b = embedding.shape[0]
         if prev_low_res is None:
             prev_low_res = embedding.new_zeros(b, 1, *self.low_res_size)
         mask_input = prev_low_res
         if self.config.click_maps or self.local_head is not None:
-            given = clicks if clicks is not None else points
-            if given is None:
-                maps = prev_low_res.new_zeros(b, 2, *self.low_res_size)
-            else:
-                size = (self.config.image_size,) * 3
-                maps = click_maps(given[0], given[1], self.low_res_size, size, self.config.click_sigma)
+            maps = self.click_maps_of(clicks if clicks is not None else points, prev_low_res)
         if self.config.click_maps:
             mask_input = torch.cat([prev_low_res, maps.to(prev_low_res.dtype)], dim=1)  # (B, 3, 4g^3)
         sparse, dense = self.prompt_encoder(points, mask_input)  # (B, N+1, C), E_M (B, C, g^3)
@@ -252,9 +249,18 @@ class MSAMNet(nn.Module):
             multimask_output=False,
             fusion=fusion,
         )
-        if self.local_head is not None:  # a local correction from the logits and the click maps
+        if (
+            self.local_head is not None and local_head
+        ):  # a local correction from the logits and the click maps
             low = self.local_head(low, prev_low_res, maps)
         return low  # (B, 1, 4g, 4g, 4g)
+
+    def click_maps_of(self, given: tuple[Tensor, Tensor] | None, like: Tensor) -> Tensor:
+        """(B, 2, 4g^3) positive / negative click maps of ``given`` clicks (zeros for None), as ``like``."""
+        if given is None:
+            return like.new_zeros(like.shape[0], 2, *self.low_res_size)
+        size = (self.config.image_size,) * 3
+        return click_maps(given[0], given[1], self.low_res_size, size, self.config.click_sigma)
 
     def upscale(self, low_res: Tensor, size: tuple[int, int, int] | None = None) -> Tensor:
         """(B, 1, 4g^3) logits -> (B, 1, *size) trilinear (default the crop size S^3)."""

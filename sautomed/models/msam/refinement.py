@@ -25,6 +25,7 @@ from torch import Tensor
 
 from sautomed.errors import UserError
 from sautomed.models.msam.clicks import ClickMode, sample_clicks
+from sautomed.models.msam.consistency import Consistency, consistent_decode
 from sautomed.models.msam.corrupt import mask_to_low_res
 from sautomed.models.msam.merge import progressive_merge
 from sautomed.models.msam.network import MSAMNet
@@ -100,6 +101,7 @@ def refine_with_clicks(
     click_mode: ClickMode = "random",
     merge: MergeMode = False,
     initial: Tensor | None = None,
+    consistency: Consistency | None = None,
 ) -> RefinementResult:
     """Oracle-click refinement of a batch of crops.
 
@@ -120,6 +122,8 @@ def refine_with_clicks(
         initial: (B, 1, S, S, S) bool masks to start from instead of an empty prediction (training with
             corrupted masks, corrupt.py): the first click comes from their error region, and the network
             gets them as its previous logits.
+        consistency: inference only: each click's answer made to agree with every click so far
+            (consistency.py); None or 0 steps: the network's answer as it is.
     """
     if iterations < 1:
         raise UserError(f"iterations must be >= 1, got {iterations}")
@@ -142,8 +146,12 @@ def refine_with_clicks(
             points = (torch.cat(all_points, 1), torch.cat(all_labels, 1)) if accumulate_clicks else (p, lab)
         prev = None if low is None else (low.detach() if detach_between else low)
         so_far = (torch.cat(all_points, 1), torch.cat(all_labels, 1)) if all_points else None
-        low = net.decode(emb, points, prev, so_far)  # (B, 1, 4g, 4g, 4g); so_far: the click maps' clicks
-        logits = net.upscale(low, tuple(target.shape[-3:]))  # (B, 1, S, S, S)
+        size = tuple(target.shape[-3:])
+        if consistency is not None and consistency.steps > 0 and so_far is not None:
+            low, _ = consistent_decode(net, emb, points, prev, so_far, size, consistency)
+        else:
+            low = net.decode(emb, points, prev, so_far)  # (B, 1, 4g, 4g, 4g); so_far: the click maps' clicks
+        logits = net.upscale(low, size)  # (B, 1, S, S, S)
         if merge and points is not None and len(all_points) > 1:  # not the first click: merge its change
             radius = max(1.0, target.shape[-1] / 8) if merge == "near" else None
             logits, low = progressive_merge(result.logits[-1], logits, prev, low, p[:, 0], lab[:, 0], radius)

@@ -52,6 +52,7 @@ from torch import Tensor
 from sautomed.data.io import Geometry
 from sautomed.errors import UserError
 from sautomed.models.msam.automatic import AutoSettings, segment_automatic
+from sautomed.models.msam.consistency import Consistency, consistent_decode
 from sautomed.models.msam.merge import merge_near
 
 Space = Literal["mm", "voxel"]
@@ -130,6 +131,8 @@ class ClickSession:
         settings: the automatic mode's settings (``MSAMModule.automatic``).
         local: each click changes only the regions it added or removed near it (module doc); False: the
             network's whole answer in the click's window.
+        consistency: each answer made to agree with the window's clicks at their voxels (``consistency.py``;
+            ``MSAMModule.evaluation.consistency_steps``); None: the network's answer as it is.
     """
 
     def __init__(
@@ -140,10 +143,11 @@ class ClickSession:
         start: Start = "automatic",
         settings: Any = None,
         local: bool = True,
+        consistency: Consistency | None = None,
     ) -> None:
         if start not in ("automatic", "empty"):
             raise UserError(f"a session starts from 'automatic' or 'empty', got {start!r}")
-        self.net, self.geom, self.local = net.eval(), geom, local
+        self.net, self.geom, self.local, self.consistency = net.eval(), geom, local, consistency
         image = image.float() if image.dim() == 4 else image.float()[None]
         self.size = int(net.config.image_size)
         self.grid = tuple(int(n) for n in image.shape[1:])  # (Z, S', S')
@@ -177,7 +181,9 @@ class ClickSession:
         item = PredictDataset([(Path(path), Path(path))], pre, int(module.input_channels))[0]
         if "error" in item:
             raise UserError(item["error"])
-        return cls(module.net, item["image"], item["geom"], start, module.automatic, local)
+        return cls(
+            module.net, item["image"], item["geom"], start, module.automatic, local, module.consistency
+        )
 
     # -- clicks ---------------------------------------------------------------------------------------------
     def _window(self, voxel: tuple[int, int, int]) -> _Window:
@@ -219,7 +225,13 @@ class ClickSession:
         old = self.logits[box]
         size = self.net.low_res_size
         prev = F.interpolate(old[None, None], size=size, mode="trilinear", align_corners=False)
-        low = self.net.decode(window.embedding, point, prev.to(window.embedding.dtype), so_far)
+        prev = prev.to(window.embedding.dtype)
+        if self.consistency is not None and self.consistency.steps > 0:
+            low, _ = consistent_decode(
+                self.net, window.embedding, point, prev, so_far, (s,) * 3, self.consistency
+            )
+        else:
+            low = self.net.decode(window.embedding, point, prev, so_far)
         new = self.net.upscale(low)[0, 0].float()  # (S, S, S)
         if self.local:
             old_mask, new_mask = (old > 0).cpu().numpy(), (new > 0).cpu().numpy()

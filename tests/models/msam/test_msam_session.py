@@ -1,7 +1,7 @@
 """A user's clicks (models/msam/session.py): where a click in mm or in voxels lands, the session's window,
 merge and output grid, and the clicks file's refusals. The network here is a transparent double (a ball of
 lesion grows at a positive click, is cut at a negative one), so what is tested is the session, not training;
-tests/test_msam_user_clicks.py runs a trained tiny M-SAM."""
+tests/test_msam_accuracy.py runs a trained tiny M-SAM."""
 
 from __future__ import annotations
 
@@ -169,3 +169,24 @@ def test_the_clicks_file_is_read_and_its_mistakes_are_named(tmp_path):
     (tmp_path / "broken.json").write_text("{")
     with pytest.raises(UserError, match=r"broken\.json: not a readable JSON clicks file"):
         read_clicks_file(tmp_path / "broken.json")
+
+
+def test_with_consistent_answers_the_clicked_voxel_takes_the_clicks_label(tmp_path):
+    """The tiny M-SAM with random weights (a live local head) answers nothing on its own; the session's
+    click-consistent decoding (``evaluation.consistency_steps``) makes every click hold at its voxel."""
+    from msam_helpers import make_net
+
+    from sautomed.models.msam.consistency import Consistency
+
+    net = make_net(0, local_head=True, click_maps=True)
+    torch.nn.init.normal_(net.local_head.layers[-1].weight, std=0.5)
+    _volume(tmp_path / "v.nii.gz", True)
+    stored, geom = read_volume(tmp_path / "v.nii.gz")
+    image = torch.from_numpy(to_canonical(stored, geom)).float()
+    session = ClickSession(net, image / image.max(), geom, "empty", None, False, Consistency(100, lr=1.0))
+    at = click_index(Click((5, 11, 9)), geom)
+    z, y, x = (int(round(v)) for v in at)
+    assert session.click(Click((5, 11, 9), positive=True))[z, y, x] == 1
+    far = click_index(Click((20, 3, 2)), geom)
+    mask = session.click(Click((20, 3, 2), positive=False))
+    assert mask[tuple(int(round(v)) for v in far)] == 0 and mask[z, y, x] == 1  # both clicks hold
