@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
 from typing import Any
 
+from sautomed.data.fingerprint import Fingerprint
 from sautomed.errors import UserError
 
 MEMORY_SHARE = 0.7  # of the machine's (or the GPU's) memory a training step may take; the rest: the OS, data
@@ -175,6 +177,63 @@ def fit_batch_to_memory(
         f"a {family} training step at batch 1 needs {memory.at(1) / GIB:.2f} GiB, over the "
         f"{limit / GIB:.1f} GiB this machine allows it: plan for a machine with more memory (--memory)"
     )
+
+
+def data_bytes(fp: Fingerprint, image_size: int, channels: int) -> int:
+    """The preprocessed cases a fit holds in memory: float32 slices of S x S per channel and a uint8 label."""
+    slices = sum(shape[0] for shape in fp.shapes_zyx)
+    return int(slices * image_size * image_size * (4 * channels + 1))
+
+
+def size_batch(
+    fp: Fingerprint,
+    family: str,
+    model: dict[str, Any],
+    data: dict[str, Any],
+    image_size: int,
+    channels: int,
+    device: str,
+    memory_bytes: int | None,
+) -> list[str]:
+    """Set ``data.batch_size`` (and shrink the patch or crop if it must) from a training step measured on
+    this machine against its memory (memory.py); notes saying what it measured and chose."""
+    from sautomed.models.sautomed.feature_cache import machine_memory_bytes
+
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            return ["no GPU here: the training step's memory was not measured; the template's batch is kept"]
+        memory = memory_bytes or int(torch.cuda.get_device_properties(0).total_memory)
+        held = 0  # the cases stay in host memory
+    else:
+        memory = memory_bytes or machine_memory_bytes() or 8 * GIB
+        held = data_bytes(fp, image_size, channels)
+    limit = int(MEMORY_SHARE * memory) - held
+    notes = [
+        f"memory: {memory / GIB:.1f} GiB "
+        + ("given (--memory)" if memory_bytes else ("on the GPU" if device == "cuda" else "on this machine"))
+        + f"; a step may take {MEMORY_SHARE:.0%} of it"
+        + (f" less {held / GIB:.2f} GiB of preprocessed cases" if held else "")
+    ]
+    batch = int(data.get("batch_size", 2))
+    model_now = {key: model[key] for key in ("unet", "network", "refinement") if key in model}
+    sized, data["batch_size"], _, more = fit_batch_to_memory(family, model_now, batch, limit, device)
+    model.update(sized)
+    if family == "unet3d":
+        data.setdefault("patches", {})["size"] = sized["unet"]["patch_size"]
+    if family == "msam":
+        data.setdefault("crops", {})["size"] = sized["network"]["image_size"]
+    return notes + more
+
+
+def memory_size(text: str) -> int:
+    """``16G``, ``512M``, ``16GiB`` -> bytes (binary units)."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmgt])?(?:i?b)?", text.strip().lower())
+    if not match:
+        raise UserError(f"--memory {text!r}: give a size such as 16G or 512M")
+    power = " kmgt".index(match.group(2) or " ")
+    return int(float(match.group(1)) * 1024**power)
 
 
 if __name__ == "__main__":  # the CPU probe: one fresh process, its peaks as JSON on the last line

@@ -157,55 +157,6 @@ def size_feature_cache(
     return k, notes
 
 
-def data_bytes(fp: Fingerprint, image_size: int, channels: int) -> int:
-    """The preprocessed cases a fit holds in memory: float32 slices of S x S per channel and a uint8 label."""
-    slices = sum(shape[0] for shape in fp.shapes_zyx)
-    return int(slices * image_size * image_size * (4 * channels + 1))
-
-
-def size_batch(
-    fp: Fingerprint,
-    family: str,
-    model: dict[str, Any],
-    data: dict[str, Any],
-    image_size: int,
-    channels: int,
-    device: str,
-    memory_bytes: int | None,
-) -> list[str]:
-    """Set ``data.batch_size`` (and shrink the patch or crop if it must) from a training step measured on
-    this machine against its memory (memory.py); notes saying what it measured and chose."""
-    from sautomed.models.sautomed.feature_cache import machine_memory_bytes
-    from sautomed.tools.memory import GIB, MEMORY_SHARE, fit_batch_to_memory
-
-    if device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            return ["no GPU here: the training step's memory was not measured; the template's batch is kept"]
-        memory = memory_bytes or int(torch.cuda.get_device_properties(0).total_memory)
-        held = 0  # the cases stay in host memory
-    else:
-        memory = memory_bytes or machine_memory_bytes() or 8 * GIB
-        held = data_bytes(fp, image_size, channels)
-    limit = int(MEMORY_SHARE * memory) - held
-    notes = [
-        f"memory: {memory / GIB:.1f} GiB "
-        + ("given (--memory)" if memory_bytes else ("on the GPU" if device == "cuda" else "on this machine"))
-        + f"; a step may take {MEMORY_SHARE:.0%} of it"
-        + (f" less {held / GIB:.2f} GiB of preprocessed cases" if held else "")
-    ]
-    batch = int(data.get("batch_size", 2))
-    model_now = {key: model[key] for key in ("unet", "network", "refinement") if key in model}
-    sized, data["batch_size"], _, more = fit_batch_to_memory(family, model_now, batch, limit, device)
-    model.update(sized)
-    if family == "unet3d":
-        data.setdefault("patches", {})["size"] = sized["unet"]["patch_size"]
-    if family == "msam":
-        data.setdefault("crops", {})["size"] = sized["network"]["image_size"]
-    return notes + more
-
-
 def plan_config(
     fp: Fingerprint,
     family: str,
@@ -290,6 +241,8 @@ def plan_config(
         data["channels"] = channels
         notes.append(f"M-SAM: every label > 0 is the lesion; {channels} input channel(s)")
     if family != "sautomed" and measure:
+        from sautomed.tools.memory import size_batch
+
         notes += size_batch(fp, family, model, data, S, channels, device, memory_bytes)
     trainer["max_time"] = f"00:{budget_s // 3600:02d}:{budget_s % 3600 // 60:02d}:{budget_s % 60:02d}"
     trainer["accelerator"] = device
@@ -345,15 +298,6 @@ def plan_dataset(
     )
 
 
-def memory_size(text: str) -> int:
-    """``16G``, ``512M``, ``16GiB`` -> bytes (binary units)."""
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmgt])?(?:i?b)?", text.strip().lower())
-    if not match:
-        raise UserError(f"--memory {text!r}: give a size such as 16G or 512M")
-    power = " kmgt".index(match.group(2) or " ")
-    return int(float(match.group(1)) * 1024**power)
-
-
 def plan_main(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="sautomed plan", description=__doc__.splitlines()[0])
     p.add_argument(
@@ -379,6 +323,8 @@ def plan_main(argv: Sequence[str]) -> int:
     p.add_argument("--out", type=Path, default=None, help="the config to write (default: print it)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     a = p.parse_args(argv)
+    from sautomed.tools.memory import memory_size
+
     memory = None if a.memory is None else memory_size(a.memory)
     cfg, notes = plan_dataset(
         a.root, a.family, a.budget, a.device, a.sam_checkpoint, a.modality, a.layout, memory

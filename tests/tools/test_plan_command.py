@@ -178,7 +178,7 @@ def test_the_batch_comes_down_then_the_patch_halves_until_a_step_fits_the_memory
 
 
 def test_plan_sizes_the_batch_for_the_memory_it_is_given(tiny_phantoms, tmp_path, capsys, monkeypatch):
-    from sautomed.tools import memory, plan
+    from sautomed.tools import memory
 
     monkeypatch.setattr(memory, "measure_step", _probe(0.5, 0.25, 16))
     out = tmp_path / "plan.yaml"
@@ -190,6 +190,6 @@ def test_plan_sizes_the_batch_for_the_memory_it_is_given(tiny_phantoms, tmp_path
     patch = cfg["model"]["init_args"]["unet"]["patch_size"]
     assert cfg["data"]["patches"]["size"] == patch and cfg["data"]["batch_size"] >= 1
     assert 0.5 + cfg["data"]["batch_size"] * 0.25 * (patch[-1] / 16) ** 3 <= 0.7 * 3  # it fits
-    assert plan.memory_size("512M") == 512 * 2**20 and plan.memory_size("16GiB") == 16 * 2**30
+    assert memory.memory_size("512M") == 512 * 2**20 and memory.memory_size("16GiB") == 16 * 2**30
     assert main(["plan", "--root", root, "--family", "unet3d", "--memory", "lots"]) == 1
     assert "--memory 'lots'" in capsys.readouterr().err

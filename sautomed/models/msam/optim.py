@@ -8,9 +8,13 @@ empty groups are left out. The schedule is the LightningModule's (module.py, ``s
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from sautomed.models.msam.network import MSAMNet
+
+log = logging.getLogger(__name__)
 
 
 def build_optimizer(
@@ -32,3 +36,21 @@ def build_optimizer(
     ]
     groups = [g for g in groups if g["params"]]
     return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+
+
+def warn_of_a_slow_decoder(pretrained: bool, decoder_lr_scale: float) -> None:
+    """Warn (fit only) when the prompt encoder and decoder start from random weights at a reduced rate.
+
+    ``decoder_lr_scale`` 0.1 (the default, the public code's) keeps a pretrained SAM-Med3D decoder close
+    to its weights. From random weights the decoder must learn everything at lr x 0.1, and a short fit
+    learns nothing: the tiny M-SAM, 200 steps on 12 lesion phantoms of 40^3, oracle DSC 0.14 after 1
+    and 10 clicks and automatic DSC 0.0 at 0.1, against 0.58 / 0.57 / 0.49 at 1.0 (README.md).
+    """
+    if not pretrained and decoder_lr_scale < 1.0:
+        log.warning(
+            "model.decoder_lr_scale %g with no network.sam_med3d_checkpoint: the randomly initialised "
+            "prompt encoder and mask decoder train at lr x %g (the public code's rate for a pretrained "
+            "decoder); a fit from random weights learns slowly or not at all: set decoder_lr_scale 1.0",
+            decoder_lr_scale,
+            decoder_lr_scale,
+        )
