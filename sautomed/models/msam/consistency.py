@@ -81,9 +81,15 @@ def consistent_decode(
     prev = prev_low_res
     if prev is None:
         prev = embedding.new_zeros(embedding.shape[0], 1, *net.low_res_size)
-    low = net.decode(embedding, points, prev, clicks)
     if settings.steps <= 0 or clicks is None:
-        return low, prev
+        return net.decode(embedding, points, prev, clicks), prev
+    head = net.local_head
+    if head is not None:  # the decoder's answer once; the correction goes through the local head alone
+        base = net.decode(embedding, points, prev, clicks, local_head=False)
+        maps = net.click_maps_of(clicks, prev)
+        low = head(base, prev, maps)  # = net.decode(embedding, points, prev, clicks)
+    else:
+        low = net.decode(embedding, points, prev, clicks)
     where, labels = clicks
     sign = labels.to(low.dtype) * 2 - 1  # (B, K): +1 positive, -1 negative
 
@@ -94,19 +100,18 @@ def consistent_decode(
         return low, prev
     # validation and test run under inference mode, whose tensors autograd cannot save: normal copies
     with torch.inference_mode(False), torch.enable_grad():
-        embedding, prev = embedding.clone(), prev.clone()
-        where, sign = where.clone(), sign.clone()
-        points = None if points is None else (points[0].clone(), points[1].clone())
-        clicks = (clicks[0].clone(), clicks[1].clone())
+        prev, where, sign = prev.clone(), where.clone(), sign.clone()
         delta = torch.zeros_like(prev, requires_grad=True)
         opt = torch.optim.Adam([delta], lr=settings.lr)
-        if net.local_head is not None:  # through the local head alone: the decoder's answer computed once
-            base = net.decode(embedding, points, prev, clicks, local_head=False)
-            maps = net.click_maps_of(clicks, prev)
+        if head is not None:
+            base, maps = base.clone(), maps.clone()
 
             def decode(delta: Tensor) -> Tensor:
-                return net.local_head(base, prev + delta, maps)
+                return head(base, prev + delta, maps)
         else:
+            embedding = embedding.clone()
+            points = None if points is None else (points[0].clone(), points[1].clone())
+            clicks = (clicks[0].clone(), clicks[1].clone())
 
             def decode(delta: Tensor) -> Tensor:
                 return net.decode(embedding, points, prev + delta, clicks)
