@@ -10,7 +10,9 @@ What ``predict`` does (no ground truth, no user)::
        with that point as a positive click and the previous logits (first: the pass-1 logits of the window,
        resized to low-res); the refined logits replace the old ones inside the component's bounding box
        grown by a margin of S/8
-    3. labels = logits > 0 on the volume grid
+    3. components under ``min_component_voxels`` dropped; with ``largest_component`` only the largest kept
+       (one lesion a scan, as BraTS's whole tumour; off where scans hold several, as liver or kidney tumours)
+    4. labels = logits > 0 on the volume grid
 
 The paper's oracle protocol (crops and clicks placed from the ground truth) is in ``refinement.py``.
 """
@@ -37,12 +39,14 @@ class AutoSettings:
         self_prompt_iterations: refinement iterations per component (0: prompt-free pass only).
         max_components: components refined, largest first.
         min_component_voxels: smaller components are neither refined nor kept (background in the output).
+        largest_component: keep only the largest component of the lesion (``predict --largest-component``).
     """
 
     overlap: float = 0.5
     self_prompt_iterations: int = 2
     max_components: int = 3
     min_component_voxels: int = 20
+    largest_component: bool = False
 
 
 def window_starts(length: int, window: int, stride: int) -> list[int]:
@@ -108,9 +112,20 @@ def segment_automatic(net: MSAMNet, volume: Tensor, settings: AutoSettings = Aut
             region = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
             local = tuple(slice(int(a - st), int(b - st)) for a, b, st in zip(lo, hi, start))
             logits[region] = refined[local]
-    if settings.min_component_voxels > 1:  # drop components too small to be a lesion (noise)
-        keep, n = ndimage.label((logits > 0).cpu().numpy())
-        sizes = np.bincount(keep.ravel(), minlength=n + 1)
-        small = torch.from_numpy(sizes[keep] < settings.min_component_voxels).to(logits.device)
-        logits = torch.where(small & (logits > 0), torch.full_like(logits, -1.0), logits)
+    logits = drop_components(logits, settings.min_component_voxels, settings.largest_component)
     return logits[: shape[0], : shape[1], : shape[2]]
+
+
+def drop_components(logits: Tensor, min_voxels: int, largest_only: bool = False) -> Tensor:
+    """(Z, Y, X) lesion logits with the components of ``logits > 0`` (face-connected, as the self-prompting's)
+    under ``min_voxels``, and with ``largest_only`` every component but the largest, set to at most -1."""
+    labelled, n = ndimage.label((logits > 0).cpu().numpy())
+    if n == 0:
+        return logits
+    sizes = np.bincount(labelled.ravel(), minlength=n + 1)
+    drop = sizes < min_voxels
+    if largest_only:
+        drop |= np.arange(n + 1) != int(np.argmax(np.where(np.arange(n + 1) == 0, -1, sizes)))
+    drop[0] = False
+    where = torch.from_numpy(drop[labelled]).to(logits.device)
+    return torch.where(where, torch.minimum(logits, torch.full_like(logits, -1.0)), logits)

@@ -101,6 +101,39 @@ def test_automatic_mode_returns_a_label_map_on_the_volume_grid():
     assert labels.shape == (20, 50, 50) and labels.dtype == np.uint8 and set(np.unique(labels)) <= {0, 1}
 
 
+def test_small_components_go_and_with_largest_component_only_the_largest_stays():
+    from sautomed.models.msam.automatic import drop_components
+
+    logits = torch.full((12, 12, 12), -3.0)
+    logits[1:5, 1:5, 1:5] = 2.0  # 64 voxels: the lesion
+    logits[7:10, 7:10, 7:10] = 1.0  # 27 voxels: a second lesion
+    logits[11, 0, 0] = 4.0  # one voxel: noise
+    kept = drop_components(logits, min_voxels=5)
+    assert int((kept > 0).sum()) == 64 + 27 and float(kept[11, 0, 0]) == -1.0
+    assert torch.equal(kept[logits <= 0], logits[logits <= 0])  # background untouched
+    one = drop_components(logits, min_voxels=5, largest_only=True)
+    assert int((one > 0).sum()) == 64 and bool((one[1:5, 1:5, 1:5] == 2.0).all())
+    assert drop_components(torch.full((4, 4, 4), -1.0), 5, True).eq(-1.0).all()  # nothing there: no error
+
+
+def test_predict_largest_component_reaches_the_automatic_mode(monkeypatch):
+    from scipy import ndimage
+
+    from sautomed.families import with_inference_changes
+    from sautomed.models.msam import automatic
+
+    two = torch.full((32, 32, 32), -2.0)
+    two[2:12, 2:12, 2:12], two[20:25, 20:25, 20:25] = 3.0, 3.0  # what the network sees: two lesions
+    monkeypatch.setattr(automatic, "_window", lambda net, crop, points, prev: (None, two.clone()))
+    module = _module()
+    module.inference = with_inference_changes(module, {"self_prompt_iterations": 0})
+    vol = torch.rand(32, 32, 32)
+    assert ndimage.label(module.segment_volume(vol, (32, 32, 32)))[1] == 2
+    module.inference = with_inference_changes(module, {"largest_component": True})
+    labels = module.segment_volume(vol, (32, 32, 32))
+    assert ndimage.label(labels)[1] == 1 and int(labels.sum()) == 1000
+
+
 def test_datamodule_makes_lesion_phantoms_and_crops(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # without a trainer the split is written to the working directory
     dm = MSAMDataModule(
