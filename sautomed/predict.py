@@ -13,6 +13,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from sautomed.errors import UserError
 from sautomed.tools import predict_outputs
@@ -66,9 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--largest-component",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=None,
-        help="the model's own largest-component step for every class (inference.largest_component)",
+        help="the model's own largest-component step for every class (inference.largest_component; "
+        "default: the checkpoint's)",
     )
     p.add_argument(
         "--keep-largest",
@@ -133,6 +135,23 @@ def check_output_folder(folder: Path) -> None:
         raise UserError(f"{folder}: the output folder is not writable ({exc.strerror or exc})") from exc
 
 
+def inference_changes(a: argparse.Namespace) -> dict[str, Any]:
+    """The inference settings predict's flags change (a flag not given leaves the checkpoint's)."""
+    changes: dict[str, Any] = {}
+    if a.mode:
+        changes["mode"] = a.mode
+    if a.bf16:
+        changes["bf16"] = True
+    if a.encoder_bf16:
+        changes["encoder_bf16"] = True
+    for name in ("largest_component", "sam_refine"):
+        if getattr(a, name) is not None:
+            changes[name] = getattr(a, name)
+    if a.source:
+        changes["source"] = a.source
+    return changes
+
+
 def predict_main(argv: Sequence[str]) -> int:
     a = build_parser().parse_args(argv)
     if (a.ckpt_path is None) == (a.model is None):
@@ -159,19 +178,7 @@ def predict_main(argv: Sequence[str]) -> int:
 
         clicks = read_clicks_file(a.clicks)  # a malformed file fails before the model loads
     extras = predict_outputs.Extras.from_args(a)  # a missing optional dependency fails here, before the work
-    changes = {}
-    if a.mode:
-        changes["mode"] = a.mode
-    if a.bf16:
-        changes["bf16"] = True
-    if a.encoder_bf16:
-        changes["encoder_bf16"] = True
-    if a.largest_component:
-        changes["largest_component"] = True
-    if a.sam_refine is not None:
-        changes["sam_refine"] = a.sam_refine
-    if a.source:
-        changes["source"] = a.source
+    changes = inference_changes(a)
     members, families = [], []
     for path in a.ckpt_path:
         ckpt = read_checkpoint(path)
