@@ -125,7 +125,7 @@ def drop_components(logits: Tensor, min_voxels: int, largest_only: bool = False)
     sizes = np.bincount(labelled.ravel(), minlength=n + 1)
     drop = sizes < min_voxels
     if largest_only:
-        drop |= np.arange(n + 1) != int(np.argmax(np.where(np.arange(n + 1) == 0, -1, sizes)))
+        drop |= np.arange(n + 1) != 1 + int(np.argmax(sizes[1:]))
     drop[0] = False
     where = torch.from_numpy(drop[labelled]).to(logits.device)
     return torch.where(where, torch.minimum(logits, torch.full_like(logits, -1.0)), logits)
