@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from sautomed.bench import (
     BACKBONE_KEYS,
@@ -85,6 +86,20 @@ def test_resume_keeps_finished_measures_and_runs_the_rest():
     assert again["encoder_only_s"] == first["encoder_only_s"] and again["volume_end_to_end_s"] > 0
     with pytest.raises(ValueError, match="other settings"):
         run_bench(BenchSettings(**{**s.__dict__, "slices": 4}), resume=interrupted)
+
+
+def test_threads_hold_for_the_run_only():
+    """`--threads` must not leak: a caller (a notebook, the test session) keeps its own thread count."""
+    s = BenchSettings(
+        network=TINY, slices=2, out_size=32, repeats=1, warmup=0, naive=False, train=False, threads=1
+    )
+    caller = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        assert run_bench(s)["threads"] == 1
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(caller)
 
 
 def test_cli_writes_every_key(tmp_path, capsys):

@@ -224,10 +224,23 @@ def run_bench(
 
     ``partial`` receives the results so far after every measure (a long run that dies leaves them behind);
     ``resume``: such partial results of the same settings: their measures are kept, not run again (listed
-    under ``resumed``).
+    under ``resumed``). ``s.threads`` holds for the run only: the caller's torch thread count is restored.
     """
-    if s.threads:
-        torch.set_num_threads(s.threads)
+    before = torch.get_num_threads()
+    try:
+        if s.threads:
+            torch.set_num_threads(s.threads)
+        return _run_bench(s, progress, partial, resume)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run_bench(
+    s: BenchSettings,
+    progress: Callable[[str], None],
+    partial: Callable[[dict[str, Any]], None],
+    resume: dict[str, Any] | None,
+) -> dict[str, Any]:
     dev, n = s.device, s.slices
     net = build_net(s).eval().to(dev)
     size = net.cfg.image_size
