@@ -1,6 +1,7 @@
 """A dataset's fingerprint (nnU-Net's word): what `sautomed plan` decides from, read once and cached.
 
-Per case: its canonical (z, y, x) shape and spacing, and its labels' voxel counts per class; over the
+Per case: its canonical (z, y, x) shape and spacing, the share of its voxels at its minimum intensity (the
+constant background of a skull-stripped or masked scan), and its labels' voxel counts per class; over the
 dataset: the foreground intensities' percentiles (channel 0, sampled: at most ``SAMPLES`` voxels a case),
 each class's voxel count and the cases holding it, and the channel names. The fingerprint is cached as JSON
 under ``~/.cache/sautomed/fingerprints`` (``$SAUTOMED_CACHE``), keyed by the dataset's files (names, sizes,
@@ -36,6 +37,7 @@ class Fingerprint:
     class_cases: list[int]  # cases holding each class
     foreground_percentiles: dict[str, float]  # of channel 0's intensities inside the labels: 0.5, 50, 99.5
     channel_names: list[str]
+    background_fractions: list[float]  # per case: channel 0's voxels at its minimum value, a share
 
     @property
     def median_shape(self) -> tuple[int, int, int]:
@@ -70,9 +72,9 @@ def fingerprint(layout: Layout, progress: Callable[[str], None] = print) -> Fing
             progress(f"fingerprint: {len(found.case_ids)} cases, from the cache ({cached})")
             return found
         except (OSError, ValueError, TypeError):
-            pass  # an unreadable cache is rebuilt
+            pass  # an unreadable cache, or one of an older format, is rebuilt
     C = len(layout.class_names)
-    shapes, spacings, samples = [], [], []
+    shapes, spacings, samples, background = [], [], [], []
     voxels, holding = np.zeros(C, np.int64), np.zeros(C, np.int64)
     rng = np.random.default_rng(0)
     started = time.monotonic()
@@ -81,6 +83,7 @@ def fingerprint(layout: Layout, progress: Callable[[str], None] = print) -> Fing
         image = loaded.image[0] if loaded.image.ndim == 4 else loaded.image
         shapes.append([int(v) for v in image.shape])
         spacings.append([float(v) for v in loaded.geom.spacing_zyx])
+        background.append(float((image == image.min()).mean()) if image.size else 0.0)
         if loaded.label is not None:
             counts = np.bincount(loaded.label.ravel(), minlength=C + 1)[1 : C + 1]
             voxels += counts
@@ -102,6 +105,7 @@ def fingerprint(layout: Layout, progress: Callable[[str], None] = print) -> Fing
         class_cases=[int(v) for v in holding],
         foreground_percentiles=pct,
         channel_names=list(_channel_names(layout)),
+        background_fractions=background,
     )
     cached.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(cached, lambda p: p.write_text(json.dumps(asdict(found), indent=1)))

@@ -41,12 +41,19 @@ class Preprocessing:
             volume's own ``percentiles`` (MR and other non-HU data); both then scale to [0, 1].
         window: (low, high) HU window for ``"ct"``.
         percentiles: (low, high) percentiles for ``"percentile"``.
+        percentile_region: where ``"percentile"`` takes its percentiles: ``"volume"``, every voxel;
+            ``"foreground"``, the voxels above the channel's minimum (the constant background of a
+            skull-stripped or masked scan left out, as nnU-Net normalises inside the nonzero mask). With a
+            large background the volume's percentiles move with the size of the bright lesion: on BraTS the
+            99.5th fell inside the tumour's intensities on the case with the smallest tumour, the brain
+            then as bright as the lesion (docs/results.md, 2026-12-08).
     """
 
     image_size: int = 256
     normalization: Literal["ct", "percentile"] = "ct"
     window: tuple[float, float] = (-125.0, 275.0)
     percentiles: tuple[float, float] = (0.5, 99.5)
+    percentile_region: Literal["volume", "foreground"] = "volume"
 
 
 def normalize(image: np.ndarray, p: Preprocessing) -> np.ndarray:
@@ -58,13 +65,24 @@ def normalize(image: np.ndarray, p: Preprocessing) -> np.ndarray:
     if p.normalization == "ct":
         low, high = p.window
     elif p.normalization == "percentile":
-        low, high = (float(v) for v in np.percentile(image, p.percentiles))
+        low, high = (float(v) for v in np.percentile(percentile_voxels(image, p), p.percentiles))
     else:
         raise UserError(f"unknown normalization {p.normalization!r}; use 'ct' or 'percentile'")
     if not high > low:
         return np.zeros(image.shape, np.float32)
     out = (np.clip(image, low, high) - low) / (high - low)
     return np.clip(out, 0.0, 1.0).astype(np.float32, copy=False)  # float rounding can step past 1
+
+
+def percentile_voxels(image: np.ndarray, p: Preprocessing) -> np.ndarray:
+    """The voxels of one channel whose percentiles ``"percentile"`` normalisation takes
+    (``p.percentile_region``); the whole channel when its foreground is empty (a constant image)."""
+    if p.percentile_region == "volume":
+        return image
+    if p.percentile_region != "foreground":
+        raise UserError(f"unknown percentile_region {p.percentile_region!r}; use 'volume' or 'foreground'")
+    inside = image[image > image.min()] if image.size else image
+    return inside if inside.size else image
 
 
 def resize_slices(volume: np.ndarray, size: int | tuple[int, int], nearest: bool) -> np.ndarray:
@@ -153,7 +171,7 @@ def cache_key(layout: Layout, case: Case, p: Preprocessing) -> str:
             list(layout.declared),
             layout.unmapped,
         ],
-        "preprocessing": asdict(p),
+        "preprocessing": _key_settings(p),
         "case": case.case_id,
         "image": path_sha256(case.image),
         "label": None if case.label is None else path_sha256(case.label),
@@ -161,6 +179,15 @@ def cache_key(layout: Layout, case: Case, p: Preprocessing) -> str:
     if layout.channels > 1:  # only then: single-channel keys stay what they were
         parts["channels"] = [path_sha256(c) for c in case.channels[: layout.channels - 1]]
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def _key_settings(p: Preprocessing) -> dict:
+    """The settings in a cache key; ``percentile_region`` only when not its default, so that the caches of
+    the runs made before it existed keep their keys."""
+    settings = asdict(p)
+    if settings["percentile_region"] == "volume":
+        del settings["percentile_region"]
+    return settings
 
 
 def _array_digest(*arrays: np.ndarray) -> str:

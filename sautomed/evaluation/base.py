@@ -57,8 +57,10 @@ def _relevant(pre: dict[str, Any]) -> dict[str, Any]:
     pre = _plain(dict(pre))
     if pre.get("normalization") == "percentile":
         pre.pop("window", None)
+        pre.setdefault("percentile_region", "volume")  # a checkpoint made before the setting existed
     elif pre.get("normalization") == "ct":
         pre.pop("percentiles", None)
+        pre.pop("percentile_region", None)
     return pre
 
 

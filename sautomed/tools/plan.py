@@ -6,7 +6,9 @@ It checks the dataset first (`check-data`: a broken case stops the plan, named),
 starts from the shipped config of the family for the machine (on a CPU the LiteMedSAM start with its frozen,
 cached encoder; on a GPU with an official SAM checkpoint, vit_b with LoRA as in the paper; the U-Nets;
 M-SAM). From the fingerprint it sets the classes, the channels, the normalisation (CT: a window from the
-foreground's 0.5-99.5 percentiles, as nnU-Net clips CT; otherwise each volume's own percentiles), the U-Nets'
+foreground's 0.5-99.5 percentiles, as nnU-Net clips CT; otherwise each volume's own percentiles, taken inside
+the scan where a quarter or more of it is constant background, as nnU-Net normalises inside the nonzero mask
+of skull-stripped scans), the U-Nets'
 patch and spacing, and the time budget. For the frozen, cached SAM encoder it times the encoder on this
 machine and lowers the augmented copies until encoding the dataset fits a third of the budget, and says how
 large the feature cache will be against the machine's memory (memory-mapped on disk above half of it); every
@@ -23,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from sautomed.data.check import check_dataset, format_report
@@ -70,6 +73,8 @@ def is_ct(fp: Fingerprint, modality: str | None) -> bool:
         return modality.lower() == "ct"
     return any(name.strip().upper() == "CT" for name in fp.channel_names)
 
+
+MASKED_SHARE = 0.25  # nnU-Net normalises inside the nonzero mask when cropping to it saves a quarter
 
 ENCODE_SHARE = (
     0.35  # of the budget the frozen encoder's feature cache may take (the rest: pretraining, chain)
@@ -191,7 +196,16 @@ def plan_config(
     else:
         pre.update(normalization="percentile", percentiles=[0.5, 99.5])
         pre.pop("window", None)
-        notes.append("not CT: each volume scaled by its own 0.5-99.5 percentiles")
+        share = float(np.median(fp.background_fractions)) if fp.background_fractions else 0.0
+        if share >= MASKED_SHARE:
+            pre["percentile_region"] = "foreground"
+            notes.append(
+                f"not CT: each volume scaled by its own 0.5-99.5 percentiles inside the scan ({share:.0%} of "
+                "a case's voxels, the median, sit at its minimum: a masked or skull-stripped background)"
+            )
+        else:
+            pre.pop("percentile_region", None)
+            notes.append("not CT: each volume scaled by its own 0.5-99.5 percentiles")
     side = sided(fp.class_names)
     notes.append(
         f"sided classes ({', '.join(side)}): no left-right flips (nor in predict --tta)"

@@ -21,6 +21,48 @@ def test_normalize_ct_and_percentile():
         normalize(mr, Preprocessing(normalization="zscore"))
 
 
+def test_foreground_percentiles_ignore_the_background_share():
+    """A skull-stripped scan: the same brain in more or less constant background. Over the whole volume the
+    99.5th percentile moves with the background's share (a small volume of brain: it falls inside the
+    bright lesion); over the foreground it does not."""
+    rng = np.random.default_rng(0)
+    brain = rng.normal(0.0, 1.0, (6, 20, 20)).astype(np.float32)
+    brain[2:4, 5:9, 5:9] += 3.0  # a bright lesion, 4 % of the brain
+    ref = (np.asarray(brain) > 2.0) & (np.arange(6)[:, None, None] >= 2)
+
+    def scan(pad: int) -> np.ndarray:
+        return np.pad(brain, ((0, 0), (pad, pad), (pad, pad)), constant_values=-4.0)
+
+    fg = Preprocessing(normalization="percentile", percentile_region="foreground")
+    vol = Preprocessing(normalization="percentile")
+    small, large = normalize(scan(2), fg), normalize(scan(40), fg)
+    np.testing.assert_allclose(small[:, 2:-2, 2:-2], large[:, 40:-40, 40:-40], atol=1e-6)
+    assert (large[:, :40] == 0).all()  # the background at the bottom of the range
+    a, b = normalize(scan(2), vol)[:, 2:-2, 2:-2], normalize(scan(40), vol)[:, 40:-40, 40:-40]
+    assert np.abs(a - b).max() > 0.05  # the volume's percentiles move with the background
+    assert (b[ref] >= 1.0).mean() > (large[:, 40:-40, 40:-40][ref] >= 1.0).mean()  # the lesion saturates
+    assert not normalize(np.full((2, 3, 3), 7.0), fg).any()  # no foreground: a constant image, zeros
+    with pytest.raises(ValueError, match="percentile_region"):
+        normalize(brain, Preprocessing(normalization="percentile", percentile_region="body"))
+
+
+def test_foreground_region_has_its_own_cache_key_and_old_keys_stay(tmp_path, phantoms):
+    layout = get_layout("nnunet", phantoms)
+    case = layout.cases()[0]
+    cache = VolumeCache(tmp_path)
+    plain = Preprocessing(image_size=16, normalization="percentile")
+    fg = Preprocessing(image_size=16, normalization="percentile", percentile_region="foreground")
+    assert cache.path(layout, case, plain) != cache.path(layout, case, fg)
+    # the key of the default region is the key the settings gave before the region existed
+    from dataclasses import asdict
+
+    from sautomed.data import preprocess as pre
+
+    old = asdict(plain)
+    del old["percentile_region"]
+    assert pre._key_settings(plain) == old
+
+
 def test_resize_slices():
     labels = np.random.default_rng(1).integers(0, 4, (3, 37, 53)).astype(np.uint8)
     for size in (16, 64):
@@ -126,3 +168,15 @@ def test_cache_off_and_content_key(tmp_path, phantoms, read_counter):
         layout.name, layout.root, layout.class_names[:1], layout.label_map[:1], unmapped="background"
     )
     assert cache.path(layout, case, p) != cache.path(remapped, case, p)
+
+
+def test_a_checkpoint_before_the_region_setting_matches_volume_percentiles_only():
+    from sautomed.evaluation.base import input_mismatch
+
+    old = {"image_size": 16, "normalization": "percentile", "window": [-125, 275], "percentiles": [0.5, 99.5]}
+    names = ("background", "lesion")
+    assert input_mismatch(names, old, names, {**old, "percentile_region": "volume"}) is None
+    problem = input_mismatch(names, old, names, {**old, "percentile_region": "foreground"})
+    assert problem is not None and "percentile_region foreground (the checkpoint: volume)" in problem
+    ct = {**old, "normalization": "ct"}  # no percentiles for CT: the region means nothing there
+    assert input_mismatch(names, ct, names, {**ct, "percentile_region": "foreground"}) is None

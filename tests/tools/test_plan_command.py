@@ -85,17 +85,18 @@ def test_fit_with_a_dataset_and_no_config_plans_and_trains(tmp_path, capsys):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("root", "family", "extra"),
+    ("root", "family", "extra", "region"),
     [
-        ("data/chaos-mr", "unet2d", []),
-        ("data/segthor/train", "unet3d", ["--layout", "segthor", "--modality", "ct"]),
-        ("data/brats-tumour", "msam", []),
+        ("data/chaos-mr", "unet2d", [], None),
+        ("data/segthor/train", "unet3d", ["--layout", "segthor", "--modality", "ct"], None),
+        ("data/brats-tumour", "msam", [], "foreground"),  # skull-stripped: ~85 % constant background
     ],
     ids=["chaos-mr-unet2d", "segthor-unet3d", "brats-msam"],
 )
-def test_plans_of_the_shared_datasets_train(root, family, extra, tmp_path):
+def test_plans_of_the_shared_datasets_train(root, family, extra, region, tmp_path):
     out = tmp_path / "plan.yaml"
     assert main(["plan", "--root", str(SHARED / root), "--family", family, "--out", str(out), *extra]) == 0
+    assert yaml.safe_load(out.read_text())["data"]["preprocessing"].get("percentile_region") == region
     fit = ["fit", "--config", str(out), "--trainer.default_root_dir", str(tmp_path / "run"), *FEW_STEPS]
     assert main([*fit, "--trainer.limit_val_batches", "0"]) == 0
     assert (tmp_path / "run" / "last.ckpt").is_file()
@@ -114,6 +115,7 @@ def _fingerprint(cases: int, slices: int):
         class_cases=[cases],
         foreground_percentiles={"0.5": 0.0, "50": 1.0, "99.5": 2.0},
         channel_names=["MR"],
+        background_fractions=[0.0] * cases,
     )
 
 
