@@ -3,7 +3,10 @@
     sautomed bench --config configs/btcv.yaml --model vit_b --image-size 512 --slices 16 --classes 8 \\
         --json bench.json
     sautomed bench --config configs/chaos_mr_litemedsam.yaml --compare tiny --json bench.json
+    sautomed bench --ckpt sam/last.ckpt unet2d/last.ckpt unet3d/last.ckpt --image case.nii.gz
 
+``--ckpt``: trained checkpoints of every family timed on one case as ``predict`` runs them, in one run, with
+their ensemble (``trained.py``). Otherwise:
 Random weights (no SAM checkpoint), a synthetic volume, everything measured in one run: medians over
 ``--repeats`` after ``--warmup`` runs that are not counted. Measures that are compared run in turns (round k
 runs each of them once), so that other work starting or stopping on the machine touches them alike. The JSON
@@ -98,6 +101,8 @@ __all__ = [
 def bench_main(argv: Sequence[str]) -> int:
     """`sautomed bench ...`: prints the table and PASS/FAIL lines; exit 0 whatever the targets say."""
     a = build_parser().parse_args(list(argv))
+    if a.ckpt:
+        return _bench_trained(a)
     s = settings_from_args(a)
 
     def write(r: dict[str, Any], complete: bool) -> None:
@@ -118,5 +123,22 @@ def bench_main(argv: Sequence[str]) -> int:
     print(format_report(result))
     write(result, True)
     if a.json is not None:
+        print(f"wrote {a.json}")
+    return 0
+
+
+def _bench_trained(a: Any) -> int:
+    """`sautomed bench --ckpt A B ...`: trained checkpoints of any family on one case (bench/trained.py)."""
+    from sautomed.bench.trained import bench_trained, format_trained, trained_settings
+
+    s = trained_settings(a)
+    result = bench_trained(
+        s, progress=lambda m: print(f"[bench] {time.strftime('%H:%M:%S')} {m}", file=sys.stderr, flush=True)
+    )
+    print(format_trained(result))
+    if a.json is not None:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(result, indent=2) + "\n"
+        atomic_write(a.json, lambda tmp: tmp.write_text(text))
         print(f"wrote {a.json}")
     return 0

@@ -59,6 +59,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="Speed and memory of volume inference and of one training step (random weights).",
     )
     p.add_argument("--config", type=Path, help="a sautomed config: network, batch size, warm-ups (defaults)")
+    p.add_argument(
+        "--ckpt",
+        nargs="+",
+        metavar="CKPT",
+        help="trained checkpoints of any family, timed on one case as predict runs them, in one run, and "
+        "their ensemble (bench/trained.py); instead of the random-network measures",
+    )
+    p.add_argument(
+        "--image",
+        type=Path,
+        help="with --ckpt: the case to time (a case_0000 file for multi-channel models; default: synthetic)",
+    )
+    p.add_argument("--no-ensemble", action="store_true", help="with --ckpt: do not time their ensemble")
     p.add_argument("--model", choices=BACKBONES, help="backbone (overrides the config)")
     p.add_argument(
         "--compare",

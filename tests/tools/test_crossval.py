@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 from scipy import ndimage
 
 from sautomed.cli import main
@@ -200,3 +201,64 @@ def test_keep_largest_in_predict_and_ensemble(crossval_run, small_phantoms, tmp_
     for c in (1, 2):
         if (written == c).any():
             assert ndimage.label(written == c, np.ones((3, 3, 3)))[1] == 1
+
+
+def test_bench_times_each_family_and_their_ensemble_as_predict_runs_them(
+    crossval_run, small_phantoms, untrained_ckpt, tmp_path, capsys
+):
+    """`sautomed bench --ckpt`: trained checkpoints of any family timed in one run on one case; each timed
+    result is the label map `predict` writes for that checkpoint (and for their ensemble)."""
+    out, _, rc = crossval_run
+    assert rc == 0
+    ckpts = [out / kind / "fold_0" / "last.ckpt" for kind in ("unet2d", "unet3d")]
+    image = sorted((small_phantoms / "imagesTr").glob("*.nii.gz"))[0]
+    js = tmp_path / "bench.json"
+    argv = ["bench", "--ckpt", *map(str, ckpts), "--image", str(image), "--repeats", "2", "--warmup", "0"]
+    assert main([*argv, "--json", str(js)]) == 0
+    r = json.loads(js.read_text())
+    assert "ensemble of the 2" in capsys.readouterr().out
+    assert list(r["case_shape_zyx"]) == list(sitk.GetArrayFromImage(sitk.ReadImage(str(image))).shape)
+
+    def predicted_foreground(paths: list[Path], name: str) -> int:
+        folder = tmp_path / name
+        assert main(["predict", "--ckpt_path", *map(str, paths), "-i", str(image), "-o", str(folder),
+                     "--no-progress"]) == 0  # fmt: skip
+        written = next(p for p in folder.glob("*.nii.gz"))
+        return int((sitk.GetArrayFromImage(sitk.ReadImage(str(written))) > 0).sum())
+
+    for ckpt, row in zip(ckpts, r["checkpoints"], strict=True):
+        assert row["checkpoint"] == str(ckpt) and row["family"] == "baseline"
+        assert len(row["predict_all_s"]) == 2 and min(row["predict_all_s"]) > 0 and row["read_s"] > 0
+        assert row["foreground_voxels"] == predicted_foreground([ckpt], ckpt.parent.parent.name) > 0
+    assert r["ensemble"]["foreground_voxels"] == predicted_foreground(ckpts, "ensemble")
+    assert r["ensemble"]["predict_s"] > 0
+
+    # another family with another window, on the synthetic case: timed, the ensemble refused and why
+    other = torch.load(untrained_ckpt, map_location="cpu", weights_only=True)
+    other["sautomed"]["preprocessing"]["window"] = [-1000.0, 1000.0]
+    torch.save(other, tmp_path / "other.ckpt")
+    js2 = tmp_path / "bench2.json"
+    argv = [
+        "bench",
+        "--ckpt",
+        str(ckpts[0]),
+        str(tmp_path / "other.ckpt"),
+        "--case-slices",
+        "6",
+        "--out-size",
+        "48",
+    ]
+    assert main([*argv, "--repeats", "1", "--warmup", "0", "--json", str(js2)]) == 0
+    r2 = json.loads(js2.read_text())
+    assert [row["family"] for row in r2["checkpoints"]] == ["baseline", "sautomed"]
+    assert r2["case_shape_zyx"] == [6, 48, 48] and r2["image"].startswith("synthetic")
+    assert "an ensemble needs one input" in r2["ensemble"]["refused"]
+    assert "no ensemble:" in capsys.readouterr().out
+
+    # user errors: one line, non-zero, naming the problem
+    assert main(["bench", "--ckpt", str(ckpts[0]), "--model", "tiny"]) != 0
+    assert "one or the other" in capsys.readouterr().err
+    assert main(["bench", "--ckpt", str(tmp_path / "nope.ckpt")]) != 0
+    assert "nope.ckpt: checkpoint not found" in capsys.readouterr().err
+    assert main(["bench", "--ckpt", str(ckpts[0]), "--image", str(tmp_path / "absent.nii.gz")]) != 0
+    assert "absent.nii.gz: image not found" in capsys.readouterr().err
